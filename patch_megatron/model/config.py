@@ -1,0 +1,137 @@
+"""The model's shape and options as a plain dataclass, and its megatron TransformerConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PatchGPTConfig:
+    """A LLaMA-style decoder with patch size K (K=1: ordinary next-token training).
+
+    ``seq_length`` is T, the number of model positions: patches when K > 1,
+    tokens when K = 1. A sample then carries K*T input tokens.
+    """
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    vocab_size: int  # already padded to a multiple of 128*TP by the caller
+    seq_length: int
+    ffn_hidden_size: int | None = None  # None: LLaMA's 8/3*h rounded up to a multiple of 64
+    num_query_groups: int | None = None  # None: multi-head attention
+    patch_size: int = 1
+    max_position_embeddings: int | None = None
+    rotary_base: int = 10000
+    init_method_std: float = 0.02
+    norm_epsilon: float = 1e-5
+    untie_embeddings_and_output_weights: bool = True
+    params_dtype: torch.dtype = torch.float32
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+    def __post_init__(self):
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 64 * -(-(8 * self.hidden_size // 3) // 64)
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        self.validate()
+
+    def validate(self) -> None:
+        """Every shape/parallel combination megatron would reject later, named up front."""
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        groups = self.num_query_groups or self.num_attention_heads
+        checks = [
+            (self.patch_size >= 1, f"patch size must be >= 1, got {self.patch_size}"),
+            (tp >= 1 and pp >= 1, "tensor and pipeline parallel sizes must be >= 1"),
+            (
+                self.hidden_size % self.num_attention_heads == 0,
+                f"hidden size {self.hidden_size} is not divisible by the "
+                f"{self.num_attention_heads} attention heads",
+            ),
+            (
+                self.num_attention_heads % tp == 0,
+                f"{self.num_attention_heads} attention heads cannot be split over tensor parallel "
+                f"size {tp}; use a tensor parallel size that divides the head count",
+            ),
+            (
+                self.num_attention_heads % groups == 0,
+                f"{self.num_attention_heads} attention heads are not divisible into "
+                f"{groups} query groups",
+            ),
+            (
+                groups % tp == 0,
+                f"{groups} query groups cannot be split over tensor parallel size {tp}",
+            ),
+            (
+                self.ffn_hidden_size % tp == 0,
+                f"ffn hidden size {self.ffn_hidden_size} is not divisible by tensor parallel "
+                f"size {tp}",
+            ),
+            (
+                self.vocab_size % tp == 0,
+                f"vocabulary size {self.vocab_size} is not divisible by tensor parallel size "
+                f"{tp}; pad it (--make-vocab-size-divisible-by)",
+            ),
+            (
+                not self.sequence_parallel or tp > 1,
+                "sequence parallel needs tensor parallel size > 1; drop --sequence-parallel "
+                "or raise --tensor-model-parallel-size",
+            ),
+            (
+                not self.sequence_parallel or self.seq_length % tp == 0,
+                f"sequence parallel splits the {self.seq_length} positions over {tp} ranks: "
+                "use a sequence length divisible by the tensor parallel size",
+            ),
+            (
+                self.num_layers % pp == 0,
+                f"{self.num_layers} layers cannot be split evenly over {pp} pipeline stages",
+            ),
+            (
+                self.max_position_embeddings >= self.seq_length,
+                f"max position embeddings {self.max_position_embeddings} is below the sequence "
+                f"length {self.seq_length} (positions are patch indices, so T not K*T)",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def transformer_config(self, cpu: bool = False):
+        """megatron-core's TransformerConfig for this model (fusions that need CUDA kernels off on CPU)."""
+        from megatron.core.transformer import TransformerConfig
+
+        return TransformerConfig(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            normalization="RMSNorm",
+            layernorm_epsilon=self.norm_epsilon,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            init_method_std=self.init_method_std,
+            params_dtype=self.params_dtype,
+            bf16=self.params_dtype == torch.bfloat16,
+            fp16=self.params_dtype == torch.float16,
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            sequence_parallel=self.sequence_parallel,
+            pipeline_dtype=self.params_dtype,
+            use_cpu_initialization=cpu,
+            bias_activation_fusion=False,
+            masked_softmax_fusion=False,
+            persist_layer_norm=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+            # Gloo runs point-to-point ops one by one; batching them needs NCCL.
+            batch_p2p_comm=not cpu,
+        )

@@ -1,0 +1,91 @@
+"""PatchGPTModel: megatron-core's GPTModel with patch-level training.
+
+With patch size K, a sample of K*T tokens enters as T patch embeddings (the
+mean of each patch's K token embeddings), the decoder runs over T positions
+with RoPE positions 0..T-1, and the output at position i is scored against
+all K tokens of patch i+1. With K=1 this is megatron-core's GPTModel, its
+embedding and its loss, unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt import GPTModel
+
+from patch_megatron.model.config import PatchGPTConfig
+from patch_megatron.model.patch_embedding import PatchEmbedding
+from patch_megatron.model.patch_loss import vocab_parallel_patch_cross_entropy
+from patch_megatron.model.spec import layer_spec
+
+
+class PatchGPTModel(GPTModel):
+    """GPTModel whose ``labels``/losses are per target token: shape ``[b, K*T]``.
+
+    ``labels[:, i*K + k]`` is token k of patch i+1 (for K=1: the next token).
+    The returned loss has the same shape, so megatron's per-token loss
+    reduction ``sum(loss * loss_mask) / sum(loss_mask)`` gives the paper's
+    mean over positions and the K targets.
+    """
+
+    def __init__(self, config, transformer_layer_spec, vocab_size, max_sequence_length,
+                 patch_size: int = 1, **kwargs):
+        if patch_size < 1:
+            raise ValueError(f"patch size must be >= 1, got {patch_size}")
+        kwargs.setdefault("position_embedding_type", "rope")
+        super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
+        self.patch_size = patch_size
+        if patch_size > 1 and self.pre_process:
+            self.embedding = PatchEmbedding(
+                config=self.config,
+                vocab_size=vocab_size,
+                max_sequence_length=max_sequence_length,
+                patch_size=patch_size,
+                tp_group=self.pg_collection.tp,
+            )
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, labels=None, **kwargs):
+        # RoPE positions come from the decoder input's length (T), so position_ids are unused.
+        if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels {tuple(labels.shape)} must have the shape of input_ids "
+                f"{tuple(input_ids.shape)}: one target per input token, K per patch"
+            )
+        return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
+
+    def compute_language_model_loss(self, labels, logits):
+        if self.patch_size == 1:
+            return super().compute_language_model_loss(labels, logits)
+        batch, num_targets = labels.shape
+        targets = labels.view(batch, num_targets // self.patch_size, self.patch_size)
+        targets = targets.transpose(0, 1).contiguous()  # [T, b, K], like logits [T, b, V/tp]
+        loss = vocab_parallel_patch_cross_entropy(logits, targets, self.pg_collection.tp)
+        return loss.transpose(0, 1).reshape(batch, num_targets)
+
+
+def build_model(config: PatchGPTConfig, pre_process: bool | None = None,
+                post_process: bool | None = None, cpu: bool | None = None) -> PatchGPTModel:
+    """The model chunk of this pipeline rank (needs megatron's parallel state initialised)."""
+    from megatron.core import parallel_state
+
+    from patch_megatron import cpu_mode
+
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    if cpu is None:
+        cpu = cpu_mode.is_installed()
+    model = PatchGPTModel(
+        config=config.transformer_config(cpu=cpu),
+        transformer_layer_spec=layer_spec(),
+        vocab_size=config.vocab_size,
+        max_sequence_length=config.max_position_embeddings,
+        patch_size=config.patch_size,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not config.untie_embeddings_and_output_weights,
+        rotary_base=config.rotary_base,
+    )
+    if not cpu:
+        model.cuda(torch.cuda.current_device())
+    return model
