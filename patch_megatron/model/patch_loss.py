@@ -23,7 +23,10 @@ class _VocabParallelPatchCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, vocab_parallel_logits, targets, tp_group):
         # vocab_parallel_logits: [s, b, V/tp]; targets: [s, b, K] global token ids.
-        logits = vocab_parallel_logits.float()  # no copy when already fp32: works in place
+        # Half-precision logits are upcast (one copy); fp32/fp64 ones are worked on in place.
+        logits = vocab_parallel_logits
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
         logits_max = logits.max(dim=-1).values
         if tp_group is not None and tp_group.size() > 1:
             torch.distributed.all_reduce(logits_max, op=torch.distributed.ReduceOp.MAX, group=tp_group)

@@ -1,0 +1,141 @@
+"""PatchGPTModel against the independent reference, megatron's GPTModel at K=1, and its errors."""
+
+import pytest
+import torch
+from megatron.core.models.gpt import GPTModel
+
+from patch_megatron.model import PatchGPTConfig, build_model
+from patch_megatron.model.generate import generate
+from patch_megatron.model.spec import layer_spec
+import reference_llama
+
+SHAPE = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+             ffn_hidden_size=48, vocab_size=64, seq_length=6)
+
+
+@pytest.fixture(autouse=True)
+def _world(model_parallel_world_of_one):
+    yield
+
+
+def _model(K, **overrides):
+    return build_model(PatchGPTConfig(**{**SHAPE, **overrides, "patch_size": K}))
+
+
+def _weights(model):
+    return {k: v.detach().clone().requires_grad_() for k, v in model.state_dict().items()
+            if not k.endswith("_extra_state")}
+
+
+def _window(K, b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, SHAPE["vocab_size"], (b, K * (SHAPE["seq_length"] + 1)), generator=g)
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_loss_and_every_gradient_match_reference(K, masked):
+    model = _model(K)
+    window = _window(K)
+    tokens, labels = window[:, :-K], window[:, K:]
+    b, T = tokens.shape[0], SHAPE["seq_length"]
+    mask = torch.ones(b, T, K)
+    if masked:
+        mask[0, 2:] = 0  # a padded tail
+        mask[1, :, -1] = 0  # and single targets inside patches
+    mask_flat = mask.reshape(b, T * K)
+
+    per_token = model(tokens, labels=labels)
+    assert per_token.shape == (b, T * K)
+    loss = (per_token * mask_flat).sum() / mask_flat.sum()
+    loss.backward()
+
+    weights = _weights(model)
+    ref_loss = reference_llama.patch_loss(
+        weights, window, patch_size=K, loss_mask=mask if masked else None,
+        num_layers=SHAPE["num_layers"], heads=4, groups=2,
+    )
+    ref_loss.backward()
+
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    grads = dict(model.named_parameters())
+    assert set(grads) == set(weights)
+    for name, w in weights.items():
+        torch.testing.assert_close(grads[name].grad, w.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_patch_size_one_is_megatron_gpt_model_exactly():
+    ours = _model(1)
+    cfg = PatchGPTConfig(**SHAPE)
+    plain = GPTModel(cfg.transformer_config(cpu=True), layer_spec(), SHAPE["vocab_size"],
+                     SHAPE["seq_length"], position_embedding_type="rope",
+                     share_embeddings_and_output_weights=False)
+    plain.load_state_dict(ours.state_dict())
+    window = _window(1, seed=5)
+    tokens, labels = window[:, :-1], window[:, 1:]
+    a = ours(tokens, labels=labels)
+    b = plain(tokens, None, None, labels=labels)
+    assert torch.equal(a, b)
+    a.sum().backward()
+    b.sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_state_dict_names_do_not_depend_on_patch_size():
+    assert _model(1).state_dict().keys() == _model(4).state_dict().keys()
+
+
+def test_logits_without_labels_and_greedy_generation():
+    model = _model(1)
+    weights = _weights(model)
+    prompt = _window(1, b=2, seed=7)[:, :4]
+    out = generate(model, prompt, max_new_tokens=3)
+    assert out.shape == (2, 7) and torch.equal(out[:, :4], prompt)
+    with torch.no_grad():
+        seq = prompt
+        for _ in range(3):
+            h = reference_llama.hidden_states(weights, seq, num_layers=2, heads=4, groups=2, patch_size=1)
+            nxt = (h[:, -1] @ weights["output_layer.weight"].t()).argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+    assert torch.equal(out, seq)
+
+
+def test_patch_model_returns_next_patch_logits_without_labels():
+    model = _model(4)
+    logits = model(_window(4)[:, :-4])
+    assert logits.shape == (3, SHAPE["seq_length"], SHAPE["vocab_size"])
+
+
+def test_generation_refuses_patch_model():
+    with pytest.raises(ValueError, match="convert_patch_to_token"):
+        generate(_model(4), _window(4)[:, :4], 1)
+
+
+def test_input_length_not_a_multiple_of_patch_size():
+    model = _model(4)
+    with pytest.raises(ValueError, match="not a multiple of the patch size 4"):
+        model(_window(4)[:, :10])
+
+
+def test_labels_must_match_inputs():
+    model = _model(2)
+    window = _window(2)
+    with pytest.raises(ValueError, match="one target per input token"):
+        model(window[:, :-2], labels=window[:, 2:-2])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(patch_size=0), "patch size must be >= 1"),
+    (dict(tensor_model_parallel_size=3), "cannot be split over tensor parallel size 3"),
+    (dict(sequence_parallel=True), "sequence parallel needs tensor parallel size > 1"),
+    (dict(num_query_groups=3), "not divisible into 3 query groups"),
+    (dict(hidden_size=30), "hidden size 30 is not divisible"),
+    (dict(num_layers=3, pipeline_model_parallel_size=2), "3 layers cannot be split evenly"),
+    (dict(tensor_model_parallel_size=2, sequence_parallel=True, seq_length=5), "divisible by the tensor parallel size"),
+    (dict(vocab_size=63, tensor_model_parallel_size=2, num_query_groups=2), "make-vocab-size-divisible-by"),
+    (dict(max_position_embeddings=4), "below the sequence length"),
+])
+def test_impossible_configurations_fail_at_construction(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        PatchGPTConfig(**{**SHAPE, **overrides})
