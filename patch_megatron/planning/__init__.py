@@ -1,0 +1,14 @@
+"""Compute-optimal planning for patch-level pretraining (issue 8).
+
+Modules:
+    chinchilla  -- Chinchilla's 20-tokens-per-parameter rule and parametric loss fits
+    hardware    -- GPU peaks, measured/assumed MFU, GPU-hours to FLOPs
+    shapes      -- table of sensible model shapes, with parallelism and LR
+    plan        -- sizing (N, D, compute) and the patch-level / EST savings
+    commands    -- pretrain_patch_gpt.py command lines for both stages
+    report      -- readable table and JSON
+"""
+
+from patch_megatron.planning.plan import Plan, PlanInputs, PlanningError, make_plan
+
+__all__ = ["Plan", "PlanInputs", "PlanningError", "make_plan"]

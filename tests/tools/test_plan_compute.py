@@ -1,0 +1,104 @@
+"""tools/plan_compute.py end to end, and its commands against pretrain_patch_gpt.py's parser."""
+
+import importlib.util
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("plan_compute", REPO / "tools" / "plan_compute.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+plan_compute = _load_cli()
+
+
+def _run_json(capsys, *argv):
+    assert plan_compute.main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_plan_for_gpu_hours(capsys):
+    out = _run_json(capsys, "--gpus", "64", "--hours", "72", "--gpu", "H100", "--mfu", "0.4")
+    assert out["token_only"]["compute"] == pytest.approx(64 * 72 * 3600 * 989e12 * 0.4)
+    assert out["patch_level"]["cost_factor"] == pytest.approx(0.5)
+    assert out["planned_hours"] == pytest.approx(36.0)
+    assert [c["name"] for c in out["commands"]] == ["patch stage", "convert", "token stage"]
+    convert = out["commands"][1]
+    assert convert["script"] == "tools/convert_patch_to_token.py"
+    patch_save = convert["args"][convert["args"].index("--load") + 1]
+    token_init = convert["args"][convert["args"].index("--save") + 1]
+    patch_args, token_args = out["commands"][0]["args"], out["commands"][2]["args"]
+    assert patch_args[patch_args.index("--save") + 1] == patch_save
+    assert token_args[token_args.index("--load") + 1] == token_init
+    assert "--load" not in patch_args
+
+
+def test_text_table_names_the_assumptions(capsys):
+    assert plan_compute.main(["--compute", "1.92e19"]) == 0
+    text = capsys.readouterr().out
+    assert "370M" in text and "Assumptions" in text and "pretrain_patch_gpt.py" in text
+    assert "python tools/convert_patch_to_token.py --load runs/plan/patch_stage --save runs/plan/token_init" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--compute=-1e20"], "FLOP budget must be positive"),
+    (["--compute", "1e20", "--patch-fraction", "1.0"], "λ must lie in [0, 1)"),
+    (["--compute", "1e20", "--patch-size", "0"], "K must be an integer >= 1"),
+    (["--gpus", "8", "--hours", "5", "--mfu", "2"], "MFU 2.0 is impossible"),
+])
+def test_bad_inputs_exit_with_a_clear_error(capsys, argv, message):
+    assert plan_compute.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def _pretrain_commands(out):
+    return [c for c in out["commands"] if c["script"] == "pretrain_patch_gpt.py"]
+
+
+def test_emitted_commands_parse_with_pretrain_parser(capsys):
+    # The real parser of pretrain_patch_gpt.py; this test must fail, not skip,
+    # while that parser is missing.
+    from patch_megatron.training.arguments import parse_args
+
+    out = _run_json(capsys, "--compute", "3e21", "--gpus", "16", "--patch-size", "4",
+                    "--patch-fraction", "0.6667", "--params", "2.7e9")
+    shape = out["shape"]
+    stages = {s["name"]: s for s in out["stages"]}
+    for command in _pretrain_commands(out):
+        argv = shlex.split(command["shell"])
+        argv = argv[argv.index("pretrain_patch_gpt.py") + 1:]
+        assert argv == command["args"]
+        args = parse_args(argv)
+        stage = stages["patch" if command["name"] == "patch stage" else "token"]
+        assert args.num_layers == shape["num_layers"]
+        assert args.hidden_size == shape["hidden_size"]
+        assert args.ffn_hidden_size == shape["ffn_hidden_size"]
+        assert args.num_attention_heads == shape["num_attention_heads"]
+        assert args.seq_length == 2048
+        assert args.global_batch_size == stage["global_batch_size"]
+        assert args.train_iters == stage["train_iters"]
+        assert args.lr_warmup_iters == stage["warmup_iters"]
+        assert args.patch_size == stage["patch_size"]
+        assert args.patch_data_fraction == pytest.approx(0.6667)
+        assert args.tensor_model_parallel_size == shape["tensor_model_parallel_size"]
+        assert args.bf16
+
+
+def test_gqa_command_parses_with_pretrain_parser(capsys):
+    from patch_megatron.training.arguments import parse_args
+
+    out = _run_json(capsys, "--params", "7e10", "--gpus", "256", "--patch-size", "1")
+    (command,) = _pretrain_commands(out)
+    args = parse_args(command["args"])
+    assert args.group_query_attention
+    assert args.num_query_groups == 8
+    assert args.patch_size == 1
