@@ -1,0 +1,471 @@
+"""Command-line flags of ``pretrain_patch_gpt.py``: Megatron-LM's names and meanings, plus ours.
+
+A Megatron-LM ``pretrain_gpt.py`` command line runs here once the script name
+changes; ``--patch-size K --patch-data-fraction λ`` turn it into patch-level
+training. Flags that overlap with Megatron-LM keep its names and meanings;
+where Megatron-LM has no default the paper's recipe is the default
+(AdamW β=(0.9, 0.95), ε=1e-8, weight decay 0.1, clip 1.0, cosine, lr 3e-4).
+
+Conventions shared with the data pipeline and the planner
+--------------------------------------------------------
+* ``--seq-length`` is T, the positions the model sees: tokens in the token
+  stage, patches in the patch stage, where a sample carries K*T tokens.
+* One invocation runs one stage: ``--patch-size K`` with K > 1 runs the patch
+  stage of a run with ``--patch-data-fraction λ`` (it reads the first λ of the
+  training stream); ``--patch-size 1`` with λ > 0 runs that run's token stage
+  (the rest of the stream); λ = 0 is ordinary token-only training. Each stage
+  counts its own iterations from 0, with its own warmup + decay.
+* ``--global-batch-size``, ``--train-iters`` and ``--train-samples`` keep
+  Megatron-LM's meaning for *this* run: samples per step and steps of this
+  stage. The paper keeps tokens per step equal in both stages: give the patch
+  stage ``--global-batch-size B/K`` where the token stage has B (K times fewer
+  micro-batches of the same [micro-batch-size, T] shape).
+* ``--train-tokens D`` (ours) is instead the budget of the whole two-stage
+  run: this stage trains on its share (λ*D or (1-λ)*D tokens) and derives its
+  steps from it, so nobody computes step counts by hand.
+* Where this stage's data begins in the stream: 0 for the patch stage; for the
+  token stage λ*D, with D = (this stage's tokens) / (1-λ).
+
+``parse_args`` checks everything that does not depend on the number of
+processes; ``check_world_size`` checks the rest. Both run before any process
+group starts and raise :class:`ArgumentError` whose message names the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass
+
+from patch_megatron.data.tokenizers import SUPPORTED_TYPES
+
+
+class ArgumentError(ValueError):
+    """A bad flag or flag combination; the message says how to fix it."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors raise ArgumentError instead of exiting (the entry point prints them)."""
+
+    def error(self, message):
+        if "unrecognized arguments" in message:
+            message += (
+                " (pretrain_patch_gpt.py takes Megatron-LM's model, batch, optimizer, data, "
+                "checkpoint and logging flags listed in --help; remove the others)"
+            )
+        raise ArgumentError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="pretrain_patch_gpt.py",
+        description="Patch-level GPT pretraining on megatron-core (one stage per run).",
+        allow_abbrev=False,
+    )
+
+    g = parser.add_argument_group("model shape (Megatron-LM names; LLaMA-style decoder)")
+    g.add_argument("--num-layers", type=int, required=True)
+    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--ffn-hidden-size", type=int, default=None,
+                   help="default: 8/3*hidden rounded up to a multiple of 64 (SwiGLU)")
+    g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=None)
+    g.add_argument("--seq-length", type=int, required=True,
+                   help="T, the model positions: tokens in the token stage, patches in the patch "
+                        "stage (a patch-stage sample carries K*T tokens)")
+    g.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="default: --seq-length (RoPE positions are patch indices, so T)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                   help="separate input embedding and LM head (the paper's LLaMA setup)")
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--rotary-base", type=int, default=10000)
+    # Accepted so LLaMA command lines run unchanged; the model is always this architecture.
+    g.add_argument("--normalization", choices=["RMSNorm"], default="RMSNorm")
+    g.add_argument("--position-embedding-type", choices=["rope"], default="rope")
+    g.add_argument("--swiglu", action="store_true", help="always on (accepted for compatibility)")
+    g.add_argument("--disable-bias-linear", action="store_true",
+                   help="always on (accepted for compatibility)")
+    g.add_argument("--no-position-embedding", action="store_true",
+                   help="always on: RoPE only (accepted for compatibility)")
+    g.add_argument("--use-rotary-position-embeddings", action="store_true",
+                   help="always on (accepted for compatibility)")
+    g.add_argument("--use-mcore-models", action="store_true", help="always on")
+    g.add_argument("--attention-dropout", type=float, default=0.0, help="must be 0 (no dropout)")
+    g.add_argument("--hidden-dropout", type=float, default=0.0, help="must be 0 (no dropout)")
+
+    g = parser.add_argument_group("patch-level training (ours)")
+    g.add_argument("--patch-size", type=int, default=1,
+                   help="K tokens per patch; K > 1 runs the patch stage, 1 the token stage")
+    g.add_argument("--patch-data-fraction", type=float, default=0.0,
+                   help="λ, the fraction of the training data the patch stage consumes "
+                        "(0: token-only training)")
+    g.add_argument("--eval-token-nll", action=argparse.BooleanOptionalAction, default=True,
+                   help="patch stage: also evaluate the token NLL of the same weights run with K=1, "
+                        "comparable with the token stage's curve")
+
+    g = parser.add_argument_group("batch and length")
+    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="samples of this stage per step (default: micro-batch-size x data-parallel "
+                        "size); patch stage: B/K for the token stage's B keeps tokens per step equal")
+    g.add_argument("--train-iters", type=int, default=None, help="steps of this stage")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="samples of this stage (steps = samples // global batch)")
+    g.add_argument("--train-tokens", type=int, default=None,
+                   help="token budget of the whole run, both stages; this stage takes its λ share")
+
+    g = parser.add_argument_group("optimizer and learning-rate schedule (per stage)")
+    g.add_argument("--optimizer", choices=["adam"], default="adam", help="AdamW (decoupled decay)")
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="cosine",
+                   choices=["constant", "linear", "cosine", "inverse-square-root"])
+    g.add_argument("--lr-decay-iters", type=int, default=None,
+                   help="default: the stage's iterations")
+    g.add_argument("--lr-warmup-iters", type=int, default=0,
+                   help="warmup steps of each stage (the paper uses 2000)")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warmup as a fraction of the stage's decay steps")
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--nan-action", choices=["stop", "skip"], default="stop",
+                   help="non-finite loss: stop with an error (no save), or skip the update")
+
+    g = parser.add_argument_group("precision")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+
+    g = parser.add_argument_group("parallelism and device")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="--cpu forces CPU mode (gloo), --no-cpu forbids it; default: CPU mode "
+                        "exactly when no GPU exists")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="PREFIX, or a weighted blend W1 PREFIX1 W2 PREFIX2 ...")
+    g.add_argument("--split", default="969, 30, 1", help="train, valid, test weights")
+    g.add_argument("--tokenizer-type", default=None, choices=SUPPORTED_TYPES)
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary size for --mock-data or NullTokenizer")
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--mock-data", action="store_true",
+                   help="synthetic learnable sequences instead of --data-path (tests, smoke runs)")
+
+    g = parser.add_argument_group("checkpoints (torch_dist, Megatron-LM layout)")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only: iteration, optimizer, schedule and data position reset")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+
+    g = parser.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device peak for MFU; default: the known peak of the GPU, none on CPU")
+
+    g = parser.add_argument_group("exit")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (after saving) when the iteration is a multiple of this")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM: finish the iteration, save, exit 0")
+    g.add_argument("--seed", type=int, default=1234)
+    return parser
+
+
+# ---------------------------------------------------------------------------
+# Derived quantities of the stage this run executes.
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Which stage this run is, its batch and length, and where its data begins."""
+
+    name: str  # "patch" or "token"
+    patch_size: int  # K
+    seq_length: int  # T, model positions
+    global_batch_size: int  # samples of this stage per step
+    train_iters: int  # this stage's steps
+    lr_warmup_iters: int
+    lr_decay_iters: int
+    data_start_token: int  # where this stage's training data begins in the stream
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.patch_size * self.seq_length
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.tokens_per_sample
+
+    @property
+    def train_tokens(self) -> int:
+        return self.train_iters * self.tokens_per_step
+
+    @property
+    def loss_name(self) -> str:
+        return "patch loss" if self.name == "patch" else "lm loss"
+
+
+def stage_plan(args) -> StagePlan:
+    K, lam, B = args.patch_size, args.patch_data_fraction, args.global_batch_size
+    name = "patch" if K > 1 else "token"
+    share = lam if name == "patch" else 1.0 - lam
+    tokens_per_step = B * K * args.seq_length
+    if args.train_iters is not None:
+        train_iters = args.train_iters
+    elif args.train_samples is not None:
+        train_iters = args.train_samples // B
+    else:
+        train_iters = int(args.train_tokens * share) // tokens_per_step
+    stage_tokens = train_iters * tokens_per_step
+    if name == "patch":
+        data_start = 0
+    elif args.train_tokens is not None:
+        data_start = round(args.train_tokens * lam)  # the patch stage read at most this much
+    else:
+        data_start = round(stage_tokens * lam / (1.0 - lam))
+    decay = args.lr_decay_iters if args.lr_decay_iters is not None else train_iters
+    if args.lr_warmup_fraction is not None:
+        warmup = int(args.lr_warmup_fraction * decay)
+    else:
+        warmup = args.lr_warmup_iters
+    return StagePlan(
+        name=name, patch_size=K, seq_length=args.seq_length, global_batch_size=B,
+        train_iters=train_iters, lr_warmup_iters=warmup, lr_decay_iters=decay,
+        data_start_token=data_start,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Checks.
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ArgumentError(message)
+
+
+def _check_model(a) -> None:
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
+                 "micro_batch_size", "make_vocab_size_divisible_by",
+                 "tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        _require(getattr(a, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    _require(a.attention_dropout == 0 and a.hidden_dropout == 0,
+             "the LLaMA-style model has no dropout: drop --attention-dropout/--hidden-dropout "
+             "or set them to 0")
+    _require(a.hidden_size % a.num_attention_heads == 0,
+             f"--hidden-size {a.hidden_size} is not divisible by --num-attention-heads "
+             f"{a.num_attention_heads}")
+    if a.num_query_groups is not None:
+        _require(a.group_query_attention,
+                 "--num-query-groups needs --group-query-attention (as in Megatron-LM)")
+    if a.group_query_attention:
+        _require(a.num_query_groups is not None,
+                 "--group-query-attention needs --num-query-groups")
+        _require(a.num_query_groups >= 1 and a.num_attention_heads % a.num_query_groups == 0,
+                 f"--num-query-groups {a.num_query_groups} must divide --num-attention-heads "
+                 f"{a.num_attention_heads}")
+    tp, pp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size
+    _require(a.num_attention_heads % tp == 0,
+             f"--num-attention-heads {a.num_attention_heads} is not divisible by "
+             f"--tensor-model-parallel-size {tp}")
+    if a.group_query_attention:
+        _require(a.num_query_groups % tp == 0,
+                 f"--num-query-groups {a.num_query_groups} is not divisible by "
+                 f"--tensor-model-parallel-size {tp}")
+    _require(a.num_layers % pp == 0,
+             f"--num-layers {a.num_layers} cannot be split evenly over "
+             f"--pipeline-model-parallel-size {pp}")
+    _require(not a.sequence_parallel or tp > 1,
+             "--sequence-parallel needs --tensor-model-parallel-size > 1; drop it or raise TP")
+    _require(not a.sequence_parallel or a.seq_length % tp == 0,
+             f"--sequence-parallel splits the {a.seq_length} positions over {tp} ranks: use a "
+             "--seq-length divisible by --tensor-model-parallel-size")
+    if a.max_position_embeddings is not None:
+        _require(a.max_position_embeddings >= a.seq_length,
+                 f"--max-position-embeddings {a.max_position_embeddings} is below --seq-length "
+                 f"{a.seq_length} (positions are patch indices, so T not K*T)")
+
+
+def _check_patch_and_length(a) -> None:
+    K, lam = a.patch_size, a.patch_data_fraction
+    _require(K >= 1, f"--patch-size must be >= 1, got {K}")
+    _require(0.0 <= lam <= 1.0, f"--patch-data-fraction must lie in [0, 1], got {lam}")
+    _require(not (K > 1 and lam == 0.0),
+             f"--patch-size {K} runs the patch stage, but --patch-data-fraction is 0 so it has no "
+             "data: pass --patch-data-fraction λ (e.g. 0.667)")
+    _require(not (K == 1 and lam == 1.0),
+             "--patch-size 1 runs the token stage, but --patch-data-fraction 1 leaves it no data: "
+             "use λ < 1, or --patch-size K > 1 for the patch stage")
+    lengths = [f for f in ("train_iters", "train_samples", "train_tokens") if getattr(a, f) is not None]
+    _require(len(lengths) == 1,
+             "give the run's length with exactly one of --train-iters, --train-samples, "
+             f"--train-tokens (got {len(lengths) or 'none'})")
+    _require(getattr(a, lengths[0]) >= 1, f"--{lengths[0].replace('_', '-')} must be >= 1")
+    if a.global_batch_size is not None:
+        _require(a.global_batch_size >= 1, "--global-batch-size must be >= 1")
+        _require(a.global_batch_size % a.micro_batch_size == 0,
+                 f"--global-batch-size {a.global_batch_size} is not a multiple of "
+                 f"--micro-batch-size {a.micro_batch_size}; change one of them")
+        if a.train_samples is not None:
+            _require(a.train_samples >= a.global_batch_size,
+                     f"--train-samples {a.train_samples} is less than one global batch "
+                     f"({a.global_batch_size})")
+
+
+def _check_optimizer(a) -> None:
+    _require(a.lr > 0 and 0 <= a.min_lr <= a.lr,
+             f"need --lr > 0 and 0 <= --min-lr <= --lr (got lr {a.lr}, min-lr {a.min_lr})")
+    _require(not (a.lr_warmup_fraction is not None and a.lr_warmup_iters),
+             "--lr-warmup-fraction and --lr-warmup-iters both set: keep one")
+    if a.lr_warmup_fraction is not None:
+        _require(0.0 <= a.lr_warmup_fraction < 1.0, "--lr-warmup-fraction must lie in [0, 1)")
+    _require(a.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
+    _require(0 <= a.adam_beta1 < 1 and 0 <= a.adam_beta2 < 1, "Adam betas must lie in [0, 1)")
+    _require(a.adam_eps > 0 and a.weight_decay >= 0 and a.clip_grad >= 0,
+             "need --adam-eps > 0, --weight-decay >= 0, --clip-grad >= 0")
+    _require(not (a.bf16 and a.fp16), "--bf16 and --fp16 both set: pick one")
+
+
+def _check_data(a) -> None:
+    _require(bool(a.data_path) != a.mock_data,
+             "give exactly one data source: --data-path PREFIX (or W1 P1 W2 P2 ...) or --mock-data")
+    if a.mock_data:
+        _require(a.vocab_size is not None or a.tokenizer_model is not None,
+                 "--mock-data needs --vocab-size (or a --tokenizer-model to take it from)")
+    else:
+        _require(a.tokenizer_type is not None,
+                 "--data-path needs --tokenizer-type (e.g. GPTSentencePieceTokenizer) and "
+                 "--tokenizer-model")
+        if a.tokenizer_type == "NullTokenizer":
+            _require(a.vocab_size is not None, "NullTokenizer needs --vocab-size")
+        else:
+            _require(a.tokenizer_model is not None, f"{a.tokenizer_type} needs --tokenizer-model")
+        if len(a.data_path) > 1:
+            _require(len(a.data_path) % 2 == 0,
+                     "--data-path with several prefixes is a blend W1 P1 W2 P2 ...: give a weight "
+                     "before each prefix")
+    try:
+        weights = [float(x) for x in a.split.replace(" ", "").split(",")]
+    except ValueError:
+        weights = []
+    well_formed = len(weights) in (2, 3) and all(w >= 0 for w in weights) and sum(weights) > 0
+    _require(well_formed and (weights[1] > 0 or a.eval_iters == 0),
+             f"--split {a.split!r} must be train,valid,test weights with a validation part "
+             "(e.g. 969,30,1), or pass --eval-iters 0 to run without evaluation")
+    if a.vocab_size is not None:
+        _require(a.vocab_size >= 2, "--vocab-size must be >= 2")
+
+
+def _check_io_and_logging(a) -> None:
+    _require(a.save_interval is None or a.save_interval >= 1, "--save-interval must be >= 1")
+    _require(not (a.save_interval and not a.save),
+             "--save-interval needs --save DIR (where to write the checkpoints)")
+    _require(not (a.exit_signal_handler and not a.save),
+             "--exit-signal-handler saves on SIGTERM and needs --save DIR")
+    _require(not (a.finetune and not a.load), "--finetune needs --load DIR")
+    _require(a.log_interval >= 1 and a.eval_interval >= 1 and a.eval_iters >= 0,
+             "need --log-interval >= 1, --eval-interval >= 1, --eval-iters >= 0")
+    _require(a.exit_interval is None or a.exit_interval >= 1, "--exit-interval must be >= 1")
+    _require(a.exit_duration_in_mins is None or a.exit_duration_in_mins > 0,
+             "--exit-duration-in-mins must be > 0")
+
+
+def _check_device(a) -> None:
+    """What CPU mode cannot do; decided without starting CUDA when --cpu is given."""
+    from patch_megatron import cpu_mode
+
+    if not cpu_mode.should_use_cpu_mode(a.cpu):
+        return
+    _require(not a.use_distributed_optimizer,
+             "--use-distributed-optimizer needs GPUs (megatron's distributed optimizer checks for "
+             "CUDA tensors); drop it on CPU or run on GPUs")
+    _require(not (a.bf16 or a.fp16),
+             "--bf16/--fp16 need GPUs (megatron's mixed-precision optimizer keeps CUDA buffers); "
+             "drop them to train in fp32 on CPU")
+
+
+def parse_args(argv=None):
+    """Parse and check the flags; add ``args.stage`` (a StagePlan). Raises ArgumentError."""
+    args = build_parser().parse_args(argv)
+    _check_model(args)
+    _check_patch_and_length(args)
+    _check_optimizer(args)
+    _check_data(args)
+    _check_io_and_logging(args)
+    _check_device(args)
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.global_batch_size is not None:
+        args.stage = stage_plan(args)
+        _check_stage(args)
+    else:
+        args.stage = None  # known once the data-parallel size is (check_world_size)
+    return args
+
+
+def _check_stage(a) -> None:
+    s = a.stage
+    _require(s.train_iters >= 1,
+             f"the {s.name} stage gets no full step of {s.tokens_per_step} tokens from --train-tokens "
+             f"{a.train_tokens} at λ={a.patch_data_fraction}: raise --train-tokens or lower "
+             "--global-batch-size")
+    _require(s.lr_warmup_iters < s.lr_decay_iters or s.lr_decay_iters == 0 or a.lr_decay_style == "constant",
+             f"warmup of {s.lr_warmup_iters} steps does not fit in the {s.name} stage's "
+             f"{s.lr_decay_iters} decay steps: lower --lr-warmup-iters/--lr-warmup-fraction")
+
+
+def check_world_size(args, world_size: int | None = None) -> int:
+    """Check the batch against the data-parallel size; fill in defaults. Returns the DP size."""
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    _require(world_size % model_parallel == 0,
+             f"{world_size} processes cannot hold tensor x pipeline parallel size {model_parallel}: "
+             f"launch a multiple of {model_parallel} processes")
+    dp = world_size // model_parallel
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+        _check_patch_and_length(args)
+        args.stage = stage_plan(args)
+        _check_stage(args)
+    per_step = args.micro_batch_size * dp
+    _require(args.stage.global_batch_size % per_step == 0,
+             f"the {args.stage.name} stage's global batch of {args.stage.global_batch_size} samples "
+             f"is not divisible by micro-batch-size x data-parallel size = "
+             f"{args.micro_batch_size} x {dp}: change --global-batch-size or --micro-batch-size")
+    return dp
+
+
+def num_microbatches(args, dp: int) -> int:
+    return args.stage.global_batch_size // (args.micro_batch_size * dp)
+
+
+def args_to_dict(args) -> dict:
+    """The flags as plain values (what a checkpoint stores: loadable with weights_only)."""
+    return {k: v for k, v in vars(args).items()
+            if isinstance(v, (int, float, str, bool, type(None), list))}
+
+
+def padded_vocab_size(vocab_size: int, args) -> int:
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
