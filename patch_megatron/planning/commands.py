@@ -4,13 +4,17 @@ the patch-to-token converter between them.
 Conventions of pretrain_patch_gpt.py followed here:
 * ``--seq-length`` is T, model positions (patches in the patch stage), so a
   patch-stage sample holds K·T tokens.
-* Both stages see the same tokens per step: the patch stage's
-  ``--global-batch-size`` (samples) is 1/K of the token stage's.
-* Both stages get ``--patch-data-fraction λ`` so they split the one data
-  stream the same way (the patch stage reads the first λ, the token stage
-  the rest); ``--patch-size`` is K in the patch stage and 1 in the token stage.
-* Each stage has its own warmup + cosine schedule over its own iterations;
-  the token stage starts from the converter's weights-only checkpoint.
+* ``--global-batch-size`` and ``--train-iters`` are this stage's samples per
+  step and steps (Megatron-LM's meaning). Both stages see the same tokens
+  per step, so the patch stage's batch is B/K samples of K·T tokens where
+  the token stage has B samples of T tokens.
+* ``--patch-data-fraction λ`` on both; ``--patch-size`` is K in the patch
+  stage and 1 in the token stage. With λ > 0 the token stage skips the data
+  the patch stage read, which it locates as its own tokens · λ/(1-λ); the
+  planner's step split keeps that at or past the patch stage's end.
+* Each stage has its own warmup (``--lr-warmup-iters``, per command) + cosine
+  over its own steps; the token stage starts from the converter's
+  weights-only checkpoint.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ GPUS_PER_NODE = 8
 @dataclass
 class CommandOptions:
     data_path: str = "data/pile_text_document"
-    tokenizer_type: str = "Llama2Tokenizer"
+    tokenizer_type: str = "GPTSentencePieceTokenizer"
     tokenizer_model: str = "tokenizer.model"
     run_dir: str = "runs/plan"
     split: str = "99,1,0"

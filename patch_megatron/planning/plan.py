@@ -76,9 +76,9 @@ class PlanInputs:
 class StageRun:
     name: str  # "patch", "token" or "token-only"
     patch_size: int
-    tokens: float
-    global_batch_size: int  # samples per step
-    train_iters: int
+    tokens: float  # what the stage trains on (whole steps)
+    global_batch_size: int  # this stage's samples per step (B/K in the patch stage)
+    train_iters: int  # this stage's steps
     warmup_iters: int
     flops: float
 
@@ -108,6 +108,8 @@ class Plan:
     chinchilla_reference: dict
     hardware: Optional[HardwareBudget]
     data_parallel_size: Optional[int]
+    global_batch_size: int  # B: token-stage samples per step (the patch stage runs B/K)
+    total_iters: int  # N: steps of both stages together, at B·T tokens each
     stages: list[StageRun]
     assumptions: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -229,39 +231,45 @@ def _data_parallel_size(choice: ShapeChoice, gpus: Optional[int]) -> Optional[in
 
 
 def _warmup(iters: int) -> int:
-    return max(1, min(PAPER_WARMUP_ITERS, math.ceil(MAX_WARMUP_FRACTION * iters)))
+    return min(PAPER_WARMUP_ITERS, math.floor(MAX_WARMUP_FRACTION * iters))
 
 
 def _stage_runs(plan_tokens: float, choice: ShapeChoice, inputs: PlanInputs, dp: Optional[int],
-                fpt_token: float, fpt_patch: float, warnings: list[str]) -> list[StageRun]:
+                fpt_token: float, fpt_patch: float, warnings: list[str]) -> tuple[int, int, list[StageRun]]:
+    """Returns (B, N, stages): B token-stage samples per step and N steps of the
+    whole run at B·T tokens per step. The patch stage runs floor(λ·N) steps of
+    B/K samples of K·T tokens, the token stage the remaining steps of B samples.
+    Rounding λ·N down keeps the token stage's data start, which
+    pretrain_patch_gpt.py derives as (its tokens)·λ/(1-λ), at or past the end
+    of the patch stage's data: the stages never share data."""
     k = inputs.patch_size
     use_patch = k > 1 and inputs.patch_fraction > 0
     batch_tokens = inputs.global_batch_tokens or choice.global_batch_tokens
-    # Token-stage samples per step must be a multiple of K·micro·DP so that the
-    # patch stage's batch (1/K as many samples, same tokens) still divides into
-    # micro-batches on every data-parallel rank.
+    # B must be a multiple of K·micro·DP so that the patch stage's B/K samples
+    # still divide into micro-batches on every data-parallel rank.
     step = (k if use_patch else 1) * inputs.micro_batch_size * (dp or 1)
     token_batch = max(step, round(batch_tokens / inputs.seq_length / step) * step)
     tokens_per_step = token_batch * inputs.seq_length  # the same in both stages
+    total_iters = max(1, math.ceil(plan_tokens / tokens_per_step))
     if use_patch:
-        patch_tokens = inputs.patch_fraction * plan_tokens
-        token_tokens = plan_tokens - patch_tokens
+        patch_iters = math.floor(inputs.patch_fraction * total_iters)
+        token_iters = total_iters - patch_iters
         runs = [
-            StageRun("patch", k, patch_tokens, token_batch // k,
-                     math.ceil(patch_tokens / tokens_per_step), 0, patch_tokens * fpt_patch),
-            StageRun("token", 1, token_tokens, token_batch,
-                     math.ceil(token_tokens / tokens_per_step), 0, token_tokens * fpt_token),
+            StageRun("patch", k, patch_iters * tokens_per_step, token_batch // k, patch_iters, 0,
+                     patch_iters * tokens_per_step * fpt_patch),
+            StageRun("token", 1, token_iters * tokens_per_step, token_batch, token_iters, 0,
+                     token_iters * tokens_per_step * fpt_token),
         ]
     else:
-        runs = [StageRun("token-only", 1, plan_tokens, token_batch,
-                         math.ceil(plan_tokens / tokens_per_step), 0, plan_tokens * fpt_token)]
+        runs = [StageRun("token-only", 1, total_iters * tokens_per_step, token_batch, total_iters, 0,
+                         total_iters * tokens_per_step * fpt_token)]
     for run in runs:
         run.warmup_iters = _warmup(run.train_iters)
         if run.train_iters < 200:
             warnings.append(
                 f"the {run.name} stage has only {run.train_iters} steps at {tokens_per_step:,} tokens per step; "
                 "lower --global-batch-tokens for a usable schedule")
-    return runs
+    return token_batch, total_iters, runs
 
 
 def make_plan(inputs: PlanInputs) -> Plan:
@@ -307,7 +315,8 @@ def make_plan(inputs: PlanInputs) -> Plan:
     reference["fit_parameters"], reference["fit_tokens"] = fit.optimal_params_tokens(token_only_compute)
 
     dp = _data_parallel_size(choice, inputs.gpus)
-    stages = _stage_runs(tokens, choice, inputs, dp, fpt_token, fpt_patch, warnings)
+    global_batch_size, total_iters, stages = _stage_runs(tokens, choice, inputs, dp, fpt_token, fpt_patch,
+                                                         warnings)
 
     assumptions.append(
         "budgets are spent with our architecture's exact per-token training FLOPs "
@@ -361,6 +370,8 @@ def make_plan(inputs: PlanInputs) -> Plan:
         chinchilla_reference=reference,
         hardware=hardware,
         data_parallel_size=dp,
+        global_batch_size=global_batch_size,
+        total_iters=total_iters,
         stages=stages,
         assumptions=assumptions,
         warnings=warnings,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Optional
 
 from patch_megatron.planning.commands import Command
 from patch_megatron.planning.plan import Plan
@@ -63,6 +62,8 @@ def to_dict(plan: Plan, commands: list[Command]) -> dict:
         "chinchilla_reference": plan.chinchilla_reference,
         "hardware": None if plan.hardware is None else dataclasses.asdict(plan.hardware),
         "data_parallel_size": plan.data_parallel_size,
+        "global_batch_size": plan.global_batch_size,
+        "total_iters": plan.total_iters,
         "stages": [dataclasses.asdict(s) for s in plan.stages],
         "commands": [
             {"name": c.name, "launcher": c.launcher, "script": c.script, "args": c.args, "shell": c.shell()}
@@ -114,7 +115,8 @@ def to_text(plan: Plan, commands: list[Command]) -> str:
         add(row("EST FLOPs factor", f"{plan.est_flops_factor:.2f}"))
     add(row("planned compute (commands below)", f"{plan.planned_compute:.3g} FLOPs" + _hours(plan, plan.planned_compute)))
     add("-" * 72)
-    add("Stages")
+    add(f"Stages (run: {plan.total_iters:,} steps of {plan.global_batch_size} token-stage samples, "
+        f"{plan.global_batch_size * inputs.seq_length:,} tokens per step)")
     for st in plan.stages:
         add(f"  {st.name:<11} K={st.patch_size}  tokens {_si(st.tokens):>7}  batch {st.global_batch_size} samples  "
             f"iters {st.train_iters:,}  warmup {st.warmup_iters}  {st.flops:.3g} FLOPs")

@@ -67,13 +67,18 @@ def test_patch_cost_factor_and_stages():
     patch, token = plan.stages
     assert (patch.patch_size, token.patch_size) == (4, 1)
     # Same tokens per step: the patch stage takes 1/K the samples of K·T tokens.
-    assert patch.global_batch_size * 4 == token.global_batch_size
-    step_tokens = token.global_batch_size * 2048
-    assert patch.train_iters == math.ceil(plan.tokens * 2 / 3 / step_tokens)
-    assert token.train_iters == math.ceil(plan.tokens / 3 / step_tokens)
-    assert patch.flops + token.flops == pytest.approx(plan.patch_compute)
+    assert patch.global_batch_size * 4 == token.global_batch_size == plan.global_batch_size
+    step_tokens = plan.global_batch_size * 2048
+    # The run's N steps cover the planned tokens; the patch stage takes floor(λ·N).
+    assert plan.total_iters == math.ceil(plan.tokens / step_tokens)
+    assert patch.train_iters == math.floor(2 / 3 * plan.total_iters)
+    assert patch.train_iters + token.train_iters == plan.total_iters
+    assert patch.tokens == patch.train_iters * step_tokens
+    # Whole steps: the stages' FLOPs exceed the plan's by less than one step of each stage.
+    slack = step_tokens * (plan.flops_per_token_patch_stage + plan.flops_per_token_token_stage)
+    assert 0 <= patch.flops + token.flops - plan.patch_compute < slack
     assert plan.planned_compute == pytest.approx(plan.patch_compute)
-    assert 1 <= patch.warmup_iters <= 2000 and patch.warmup_iters <= 0.05 * patch.train_iters + 1
+    assert 1 <= patch.warmup_iters <= 2000 and patch.warmup_iters <= 0.05 * patch.train_iters
 
 
 @pytest.mark.parametrize("k, lam", [(1, 0.5), (4, 0.0)])
@@ -117,6 +122,7 @@ def test_fixed_size_and_fixed_tokens():
 def test_batch_divides_over_data_parallel_ranks():
     plan = make_plan(PlanInputs(gpus=24, hours=100, micro_batch_size=2))
     dp = plan.data_parallel_size
+    assert plan.global_batch_size % (4 * 2 * dp) == 0
     for stage in plan.stages:
         assert stage.global_batch_size % (2 * dp) == 0
 

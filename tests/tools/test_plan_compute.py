@@ -64,7 +64,16 @@ def _pretrain_commands(out):
     return [c for c in out["commands"] if c["script"] == "pretrain_patch_gpt.py"]
 
 
-def test_emitted_commands_parse_with_pretrain_parser(capsys):
+@pytest.fixture
+def gpu_target(monkeypatch):
+    # The emitted commands are for GPU clusters (--bf16); tell the parser not to
+    # apply its CPU-mode restrictions, as it would on a GPU machine.
+    from patch_megatron import cpu_mode
+
+    monkeypatch.setenv(cpu_mode.ENV_FLAG, "0")
+
+
+def test_emitted_commands_parse_with_pretrain_parser(capsys, gpu_target):
     # The real parser of pretrain_patch_gpt.py; this test must fail, not skip,
     # while that parser is missing.
     from patch_megatron.training.arguments import parse_args
@@ -73,27 +82,41 @@ def test_emitted_commands_parse_with_pretrain_parser(capsys):
                     "--patch-fraction", "0.6667", "--params", "2.7e9")
     shape = out["shape"]
     stages = {s["name"]: s for s in out["stages"]}
-    for command in _pretrain_commands(out):
+    commands = _pretrain_commands(out)
+    assert [c["name"] for c in commands] == ["patch stage", "token stage"]
+    for command in commands:
         argv = shlex.split(command["shell"])
         argv = argv[argv.index("pretrain_patch_gpt.py") + 1:]
         assert argv == command["args"]
         args = parse_args(argv)
-        stage = stages["patch" if command["name"] == "patch stage" else "token"]
         assert args.num_layers == shape["num_layers"]
         assert args.hidden_size == shape["hidden_size"]
         assert args.ffn_hidden_size == shape["ffn_hidden_size"]
         assert args.num_attention_heads == shape["num_attention_heads"]
-        assert args.seq_length == 2048
-        assert args.global_batch_size == stage["global_batch_size"]
-        assert args.train_iters == stage["train_iters"]
-        assert args.lr_warmup_iters == stage["warmup_iters"]
-        assert args.patch_size == stage["patch_size"]
-        assert args.patch_data_fraction == pytest.approx(0.6667)
+        assert args.seq_length == args.max_position_embeddings == 2048
         assert args.tensor_model_parallel_size == shape["tensor_model_parallel_size"]
+        assert args.patch_data_fraction == pytest.approx(0.6667)
         assert args.bf16
+        # The parser's own view of the stage must be the planner's.
+        stage = stages["patch" if command["name"] == "patch stage" else "token"]
+        assert args.stage.name == stage["name"]
+        assert args.stage.patch_size == stage["patch_size"]
+        assert args.stage.global_batch_size == stage["global_batch_size"]
+        assert args.stage.train_iters == stage["train_iters"]
+        assert args.stage.lr_warmup_iters == stage["warmup_iters"]
+    patch_stage, token_stage = (parse_args(c["args"]).stage for c in commands)
+    # Same tokens per step in both stages: B/K samples of K·T tokens vs B of T.
+    step_tokens = out["global_batch_size"] * 2048
+    assert patch_stage.global_batch_size * 4 * 2048 == token_stage.global_batch_size * 2048 == step_tokens
+    assert patch_stage.train_iters + token_stage.train_iters == out["total_iters"]
+    # The token stage starts on data the patch stage did not read; step
+    # rounding leaves a gap below 1/(1-λ) steps.
+    patch_end = patch_stage.train_iters * step_tokens
+    assert patch_stage.data_start_token == 0
+    assert patch_end <= token_stage.data_start_token < patch_end + step_tokens / (1 - 0.6667)
 
 
-def test_gqa_command_parses_with_pretrain_parser(capsys):
+def test_gqa_token_only_command_parses_with_pretrain_parser(capsys, gpu_target):
     from patch_megatron.training.arguments import parse_args
 
     out = _run_json(capsys, "--params", "7e10", "--gpus", "256", "--patch-size", "1")
@@ -101,4 +124,5 @@ def test_gqa_command_parses_with_pretrain_parser(capsys):
     args = parse_args(command["args"])
     assert args.group_query_attention
     assert args.num_query_groups == 8
-    assert args.patch_size == 1
+    assert args.patch_size == 1 and args.patch_data_fraction == 0.0
+    assert args.stage.train_iters == out["stages"][0]["train_iters"]
