@@ -15,7 +15,7 @@ from megatron.core.models.gpt import GPTModel
 from patch_megatron.model.config import PatchGPTConfig
 from patch_megatron.model.patch_embedding import PatchEmbedding
 from patch_megatron.model.patch_loss import vocab_parallel_patch_cross_entropy
-from patch_megatron.model.spec import layer_spec
+from patch_megatron.model.spec import decoder_block_spec
 
 
 class PatchGPTModel(GPTModel):
@@ -75,9 +75,10 @@ def build_model(config: PatchGPTConfig, pre_process: bool | None = None,
         post_process = parallel_state.is_pipeline_last_stage()
     if cpu is None:
         cpu = cpu_mode.is_installed()
+    transformer_config = config.transformer_config(cpu=cpu)
     model = PatchGPTModel(
-        config=config.transformer_config(cpu=cpu),
-        transformer_layer_spec=layer_spec(),
+        config=transformer_config,
+        transformer_layer_spec=decoder_block_spec(transformer_config),
         vocab_size=config.vocab_size,
         max_sequence_length=config.max_position_embeddings,
         patch_size=config.patch_size,

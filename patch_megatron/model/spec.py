@@ -22,15 +22,36 @@ def have_apex() -> bool:
         return False
 
 
-def layer_spec(use_transformer_engine: bool | None = None):
-    """The decoder layer spec; logs which implementation is in use."""
-    from megatron.core.models.gpt import gpt_layer_specs
-
+def implementation_name(use_transformer_engine: bool | None = None) -> str:
     if use_transformer_engine is None:
         use_transformer_engine = have_transformer_engine()
     if use_transformer_engine:
-        logger.info("layers: Transformer Engine")
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        return "Transformer Engine layers"
     norms = "apex fused RMSNorm" if have_apex() else "torch RMSNorm"
-    logger.info("layers: megatron-core local spec (%s, unfused attention)", norms)
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    return f"megatron-core local layers ({norms}, unfused attention)"
+
+
+def decoder_block_spec(config, use_transformer_engine: bool | None = None):
+    """The decoder spec for this pipeline rank's layers and final norm; logs the implementation."""
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    from patch_megatron.model.rms_norm import RMSNorm
+
+    if use_transformer_engine is None:
+        use_transformer_engine = have_transformer_engine()
+    logger.info("model: %s", implementation_name(use_transformer_engine))
+    if use_transformer_engine:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if have_apex():
+        return layer
+    # megatron's torch norm fallback cannot run under sequence parallelism: use ours everywhere.
+    layer.submodules.input_layernorm = RMSNorm
+    layer.submodules.pre_mlp_layernorm = RMSNorm
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=RMSNorm
+    )

@@ -6,7 +6,7 @@ from megatron.core.models.gpt import GPTModel
 
 from patch_megatron.model import PatchGPTConfig, build_model
 from patch_megatron.model.generate import generate
-from patch_megatron.model.spec import layer_spec
+from patch_megatron.model.spec import decoder_block_spec
 import reference_llama
 
 SHAPE = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
@@ -67,7 +67,8 @@ def test_loss_and_every_gradient_match_reference(K, masked):
 def test_patch_size_one_is_megatron_gpt_model_exactly():
     ours = _model(1)
     cfg = PatchGPTConfig(**SHAPE)
-    plain = GPTModel(cfg.transformer_config(cpu=True), layer_spec(), SHAPE["vocab_size"],
+    tc = cfg.transformer_config(cpu=True)
+    plain = GPTModel(tc, decoder_block_spec(tc), SHAPE["vocab_size"],
                      SHAPE["seq_length"], position_embedding_type="rope",
                      share_embeddings_and_output_weights=False)
     plain.load_state_dict(ours.state_dict())

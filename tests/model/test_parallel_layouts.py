@@ -1,0 +1,179 @@
+"""TP=2, PP=2, DP=2 and TP=2 with sequence parallelism against TP=1/PP=1/DP=1.
+
+Each layout runs on two real gloo processes through megatron-core's own
+pipeline schedule, DDP and finalize_model_grads, for K=1 and K=4, on the same
+full weights and data as the single-process model; loss and every gathered
+gradient must match.
+"""
+
+import pytest
+import torch
+
+from distributed_harness import run_on_ranks
+
+SHAPE = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+             ffn_hidden_size=48, vocab_size=64, seq_length=6)
+PATCH_SIZES = (1, 4)
+BATCH = 4
+
+
+def _data(K, seed):
+    g = torch.Generator().manual_seed(seed)
+    window = torch.randint(0, SHAPE["vocab_size"], (BATCH, K * (SHAPE["seq_length"] + 1)), generator=g)
+    mask = torch.ones(BATCH, K * SHAPE["seq_length"])
+    mask[1, -K - 1:] = 0  # some masked targets, unevenly over the DP shards
+    return window[:, :-K], window[:, K:], mask
+
+
+def _split_rows(t, parts, i):
+    return t.chunk(parts, dim=0)[i]
+
+
+def _tp_slice(name, full, tp, r):
+    """This TP rank's piece of a full TP=1 tensor, in megatron's layouts."""
+    if tp == 1 or "layernorm" in name:
+        return full
+    if name.endswith("linear_fc1.weight"):  # [gate; up], each split over TP
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([_split_rows(gate, tp, r), _split_rows(up, tp, r)])
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):  # row-parallel: split inputs
+        return full.chunk(tp, dim=1)[r]
+    return _split_rows(full, tp, r)  # vocab-parallel embedding, output layer, grouped QKV rows
+
+
+def _global_name(local_name, pp_rank, layers_per_stage):
+    parts = local_name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(int(parts[2]) + pp_rank * layers_per_stage)
+    return ".".join(parts)
+
+
+def _layout_worker(tp, pp, sp, full_weights):
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from patch_megatron import parallel
+    from patch_megatron.model import PatchGPTConfig, build_model
+
+    parallel.initialize(parallel.ParallelConfig(tp, pp, sp, cpu=True), seed=7)
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    results = {}
+    for K in PATCH_SIZES:
+        cfg = PatchGPTConfig(**SHAPE, patch_size=K, tensor_model_parallel_size=tp,
+                             pipeline_model_parallel_size=pp, sequence_parallel=sp)
+        model = build_model(cfg)
+        layers_per_stage = SHAPE["num_layers"] // pp
+        local = {
+            name: _tp_slice(name, full_weights[K][_global_name(name, pp_rank, layers_per_stage)], tp, tp_rank)
+            for name in model.state_dict() if not name.endswith("_extra_state")
+        }
+        model.load_state_dict(local, strict=False)
+        config = model.config
+        config.calculate_per_token_loss = True
+        ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        config.no_sync_func = ddp.no_sync
+        config.finalize_model_grads_func = finalize_model_grads
+
+        tokens, labels, mask = (t.chunk(dp)[dp_rank] for t in _data(K, seed=K))
+        micro_batches = iter([dict(tokens=tokens[i:i + 1], labels=labels[i:i + 1], mask=mask[i:i + 1])
+                              for i in range(tokens.shape[0])])
+
+        def forward_step(data_iterator, chunk):
+            batch = next(data_iterator)
+            output = chunk(batch["tokens"], labels=batch["labels"])
+
+            def loss_func(per_token):
+                loss_sum = (per_token * batch["mask"]).sum()
+                num_tokens = batch["mask"].sum().to(torch.int)
+                return loss_sum, num_tokens, {"loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+
+            return output, loss_func
+
+        ddp.zero_grad_buffer()
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=micro_batches, model=[ddp],
+            num_microbatches=tokens.shape[0], seq_length=SHAPE["seq_length"], micro_batch_size=1,
+            forward_only=False,
+        )
+        grads = {_global_name(n, pp_rank, layers_per_stage): p.main_grad.clone()
+                 for n, p in model.named_parameters()}
+        loss_and_count = torch.stack([d["loss"] for d in losses]).sum(0) if losses else None
+        results[K] = dict(grads=grads, loss_and_count=loss_and_count)
+    return dict(tp=(tp, tp_rank), pp_rank=pp_rank, dp_rank=dp_rank, results=results)
+
+
+def _assemble(rank_results, K):
+    """Full gradients and the global mean loss from the ranks' pieces."""
+    loss_sum = count = 0.0
+    pieces = {}
+    for r in rank_results:
+        (tp, tp_rank), res = r["tp"], r["results"][K]
+        if res["loss_and_count"] is not None and tp_rank == 0:
+            loss_sum += float(res["loss_and_count"][0])
+            count += float(res["loss_and_count"][1])
+        if r["dp_rank"] != 0:
+            continue
+        for name, g in res["grads"].items():
+            pieces.setdefault(name, {})[tp_rank] = g
+    full = {}
+    for name, by_rank in pieces.items():
+        shards = [by_rank[i] for i in sorted(by_rank)]
+        if len(shards) == 1 or "layernorm" in name:
+            full[name] = shards[0]
+        elif name.endswith("linear_fc1.weight"):
+            gates, ups = zip(*(s.chunk(2) for s in shards))
+            full[name] = torch.cat([*gates, *ups])
+        elif name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+            full[name] = torch.cat(shards, dim=1)
+        else:
+            full[name] = torch.cat(shards, dim=0)
+    return loss_sum / count, full
+
+
+def _dp_replicas_agree(rank_results, K):
+    """Data-parallel replicas of one model shard hold identical reduced gradients."""
+    replicas = {}
+    for r in rank_results:
+        replicas.setdefault((r["tp"][1], r["pp_rank"]), []).append(r["results"][K]["grads"])
+    return all(
+        torch.equal(group[0][n], other[n])
+        for group in replicas.values() for other in group[1:] for n in group[0]
+    )
+
+
+@pytest.fixture(scope="module")
+def single_process_reference():
+    """Weights and the TP=1/PP=1/DP=1 loss and gradients of the same model in this process."""
+    from distributed_harness import init_world_of_one
+    from patch_megatron.model import PatchGPTConfig, build_model
+
+    init_world_of_one()
+    out = {}
+    for K in PATCH_SIZES:
+        model = build_model(PatchGPTConfig(**SHAPE, patch_size=K))
+        tokens, labels, mask = _data(K, seed=K)
+        loss = (model(tokens, labels=labels) * mask).sum() / mask.sum()
+        loss.backward()
+        out[K] = dict(
+            weights={k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")},
+            loss=loss.detach(),
+            grads={n: p.grad.clone() for n, p in model.named_parameters()},
+        )
+    return out
+
+
+@pytest.mark.parametrize("tp, pp, sp", [(2, 1, False), (1, 2, False), (1, 1, False), (2, 1, True)],
+                         ids=["TP2", "PP2", "DP2", "TP2-SP"])
+def test_layout_matches_single_process(tp, pp, sp, single_process_reference):
+    weights = {K: ref["weights"] for K, ref in single_process_reference.items()}
+    ranks = run_on_ranks(_layout_worker, 2, tp, pp, sp, weights)
+    for K, ref in single_process_reference.items():
+        loss, grads = _assemble(ranks, K)
+        torch.testing.assert_close(torch.tensor(loss), ref["loss"], rtol=1e-5, atol=1e-6)
+        assert grads.keys() == ref["grads"].keys()
+        for name, g in ref["grads"].items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=f"K={K} {name}")
+        assert _dp_replicas_agree(ranks, K)
