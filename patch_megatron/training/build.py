@@ -1,0 +1,99 @@
+"""megatron-core's training parts, configured from the flags: model + DDP, optimizer, schedule."""
+
+from __future__ import annotations
+
+import torch
+
+from patch_megatron.model import PatchGPTConfig, build_model
+from patch_megatron.training.arguments import padded_vocab_size
+
+
+def model_config(args, vocab_size: int) -> PatchGPTConfig:
+    return PatchGPTConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        vocab_size=padded_vocab_size(vocab_size, args),
+        seq_length=args.seq_length,
+        max_position_embeddings=args.max_position_embeddings,
+        patch_size=args.patch_size,
+        rotary_base=args.rotary_base,
+        init_method_std=args.init_method_std,
+        norm_epsilon=args.norm_epsilon,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+    )
+
+
+def build_ddp_model(args, config: PatchGPTConfig):
+    """This pipeline rank's model in megatron's DDP (gradient buffers, DP all-reduce)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    model = build_model(config)
+    # The loss is reduced per token over the whole global batch (sum of token losses / token
+    # count), whatever the micro-batching and data-parallel layout: finalize_model_grads divides.
+    model.config.calculate_per_token_loss = True
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        check_for_nan_in_grad=False,  # the loop checks the loss and names the iteration
+        average_in_collective=False,
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(args, ddp_model):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam",  # megatron's "adam" is AdamW: decoupled weight decay
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        params_dtype=ddp_model.config.params_dtype,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, [ddp_model])
+
+
+def build_scheduler(args, plan, optimizer):
+    """This stage's own warmup + decay over its own steps."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=args.lr_warmup_init,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=plan.lr_warmup_iters,
+        lr_decay_steps=max(plan.lr_decay_iters, 1),
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=max(plan.train_iters, 1),
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False,
+    )
+
+
+def wire_schedule_hooks(ddp_model, optimizer) -> None:
+    """What megatron's schedules call back into: grad finalisation, no_sync, loss scaling."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config = ddp_model.config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp_model.no_sync
+    config.grad_scale_func = optimizer.scale_loss

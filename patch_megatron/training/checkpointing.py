@@ -1,0 +1,306 @@
+"""Checkpoints in Megatron-LM's layout, written with megatron-core's dist_checkpointing.
+
+Layout: ``SAVE/iter_0000100/`` (torch_dist) and ``SAVE/latest_checkpointed_iteration.txt``.
+A checkpoint holds the model and optimizer (sharded, so it loads at another
+TP/PP), the LR schedule, every rank's RNG state, the data position (consumed
+samples), the flags and the patch size.
+
+Atomicity: everything is written to ``iter_0000100.incomplete/``; only when
+every rank has finished does rank 0 rename it to ``iter_0000100/`` and then
+replace the ``latest`` file (write to a temporary name, fsync, rename). A
+kill at any moment leaves the previous ``latest`` and its directory intact.
+
+Safety: dist_checkpointing reads the non-tensor parts with ``torch.load``,
+whose default in the supported torch versions is ``weights_only=True``; we
+store only tensors and plain values, and :func:`load_checkpoint` refuses to
+run if that default has been turned off.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+from patch_megatron import parallel
+from patch_megatron.training.arguments import args_to_dict
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+INCOMPLETE_SUFFIX = ".incomplete"
+CHECKPOINT_VERSION = 3.0
+# What must match between a checkpoint and the model loading it.
+SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+              "num_query_groups", "vocab_size", "untie_embeddings_and_output_weights")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded into this run; the message says why and what to do."""
+
+
+def iteration_dir(save_dir: str, iteration: int) -> str:
+    return os.path.join(save_dir, f"iter_{iteration:07d}")
+
+
+def read_latest_iteration(load_dir: str) -> int | None:
+    path = os.path.join(load_dir, LATEST_FILE)
+    if not os.path.exists(path):
+        return None
+    text = open(path).read().strip()
+    if text == "release":
+        raise CheckpointError(f"{path} says 'release': release checkpoints are not supported; "
+                              "point --load at a directory with iter_XXXXXXX checkpoints")
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path} holds {text!r}, not an iteration number") from None
+
+
+# ---------------------------------------------------------------------------
+# RNG: one shard per rank, restored only into the same layout.
+
+def _layout():
+    from megatron.core import parallel_state as ps
+
+    return ((ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size()),
+            (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+             ps.get_data_parallel_rank()))
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    """Every RNG state of this rank as plain tensors (nothing that needs unpickling)."""
+    from megatron.core import tensor_parallel
+
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_misc": torch.tensor([np_pos, np_has_gauss, np_gauss], dtype=torch.float64),
+        "python_state": torch.tensor(py_state, dtype=torch.int64),
+        "python_misc": torch.tensor([py_version, py_gauss is not None, py_gauss or 0.0],
+                                    dtype=torch.float64),
+    }
+    for name, tracker_state in tensor_parallel.get_cuda_rng_tracker().get_states().items():
+        tensors[f"tracker.{name}"] = tracker_state.cpu()
+    if torch.cuda.is_available() and parallel.device().type == "cuda":
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    return tensors
+
+
+def _set_rng_tensors(tensors: dict[str, torch.Tensor]) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(tensors["torch"])
+    pos, has_gauss, gauss = tensors["numpy_misc"].tolist()
+    np.random.set_state(("MT19937", tensors["numpy_keys"].numpy().astype(np.uint32), int(pos),
+                         int(has_gauss), gauss))
+    version, has_py_gauss, py_gauss = tensors["python_misc"].tolist()
+    random.setstate((int(version), tuple(tensors["python_state"].tolist()),
+                     py_gauss if has_py_gauss else None))
+    tracker = {name[len("tracker."):]: t for name, t in tensors.items() if name.startswith("tracker.")}
+    tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
+    if "cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["cuda"])
+
+
+def _rng_sharded_tensors() -> dict:
+    """One shard per (pipeline, tensor, data) rank, stored as tensors of a [pp, tp, dp, n] grid."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    (pp, tp, dp), (pp_rank, tp_rank, dp_rank) = _layout()
+    return {
+        name: ShardedTensor.from_rank_offsets(
+            f"rng_state.{name}", t.contiguous()[None, None, None],
+            (0, pp_rank, pp), (1, tp_rank, tp), (2, dp_rank, dp), replica_id=0,
+        )
+        for name, t in _rng_tensors().items()
+    }
+
+
+# ---------------------------------------------------------------------------
+# The sharded state dict: the same builder for saving and loading.
+
+def _sharded_state_dict(model, optimizer, *, with_optimizer: bool, with_rng: bool, is_loading: bool):
+    model_sd = model.module.sharded_state_dict()
+    state = {"model": model_sd}
+    if with_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"},
+        )
+    if with_rng:
+        state["rng_state"] = _rng_sharded_tensors()
+    return state
+
+
+def _barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(save_dir, model, optimizer, scheduler, state, args, plan) -> str:
+    """Write iteration ``state.iteration`` atomically; returns its directory."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+    final = iteration_dir(save_dir, state.iteration)
+    partial_dir = final + INCOMPLETE_SUFFIX
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(partial_dir, ignore_errors=True)  # left over from a killed save
+        os.makedirs(partial_dir)
+    _barrier()
+    sharded = _sharded_state_dict(model, optimizer, with_optimizer=True, with_rng=True,
+                                  is_loading=False)
+    sharded.update({
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": state.iteration,
+        "consumed_train_samples": state.consumed_samples,
+        "skipped_iters": state.skipped_iters,
+        "nan_iters": state.nan_iters,
+        "opt_param_scheduler": scheduler.state_dict(),
+        "patch_size": plan.patch_size,
+        "stage": plan.name,
+        "model_shape": model_shape_of(model),
+        "layout": {"tensor_model_parallel_size": args.tensor_model_parallel_size,
+                   "pipeline_model_parallel_size": args.pipeline_model_parallel_size},
+        "args": args_to_dict(args),
+    })
+    strategy = get_default_save_sharded_strategy("torch_dist")
+    dist_checkpointing.save(sharded, partial_dir, sharded_strategy=strategy)
+    _barrier()
+    if rank == 0:
+        if os.path.exists(final):  # an older, never-latest copy of this iteration
+            shutil.rmtree(final)
+        os.rename(partial_dir, final)
+        tmp = os.path.join(save_dir, LATEST_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(str(state.iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(save_dir, LATEST_FILE))
+        _fsync_dir(save_dir)
+    _barrier()
+    return final
+
+
+def model_shape_of(model) -> dict:
+    """The numbers that fix the parameters' shapes (RoPE and T have none)."""
+    module = model.module
+    config = module.config
+    return {
+        "num_layers": config.num_layers,
+        "hidden_size": config.hidden_size,
+        "ffn_hidden_size": config.ffn_hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_query_groups": config.num_query_groups or config.num_attention_heads,
+        "vocab_size": module.vocab_size,
+        "untie_embeddings_and_output_weights": not module.share_embeddings_and_output_weights,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Loading.
+
+def _check_weights_only_default():
+    if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0") not in ("0", ""):
+        raise CheckpointError(
+            "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set, which would let loading a checkpoint "
+            "unpickle arbitrary objects; unset it")
+
+
+def _load_common(path: str) -> dict:
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load_common_state_dict(path)
+    except Exception as error:  # noqa: BLE001 - re-raised with the file named
+        raise CheckpointError(
+            f"cannot read the checkpoint's common state in {path}: {type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}. It is incomplete, not a "
+            "torch_dist checkpoint, or holds objects that are not plain data (refused for safety)"
+        ) from None
+
+
+def _check_compatible(common: dict, model, plan, args, path: str) -> None:
+    saved_shape = common.get("model_shape")
+    if saved_shape is None:
+        raise CheckpointError(f"{path} has no model shape record: not written by pretrain_patch_gpt.py")
+    here = model_shape_of(model)
+    diffs = [f"{k}: checkpoint {saved_shape.get(k)} vs run {here[k]}" for k in SHAPE_KEYS
+             if saved_shape.get(k) != here[k]]
+    if diffs:
+        hint = ""
+        if any(d.startswith("vocab_size") for d in diffs):
+            hint = (" (the padded vocabulary depends on --make-vocab-size-divisible-by x TP: pick "
+                    "a --make-vocab-size-divisible-by that pads to the same size)")
+        raise CheckpointError(f"checkpoint {path} is of another model shape: " + "; ".join(diffs)
+                              + hint + ". Pass the model flags the checkpoint was trained with")
+    if common.get("patch_size") != plan.patch_size and not args.finetune:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with patch size {common.get('patch_size')} but this run "
+            f"has --patch-size {plan.patch_size}. To start the token stage from patch-stage weights "
+            "convert it with tools/convert_patch_to_token.py, or pass --finetune to load the "
+            "weights only (fresh optimizer, schedule and data position)")
+
+
+def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) -> str | None:
+    """Load the latest checkpoint under ``load_dir`` into the run; returns what was loaded."""
+    from megatron.core import dist_checkpointing
+
+    _check_weights_only_default()
+    iteration = read_latest_iteration(load_dir)
+    if iteration is None:
+        if os.path.isdir(load_dir) and any(n.startswith("iter_") for n in os.listdir(load_dir)):
+            raise CheckpointError(f"{load_dir} holds iter_* directories but no {LATEST_FILE}: the "
+                                  "saves never completed")
+        return None  # nothing to resume: start from scratch, as Megatron-LM does
+    path = iteration_dir(load_dir, iteration)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{LATEST_FILE} names iteration {iteration} but {path} is missing")
+    common = _load_common(path)
+    _check_compatible(common, model, plan, args, path)
+
+    same_layout = common.get("layout") == {
+        "tensor_model_parallel_size": args.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+    }
+    # The data-parallel size also shapes the RNG shards.
+    saved_dp = common.get("args", {}).get("data_parallel_size")
+    weights_only = args.finetune
+    with_optimizer = not weights_only and not args.no_load_optim
+    with_rng = not weights_only and not args.no_load_rng and same_layout and \
+        saved_dp == args.data_parallel_size
+    sharded = _sharded_state_dict(model, optimizer, with_optimizer=with_optimizer,
+                                  with_rng=with_rng, is_loading=True)
+    loaded = dist_checkpointing.load(sharded, path)
+    model.module.load_state_dict(loaded["model"], strict=True)
+    if with_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if with_rng:
+        _set_rng_tensors({name: t[0, 0, 0] for name, t in loaded["rng_state"].items()})
+    if not weights_only:
+        scheduler.load_state_dict(common["opt_param_scheduler"])
+        state.iteration = common["iteration"]
+        state.consumed_samples = common["consumed_train_samples"]
+        state.skipped_iters = common.get("skipped_iters", 0)
+        state.nan_iters = common.get("nan_iters", 0)
+    notes = []
+    if weights_only:
+        notes.append("weights only (--finetune)")
+    elif not with_rng and not args.no_load_rng:
+        notes.append("RNG state not restored: the parallel layout differs")
+    return f"loaded {path} (iteration {iteration})" + (f"; {'; '.join(notes)}" if notes else "")

@@ -1,0 +1,132 @@
+"""Feeding the schedule: this stage's datasets, and micro-batch iterators that resume.
+
+Datasets yield dicts with ``tokens``, ``labels``, ``loss_mask`` of K*T entries
+and ``position_ids`` of T (the data pipeline's format). Train sets are indexed
+from 0 in stream order per stage, so resuming is skipping the consumed samples.
+
+``--mock-data`` gives :class:`MockPatchDataset`: synthetic, learnable
+sequences (arithmetic progressions modulo the vocabulary) in the same format,
+for tests and smoke runs without a corpus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from patch_megatron.training.arguments import ArgumentError
+
+VALID_STREAM_OFFSET = 1 << 40  # mock validation samples come from a far-away part of the stream
+
+
+class MockPatchDataset(torch.utils.data.Dataset):
+    """Sample i is a progression ``(start + step*j) % vocab`` seeded by its stream position.
+
+    The stream position of sample i is ``first_token // (K*T) + i``, so the
+    token stage's samples (which start at the patch stage's end) differ from
+    the patch stage's. Labels follow the model's convention: the K tokens of
+    the next patch (K=1: the next token).
+    """
+
+    def __init__(self, num_samples, patch_size, seq_length, vocab_size, seed, first_token=0):
+        self.num_samples = num_samples
+        self.patch_size = patch_size
+        self.seq_length = seq_length
+        self.vocab_size = vocab_size
+        self.seed = seed
+        self.first_sample = first_token // (patch_size * seq_length)
+
+    def __len__(self):
+        return self.num_samples
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.num_samples:
+            raise IndexError(index)
+        rng = np.random.default_rng([self.seed, self.first_sample + index])
+        start = int(rng.integers(self.vocab_size))
+        step = int(rng.integers(1, 4))
+        n = self.patch_size * self.seq_length
+        stream = (start + step * np.arange(n + self.patch_size)) % self.vocab_size
+        stream = torch.from_numpy(stream).long()
+        return {
+            "tokens": stream[:n],
+            "labels": stream[self.patch_size:],
+            "loss_mask": torch.ones(n, dtype=torch.float),
+            "position_ids": torch.arange(self.seq_length),
+        }
+
+
+@dataclass
+class StageData:
+    train: torch.utils.data.Dataset
+    valid: torch.utils.data.Dataset | None  # this stage's samples (K*T tokens)
+    valid_tokens: torch.utils.data.Dataset | None  # K=1 samples for the token NLL (patch stage)
+    vocab_size: int  # the tokenizer's, before padding
+
+
+def build_stage_data(args, plan, dp_size: int) -> StageData:
+    """This stage's train and validation sets."""
+    train_samples = plan.train_iters * plan.global_batch_size
+    eval_samples = args.eval_iters * plan.global_batch_size
+    want_token_valid = plan.name == "patch" and args.eval_token_nll and args.eval_iters > 0
+    if args.mock_data:
+        vocab = args.vocab_size
+        if vocab is None:
+            from patch_megatron.data.tokenizers import build_tokenizer_from_args, tokenizer_info
+
+            vocab = tokenizer_info(build_tokenizer_from_args(args)).vocab_size
+        K, T = plan.patch_size, plan.seq_length
+
+        def mock(num, k, first):
+            return MockPatchDataset(num, k, T, vocab, args.seed, first)
+
+        return StageData(
+            train=mock(train_samples, K, plan.data_start_token),
+            valid=mock(eval_samples, K, VALID_STREAM_OFFSET) if eval_samples else None,
+            valid_tokens=mock(eval_samples * K, 1, VALID_STREAM_OFFSET) if want_token_valid else None,
+            vocab_size=vocab,
+        )
+    return _build_corpus_data(args, plan, train_samples, eval_samples, want_token_valid)
+
+
+def _build_corpus_data(args, plan, train_samples, eval_samples, want_token_valid) -> StageData:
+    try:
+        from patch_megatron.data import build_stage_datasets
+    except ImportError as error:
+        raise ArgumentError(
+            "--data-path needs patch_megatron.data.build_stage_datasets, which this checkout does "
+            f"not have ({error}); use --mock-data until the data pipeline is installed"
+        ) from None
+    return build_stage_datasets(
+        args, plan, train_samples=train_samples, eval_samples=eval_samples,
+        token_level_valid=want_token_valid,
+    )
+
+
+class MicroBatches:
+    """Micro-batches of this data-parallel rank, from ``consumed_samples`` on.
+
+    Each group of ``micro_batch_size * dp_size`` consecutive samples is split
+    over the data-parallel ranks (Megatron's pretraining sampler order), so a
+    global batch holds the same samples whatever the layout.
+    """
+
+    def __init__(self, dataset, micro_batch_size, dp_rank, dp_size, consumed_samples=0):
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.consumed_samples = consumed_samples
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        first = self.consumed_samples + self.dp_rank * self.micro_batch_size
+        if self.consumed_samples + self.micro_batch_size * self.dp_size > len(self.dataset):
+            raise StopIteration
+        samples = [self.dataset[i] for i in range(first, first + self.micro_batch_size)]
+        self.consumed_samples += self.micro_batch_size * self.dp_size
+        return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}

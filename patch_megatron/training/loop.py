@@ -1,0 +1,256 @@
+"""The training loop: one stage, megatron-core's schedules, per-token loss, eval, checkpoints.
+
+Read top to bottom: ``forward_step``/``loss_func`` are what megatron's pipeline
+schedule calls per micro-batch; ``train_step`` is one optimizer step;
+``evaluate`` runs the validation split; ``train`` is the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from patch_megatron import parallel
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was NaN/Inf and --nan-action is stop."""
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0  # steps of this stage done
+    consumed_samples: int = 0  # samples of this stage's train set read
+    skipped_iters: int = 0
+    nan_iters: int = 0
+
+
+# ---------------------------------------------------------------------------
+# One micro-batch, as megatron's schedules want it.
+
+def loss_func(loss_mask, per_token_losses):
+    """Megatron's per-token reduction: (sum of masked losses, number of tokens, report)."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(per_token_losses.reshape(-1).float() * mask)
+    num_tokens = mask.count_nonzero().to(torch.int)
+    report = torch.stack([loss_sum.detach(), num_tokens.float()])
+    return loss_sum, num_tokens, {"loss": report}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    device = parallel.device()
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+    # RoPE positions are 0..T-1 from the decoder input; the causal mask is built inside.
+    per_token_losses = model(tokens, None, None, labels=labels)
+    return per_token_losses, partial(loss_func, loss_mask)
+
+
+def global_loss(loss_reports) -> tuple[float, float]:
+    """(loss per token, tokens) over the global batch, known on every rank.
+
+    Only the last pipeline stage holds reports; its tensor-parallel ranks hold
+    the same numbers, hence the division by the TP size after the world sum.
+    """
+    from megatron.core import parallel_state
+
+    total = torch.zeros(2, device=parallel.device())
+    for report in loss_reports:
+        total += report["loss"].to(total.device)
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(total)
+        total /= parallel_state.get_tensor_model_parallel_world_size()
+    loss_sum, tokens = total.tolist()
+    return loss_sum / max(tokens, 1.0), tokens
+
+
+# ---------------------------------------------------------------------------
+# One optimizer step.
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float | None
+    skipped: bool
+
+
+def train_step(model, optimizer, scheduler, data_iterator, num_microbatches, args, iteration):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,
+        model=[model],
+        num_microbatches=num_microbatches,
+        seq_length=args.seq_length,  # T: what flows between pipeline stages
+        micro_batch_size=args.micro_batch_size,
+        forward_only=False,
+    )
+    loss, _ = global_loss(reports)
+    if not math.isfinite(loss):
+        message = f"iteration {iteration}: the training loss is {loss}"
+        if args.nan_action == "stop":
+            raise NonFiniteLossError(
+                message + "; stopping without saving (the weights of this step are not written). "
+                "Resume from the last checkpoint with a lower --lr, or pass --nan-action skip to "
+                "drop such steps"
+            )
+        return StepResult(loss, None, skipped=True)
+    update_successful, grad_norm, _ = optimizer.step()
+    if update_successful:
+        scheduler.step(increment=1)
+    return StepResult(loss, grad_norm, skipped=not update_successful)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation.
+
+@contextlib.contextmanager
+def token_level(model):
+    """Run the same weights with K=1: the patch embedding's mean over one token is the
+    token's embedding, and with patch_size 1 the model uses megatron's own loss."""
+    module = model.module
+    embedding = getattr(module, "embedding", None) if module.pre_process else None
+    saved = module.patch_size, getattr(embedding, "patch_size", None)
+    module.patch_size = 1
+    if embedding is not None and saved[1] is not None:
+        embedding.patch_size = 1
+    try:
+        yield
+    finally:
+        module.patch_size = saved[0]
+        if embedding is not None and saved[1] is not None:
+            embedding.patch_size = saved[1]
+
+
+@torch.no_grad()
+def eval_loss(model, batches, num_microbatches, args, eval_iters) -> float:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    model.eval()
+    loss_sum = tokens = 0.0
+    for _ in range(eval_iters):
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=batches,
+            model=[model],
+            num_microbatches=num_microbatches,
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            forward_only=True,
+        )
+        loss, n = global_loss(reports)
+        loss_sum += loss * n
+        tokens += n
+    model.train()
+    return loss_sum / max(tokens, 1.0)
+
+
+def evaluate(model, make_batches, data, num_microbatches, args, plan) -> dict:
+    """Validation numbers of this stage, on the same first samples every time."""
+    results = {}
+    loss = eval_loss(model, make_batches(data.valid), num_microbatches, args, args.eval_iters)
+    if plan.name == "patch":
+        results["patch loss"] = loss
+        if data.valid_tokens is not None:
+            with token_level(model):
+                # K times as many T-token samples: the same tokens as the patch loss saw.
+                nll = eval_loss(model, make_batches(data.valid_tokens), num_microbatches,
+                                args, args.eval_iters * plan.patch_size)
+            results["token nll (K=1)"] = nll
+            results["token ppl (K=1)"] = math.exp(min(nll, 50.0))
+    else:
+        results["lm loss"] = loss
+        results["lm loss PPL"] = math.exp(min(loss, 50.0))
+    return results
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+
+@dataclass
+class Run:
+    """Everything the loop works with, built in pretrain_patch_gpt.py."""
+
+    args: object
+    plan: object  # arguments.StagePlan
+    model: object  # megatron DDP around this rank's PatchGPTModel
+    optimizer: object
+    scheduler: object
+    data: object  # data.StageData
+    make_batches: object  # (dataset, consumed_samples=0) -> micro-batch iterator
+    num_microbatches: int
+    shape: object  # flops.ModelShape
+    peak_tflops: float | None
+    world_size: int
+    print: object  # prints on rank 0
+    tensorboard: object
+    save: object  # (state) -> None
+
+
+def train(run: Run, state: TrainState) -> str:
+    """Train this stage from ``state`` to its last step (or an exit condition); say why it ended."""
+    from patch_megatron.training.exit_conditions import ExitConditions
+    from patch_megatron.training.metrics import IntervalMeter, eval_line, throughput, train_line
+
+    args, plan = run.args, run.plan
+    batches = run.make_batches(run.data.train, state.consumed_samples)
+    exits = ExitConditions(args)
+    meter = IntervalMeter()
+    last_saved = state.iteration  # a loaded checkpoint is already on disk
+    while state.iteration < plan.train_iters:
+        lr = run.scheduler.optimizer.param_groups[0]["lr"]
+        step = train_step(run.model, run.optimizer, run.scheduler, batches, run.num_microbatches,
+                          args, state.iteration + 1)
+        state.iteration += 1
+        state.consumed_samples += plan.global_batch_size
+        meter.add()
+        if step.skipped:
+            state.skipped_iters += 1
+            if not math.isfinite(step.loss):
+                state.nan_iters += 1
+                run.print(f"WARNING: iteration {state.iteration}: the training loss is {step.loss}; "
+                          "update skipped (--nan-action skip)")
+
+        if state.iteration % args.log_interval == 0:
+            seconds, n = meter.take()
+            per_iter = seconds / max(n, 1)
+            tokens_per_s, tflops, mfu = throughput(plan, run.shape, per_iter, run.world_size,
+                                                   run.peak_tflops)
+            grad_norm = step.grad_norm if step.grad_norm is not None else float("nan")
+            run.print(train_line(plan, state.iteration, state.consumed_samples, lr, step.loss,
+                                 grad_norm, per_iter, tokens_per_s, tflops, mfu,
+                                 state.skipped_iters, state.nan_iters))
+            tokens = state.consumed_samples * plan.tokens_per_sample
+            run.tensorboard.scalars({
+                f"train/{plan.loss_name}": step.loss, "train/learning-rate": lr,
+                "train/grad-norm": grad_norm, "train/tokens-per-second": tokens_per_s,
+                "train/tflops-per-device": tflops, "train/consumed-tokens": tokens,
+            }, state.iteration)
+
+        if args.eval_iters and run.data.valid is not None and state.iteration % args.eval_interval == 0:
+            results = evaluate(run.model, run.make_batches, run.data, run.num_microbatches, args, plan)
+            run.print(eval_line(plan, state.iteration, results))
+            run.tensorboard.scalars({f"valid/{k}": v for k, v in results.items()}, state.iteration)
+            meter.take()  # keep evaluation time out of the training throughput
+
+        if args.save and args.save_interval and state.iteration % args.save_interval == 0:
+            run.save(state)
+            last_saved = state.iteration
+            meter.take()
+        reason = exits.reason(state.iteration)
+        if reason is not None:
+            if args.save and last_saved != state.iteration:
+                run.save(state)
+            return f"{reason} at iteration {state.iteration}"
+    if args.save and last_saved != state.iteration:
+        run.save(state)
+    return f"{plan.name} stage finished: {state.iteration} iterations"

@@ -1,0 +1,116 @@
+"""Patch-level GPT pretraining on megatron-core: one stage per run, torchrun-launched.
+
+    python pretrain_patch_gpt.py ARGS                          # one process (CPU or one GPU)
+    torchrun --nproc-per-node 8 pretrain_patch_gpt.py ARGS     # one node; add --nnodes etc.
+
+ARGS are Megatron-LM's pretrain_gpt.py flags plus ``--patch-size K
+--patch-data-fraction λ`` (see ``--help`` and patch_megatron/training/arguments.py
+for the stage conventions). Everything is wired here, in ``main``.
+"""
+
+import os
+import sys
+import time
+
+
+def main(argv=None) -> int:
+    from patch_megatron.training.arguments import ArgumentError, check_world_size, parse_args
+
+    # Every flag is checked before any process group starts.
+    try:
+        args = parse_args(argv)
+        dp_size = check_world_size(args)
+    except ArgumentError as error:
+        print(f"pretrain_patch_gpt.py: error: {error}", file=sys.stderr)
+        return 2
+    args.data_parallel_size = dp_size
+    plan = args.stage
+
+    import torch
+    from megatron.core import parallel_state
+
+    from patch_megatron import parallel
+    from patch_megatron.training import build, checkpointing, data, loop, metrics
+
+    parallel.initialize(
+        parallel.ParallelConfig(
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            sequence_parallel=args.sequence_parallel,
+            cpu=args.cpu,
+        ),
+        seed=args.seed,
+        timeout_minutes=args.distributed_timeout_minutes,
+    )
+    from patch_megatron import cpu_mode
+
+    on_cpu = cpu_mode.is_installed()
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    def print_rank0(message):
+        if rank == 0:
+            print(message, flush=True)
+
+    print_rank0(f"> {plan.name} stage: K={plan.patch_size}, T={plan.seq_length} positions, "
+                f"{plan.tokens_per_sample} tokens/sample, global batch {plan.global_batch_size} "
+                f"samples = {plan.tokens_per_step} tokens, {plan.train_iters} iterations, "
+                f"warmup {plan.lr_warmup_iters}, data from token {plan.data_start_token}; "
+                f"world {world_size} = TP {args.tensor_model_parallel_size} x PP "
+                f"{args.pipeline_model_parallel_size} x DP {dp_size}; "
+                f"{'CPU (gloo)' if on_cpu else 'GPU (NCCL)'}")
+
+    try:
+        stage_data = data.build_stage_data(args, plan, dp_size)
+    except ArgumentError as error:
+        print(f"pretrain_patch_gpt.py: error: {error}", file=sys.stderr)
+        parallel.destroy()
+        return 2
+    config = build.model_config(args, stage_data.vocab_size)
+    model = build.build_ddp_model(args, config)
+    optimizer = build.build_optimizer(args, model)
+    scheduler = build.build_scheduler(args, plan, optimizer)
+    build.wire_schedule_hooks(model, optimizer)
+    state = loop.TrainState()
+
+    if args.load:
+        try:
+            message = checkpointing.load_checkpoint(args.load, model, optimizer, scheduler, state,
+                                                    args, plan)
+        except checkpointing.CheckpointError as error:
+            print(f"pretrain_patch_gpt.py: error: {error}", file=sys.stderr)
+            return 3
+        print_rank0(f"> {message or f'no checkpoint in {args.load}: starting from scratch'}")
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+
+    def make_batches(dataset, consumed_samples=0):
+        return data.MicroBatches(dataset, args.micro_batch_size, dp_rank, dp_size, consumed_samples)
+
+    def save(train_state):
+        started = time.monotonic()
+        path = checkpointing.save_checkpoint(args.save, model, optimizer, scheduler, train_state,
+                                             args, plan)
+        print_rank0(f"> saved {path} in {time.monotonic() - started:.1f} s")
+
+    run = loop.Run(
+        args=args, plan=plan, model=model, optimizer=optimizer, scheduler=scheduler,
+        data=stage_data, make_batches=make_batches,
+        num_microbatches=plan.global_batch_size // (args.micro_batch_size * dp_size),
+        shape=metrics.model_shape(config), peak_tflops=metrics.device_peak_tflops(args, on_cpu),
+        world_size=world_size, print=print_rank0,
+        tensorboard=metrics.TensorBoard(args.tensorboard_dir, enabled=rank == 0), save=save,
+    )
+    try:
+        reason = loop.train(run, state)
+    except loop.NonFiniteLossError as error:
+        print(f"pretrain_patch_gpt.py: error: {error}", file=sys.stderr)
+        return 4
+    finally:
+        run.tensorboard.close()
+    print_rank0(f"> {reason}")
+    parallel.destroy()
+    return 0
+
+
+if __name__ == "__main__":  # dist_checkpointing may start worker processes that import this file
+    sys.exit(main())
