@@ -28,7 +28,7 @@ def implementation_name(use_transformer_engine: bool | None = None) -> str:
     if use_transformer_engine:
         return "Transformer Engine layers"
     norms = "apex fused RMSNorm" if have_apex() else "torch RMSNorm"
-    return f"megatron-core local layers ({norms}, unfused attention)"
+    return f"megatron-core local layers ({norms}, torch scaled_dot_product_attention)"
 
 
 def decoder_block_spec(config, use_transformer_engine: bool | None = None):
@@ -40,6 +40,7 @@ def decoder_block_spec(config, use_transformer_engine: bool | None = None):
     )
 
     from patch_megatron.model.rms_norm import RMSNorm
+    from patch_megatron.model.sdpa_attention import SDPAttention
 
     if use_transformer_engine is None:
         use_transformer_engine = have_transformer_engine()
@@ -47,6 +48,8 @@ def decoder_block_spec(config, use_transformer_engine: bool | None = None):
     if use_transformer_engine:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    # megatron's local attention materialises the s x s scores; torch's fused kernels do not.
+    layer.submodules.self_attention.submodules.core_attention = SDPAttention
     if have_apex():
         return layer
     # megatron's torch norm fallback cannot run under sequence parallelism: use ours everywhere.
