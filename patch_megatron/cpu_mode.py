@@ -12,7 +12,9 @@ patches megatron-core or torch, and it does so narrowly:
   every module outside megatron-core, is left untouched;
 * megatron's RNG tracker is replaced by one that forks the CPU generator;
 * ``clip_grad_by_total_norm_fp32`` is replaced by the same computation
-  without the ``torch.cuda.FloatTensor`` assert.
+  without the ``torch.cuda.FloatTensor`` assert;
+* ``LanguageModule.setup_embeddings_and_output_layer`` (tied embeddings under
+  pipeline parallelism) runs with ``Tensor.cuda()`` as a no-op for its duration.
 
 Modules of megatron-core imported after :func:`install` are patched as they
 load. Nothing here runs unless :func:`install` is called, and
@@ -179,6 +181,27 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
         torch._foreach_mul_(grads, clip_coeff)
 
 
+def _tensors_stay_on_cpu(method):
+    """Run a megatron method whose body calls ``tensor.cuda()`` with that call a no-op.
+
+    ``LanguageModule.setup_embeddings_and_output_layer`` moves the tied
+    embedding to CUDA before all-reducing it between the first and last
+    pipeline stages; a Tensor method cannot be redirected by the module views.
+    """
+    import functools
+
+    @functools.wraps(method)
+    def on_cpu(*args, **kwargs):
+        real_cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = real_cuda
+
+    return on_cpu
+
+
 def _cpu_rng_tracker_class():
     from megatron.core.tensor_parallel import random as mrandom
 
@@ -292,6 +315,12 @@ def install() -> None:
         if name.startswith("megatron.core"):
             _patch_module(module)
     sys.meta_path.insert(0, _PatchOnLoad())
+
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    LanguageModule.setup_embeddings_and_output_layer = _tensors_stay_on_cpu(
+        LanguageModule.setup_embeddings_and_output_layer
+    )
 
     mrandom._CUDA_RNG_STATE_TRACKER = _cpu_rng_tracker_class()()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

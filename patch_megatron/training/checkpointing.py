@@ -10,15 +10,16 @@ every rank has finished does rank 0 rename it to ``iter_0000100/`` and then
 replace the ``latest`` file (write to a temporary name, fsync, rename). A
 kill at any moment leaves the previous ``latest`` and its directory intact.
 
-Safety: dist_checkpointing reads the non-tensor parts with ``torch.load``,
-whose default in the supported torch versions is ``weights_only=True``; we
-store only tensors and plain values, and :func:`load_checkpoint` refuses to
-run if that default has been turned off.
+Safety: loading never unpickles arbitrary objects. Everything sharded is a
+tensor (RNG states included; the layers' empty ``_extra_state`` objects are
+left out), and the plain values in ``common.pt`` are read with
+``torch.load(weights_only=True)`` before dist_checkpointing touches them.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 
@@ -124,8 +125,22 @@ def _rng_sharded_tensors() -> dict:
 # ---------------------------------------------------------------------------
 # The sharded state dict: the same builder for saving and loading.
 
+def _model_sharded_state_dict(model) -> dict:
+    """The model's sharded tensors, without the layers' ``_extra_state`` objects.
+
+    Those are None for megatron's local layers (Transformer Engine keeps FP8
+    scaling metadata there, which this project does not use), and
+    dist_checkpointing would store them as pickled bytes that loading must
+    unpickle: leaving them out keeps every checkpoint loadable without it.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return {key: value for key, value in model.module.sharded_state_dict().items()
+            if not (isinstance(value, ShardedObject) and key.endswith("_extra_state"))}
+
+
 def _sharded_state_dict(model, optimizer, *, with_optimizer: bool, with_rng: bool, is_loading: bool):
-    model_sd = model.module.sharded_state_dict()
+    model_sd = _model_sharded_state_dict(model)
     state = {"model": model_sd}
     if with_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(
@@ -215,24 +230,27 @@ def model_shape_of(model) -> dict:
 # ---------------------------------------------------------------------------
 # Loading.
 
-def _check_weights_only_default():
-    if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0") not in ("0", ""):
-        raise CheckpointError(
-            "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set, which would let loading a checkpoint "
-            "unpickle arbitrary objects; unset it")
-
-
 def _load_common(path: str) -> dict:
-    from megatron.core import dist_checkpointing
+    """The checkpoint's plain values, read with ``weights_only=True`` whatever torch's default.
 
+    dist_checkpointing reads the same file again when loading; by then it is
+    known to hold only tensors and plain data.
+    """
+    common = os.path.join(path, "common.pt")
+    if not os.path.exists(common):
+        raise CheckpointError(f"{path} has no common.pt: it is incomplete or not a torch_dist "
+                              "checkpoint written by pretrain_patch_gpt.py")
     try:
-        return dist_checkpointing.load_common_state_dict(path)
-    except Exception as error:  # noqa: BLE001 - re-raised with the file named
+        return torch.load(common, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(
-            f"cannot read the checkpoint's common state in {path}: {type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}. It is incomplete, not a "
-            "torch_dist checkpoint, or holds objects that are not plain data (refused for safety)"
+            f"{common} holds objects other than tensors and plain data; refusing to unpickle them "
+            f"(weights_only load failed: {first_line})"
         ) from None
+    except (EOFError, RuntimeError) as error:
+        raise CheckpointError(f"{common} cannot be read ({type(error).__name__}: {error}): the "
+                              "checkpoint is damaged") from None
 
 
 def _check_compatible(common: dict, model, plan, args, path: str) -> None:
@@ -261,7 +279,6 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
     """Load the latest checkpoint under ``load_dir`` into the run; returns what was loaded."""
     from megatron.core import dist_checkpointing
 
-    _check_weights_only_default()
     iteration = read_latest_iteration(load_dir)
     if iteration is None:
         if os.path.isdir(load_dir) and any(n.startswith("iter_") for n in os.listdir(load_dir)):
@@ -287,7 +304,11 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
     sharded = _sharded_state_dict(model, optimizer, with_optimizer=with_optimizer,
                                   with_rng=with_rng, is_loading=True)
     loaded = dist_checkpointing.load(sharded, path)
-    model.module.load_state_dict(loaded["model"], strict=True)
+    missing, unexpected = model.module.load_state_dict(loaded["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]  # not saved, see above
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing}, "
+                              f"unexpected {unexpected}")
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
     if with_rng:
