@@ -27,10 +27,8 @@ def main(argv=None) -> int:
     plan = args.stage
 
     import torch
-    from megatron.core import parallel_state
 
     from patch_megatron import parallel
-    from patch_megatron.training import build, checkpointing, data, loop, metrics
 
     parallel.initialize(
         parallel.ParallelConfig(
@@ -60,10 +58,21 @@ def main(argv=None) -> int:
                 f"{'CPU (gloo)' if on_cpu else 'GPU (NCCL)'}")
 
     try:
+        return _train(args, plan, dp_size, rank, world_size, on_cpu, print_rank0)
+    finally:
+        parallel.destroy()
+
+
+def _train(args, plan, dp_size, rank, world_size, on_cpu, print_rank0) -> int:
+    from megatron.core import parallel_state
+
+    from patch_megatron.training import build, checkpointing, data, loop, metrics
+    from patch_megatron.training.arguments import ArgumentError
+
+    try:
         stage_data = data.build_stage_data(args, plan, dp_size)
     except ArgumentError as error:
         print(f"pretrain_patch_gpt.py: error: {error}", file=sys.stderr)
-        parallel.destroy()
         return 2
     config = build.model_config(args, stage_data.vocab_size)
     model = build.build_ddp_model(args, config)
@@ -108,8 +117,9 @@ def main(argv=None) -> int:
     finally:
         run.tensorboard.close()
     print_rank0(f"> {reason}")
-    parallel.destroy()
     return 0
+
+
 
 
 if __name__ == "__main__":  # dist_checkpointing may start worker processes that import this file

@@ -229,14 +229,15 @@ class StagePlan:
 def stage_plan(args) -> StagePlan:
     K, lam, B = args.patch_size, args.patch_data_fraction, args.global_batch_size
     name = "patch" if K > 1 else "token"
-    share = lam if name == "patch" else 1.0 - lam
     tokens_per_step = B * K * args.seq_length
     if args.train_iters is not None:
         train_iters = args.train_iters
     elif args.train_samples is not None:
         train_iters = args.train_samples // B
     else:
-        train_iters = int(args.train_tokens * share) // tokens_per_step
+        patch_share = round(args.train_tokens * lam)
+        share = patch_share if name == "patch" else args.train_tokens - patch_share
+        train_iters = share // tokens_per_step
     stage_tokens = train_iters * tokens_per_step
     if name == "patch":
         data_start = 0

@@ -165,11 +165,25 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _refuse_non_finite_weights(model, iteration: int) -> None:
+    bad = torch.zeros(1, device=parallel.device())
+    for param in model.module.parameters():
+        if not torch.isfinite(param).all():
+            bad += 1
+            break
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(bad)
+    if bad.item():
+        raise CheckpointError(f"iteration {iteration}: the weights hold NaN/Inf; not saving them "
+                              "(the last good checkpoint stays latest)")
+
+
 def save_checkpoint(save_dir, model, optimizer, scheduler, state, args, plan) -> str:
     """Write iteration ``state.iteration`` atomically; returns its directory."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
+    _refuse_non_finite_weights(model, state.iteration)
     final = iteration_dir(save_dir, state.iteration)
     partial_dir = final + INCOMPLETE_SUFFIX
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

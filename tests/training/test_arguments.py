@@ -1,0 +1,124 @@
+"""Flags: Megatron-LM names, the stage conventions, and every bad combination named with its fix."""
+
+import pytest
+
+from patch_megatron.training.arguments import (
+    ArgumentError, build_parser, check_world_size, num_microbatches, parse_args,
+)
+
+BASE = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 16 "
+        "--micro-batch-size 2 --mock-data --vocab-size 100 --cpu").split()
+
+
+def parse(*extra, base=BASE):
+    return parse_args(list(base) + " ".join(extra).split())
+
+
+def test_paper_defaults_and_megatron_names():
+    args = parse("--global-batch-size 8 --train-iters 10")
+    assert (args.lr, args.min_lr, args.lr_decay_style) == (3e-4, 0.0, "cosine")
+    assert (args.adam_beta1, args.adam_beta2, args.adam_eps) == (0.9, 0.95, 1e-8)
+    assert (args.weight_decay, args.clip_grad, args.seed) == (0.1, 1.0, 1234)
+    assert args.max_position_embeddings == 16
+    assert args.stage.name == "token" and args.stage.train_iters == 10
+
+
+def test_patch_stage_and_token_stage_split_one_budget():
+    # K=4, λ=2/3 of 3*2^16 tokens; patch stage B=2 samples of 64 tokens, token stage B=8 of 16.
+    budget = 3 * 2 ** 16
+    patch = parse(f"--patch-size 4 --patch-data-fraction 0.6666666667 --global-batch-size 2 "
+                  f"--train-tokens {budget}").stage
+    token = parse(f"--patch-size 1 --patch-data-fraction 0.6666666667 --global-batch-size 8 "
+                  f"--train-tokens {budget}").stage
+    assert patch.name == "patch" and patch.tokens_per_sample == 64 and patch.seq_length == 16
+    assert patch.tokens_per_step == token.tokens_per_step == 128  # equal tokens per step
+    assert patch.train_iters == 1024 and token.train_iters == 512
+    assert patch.data_start_token == 0
+    assert token.data_start_token == round(budget * 0.6666666667) >= patch.train_tokens
+    assert token.data_start_token + token.train_tokens <= budget
+    assert patch.loss_name == "patch loss" and token.loss_name == "lm loss"
+
+
+def test_token_stage_start_from_its_own_length():
+    token = parse("--patch-size 1 --patch-data-fraction 0.5 --global-batch-size 4 --train-iters 10").stage
+    assert token.data_start_token == token.train_tokens == 10 * 4 * 16
+
+
+def test_warmup_fraction_and_world_size():
+    args = parse("--train-iters 100 --lr-warmup-fraction 0.1")
+    assert check_world_size(args, world_size=4) == 4
+    assert args.global_batch_size == 8 and args.stage.lr_warmup_iters == 10
+    assert num_microbatches(args, 4) == 1
+    args = parse("--global-batch-size 8 --train-iters 5 --tensor-model-parallel-size 2")
+    assert check_world_size(args, world_size=2) == 1 and num_microbatches(args, 1) == 4
+
+
+def test_help_is_grouped():
+    text = build_parser().format_help()
+    for title in ("model shape", "patch-level training", "batch and length", "optimizer",
+                  "precision", "parallelism", "data", "checkpoints", "logging", "exit"):
+        assert title in text
+
+
+BAD = [
+    ("--train-iters 5 --no-such-flag", "unrecognized arguments"),
+    ("--train-iters 5 --bf16 --fp16", "pick one"),
+    ("--global-batch-size 8", "exactly one of --train-iters"),
+    ("--train-iters 5 --train-samples 40", "exactly one of --train-iters"),
+    ("--train-iters 5 --patch-size 4", "--patch-data-fraction λ"),
+    ("--train-iters 5 --patch-data-fraction 1.0", "leaves it no data"),
+    ("--train-iters 5 --patch-data-fraction 1.5", "must lie in [0, 1]"),
+    ("--train-iters 5 --patch-size 0", "--patch-size must be >= 1"),
+    ("--train-iters 5 --global-batch-size 7", "not a multiple of --micro-batch-size 2"),
+    ("--train-samples 4 --global-batch-size 8", "less than one global batch"),
+    ("--train-tokens 100 --global-batch-size 8", "no full step"),
+    ("--train-iters 5 --num-query-groups 2", "needs --group-query-attention"),
+    ("--train-iters 5 --group-query-attention", "needs --num-query-groups"),
+    ("--train-iters 5 --group-query-attention --num-query-groups 3", "must divide"),
+    ("--train-iters 5 --tensor-model-parallel-size 3", "not divisible by --tensor-model-parallel-size"),
+    ("--train-iters 5 --pipeline-model-parallel-size 4 --num-layers 2", "split evenly"),
+    ("--train-iters 5 --sequence-parallel", "needs --tensor-model-parallel-size > 1"),
+    ("--train-iters 5 --max-position-embeddings 8", "below --seq-length"),
+    ("--train-iters 5 --hidden-dropout 0.1", "no dropout"),
+    ("--train-iters 5 --normalization LayerNorm", "invalid choice"),
+    ("--train-iters 5 --global-batch-size 8 --lr-warmup-iters 5", "does not fit"),
+    ("--train-iters 5 --lr-warmup-iters 2 --lr-warmup-fraction 0.1", "keep one"),
+    ("--train-iters 5 --min-lr 1.0", "--min-lr <= --lr"),
+    ("--train-iters 5 --save-interval 2", "needs --save"),
+    ("--train-iters 5 --exit-signal-handler", "needs --save"),
+    ("--train-iters 5 --finetune", "needs --load"),
+    ("--train-iters 5 --use-distributed-optimizer", "needs GPUs"),
+    ("--train-iters 5 --bf16", "need GPUs"),
+    ("--train-iters 5 --split 100,0,0", "validation part"),
+    ("--train-iters 5 --split abc", "validation part"),
+    ("--train-iters 5 --ckpt-format torch", "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("flags, fix", BAD, ids=[b[0] for b in BAD])
+def test_bad_flags_are_named(flags, fix):
+    with pytest.raises(ArgumentError) as error:
+        parse(flags)
+    assert fix in str(error.value)
+
+
+def test_bad_data_sources():
+    base = [a for a in BASE if a not in ("--mock-data",)]
+    with pytest.raises(ArgumentError, match="exactly one data source"):
+        parse("--train-iters 5", base=base)
+    with pytest.raises(ArgumentError, match="needs --tokenizer-type"):
+        parse("--train-iters 5 --data-path corpus_text_document", base=base)
+    with pytest.raises(ArgumentError, match="weight before each prefix"):
+        parse("--train-iters 5 --data-path a b c --tokenizer-type NullTokenizer --vocab-size 9",
+              base=base)
+    with pytest.raises(ArgumentError, match="needs --vocab-size"):
+        parse("--train-iters 5", base=[a for a in BASE if a not in ("--vocab-size", "100")])
+
+
+def test_world_size_checks():
+    args = parse("--train-iters 5 --tensor-model-parallel-size 2")
+    with pytest.raises(ArgumentError, match="launch a multiple of 2"):
+        check_world_size(args, world_size=3)
+    args = parse("--train-iters 5 --global-batch-size 6")
+    with pytest.raises(ArgumentError, match="micro-batch-size x data-parallel size"):
+        check_world_size(args, world_size=2)
