@@ -63,8 +63,13 @@ class PatchGPTModel(GPTModel):
 
 
 def build_model(config: PatchGPTConfig, pre_process: bool | None = None,
-                post_process: bool | None = None, cpu: bool | None = None) -> PatchGPTModel:
-    """The model chunk of this pipeline rank (needs megatron's parallel state initialised)."""
+                post_process: bool | None = None, cpu: bool | None = None,
+                subnetwork_training: bool = False) -> PatchGPTModel:
+    """The model chunk of this pipeline rank (needs megatron's parallel state initialised).
+
+    ``subnetwork_training`` builds EST's layers (patch_megatron.est), which run
+    the plain model until a step's subnetwork is set; parameters are the same.
+    """
     from megatron.core import parallel_state
 
     from patch_megatron import cpu_mode
@@ -76,9 +81,15 @@ def build_model(config: PatchGPTConfig, pre_process: bool | None = None,
     if cpu is None:
         cpu = cpu_mode.is_installed()
     transformer_config = config.transformer_config(cpu=cpu)
+    if subnetwork_training:
+        from patch_megatron.est.spec import subnetwork_block_spec
+
+        layer_spec = subnetwork_block_spec(transformer_config)
+    else:
+        layer_spec = decoder_block_spec(transformer_config)
     model = PatchGPTModel(
         config=transformer_config,
-        transformer_layer_spec=decoder_block_spec(transformer_config),
+        transformer_layer_spec=layer_spec,
         vocab_size=config.vocab_size,
         max_sequence_length=config.max_position_embeddings,
         patch_size=config.patch_size,
