@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM: finish the iteration, save, exit 0")
     g.add_argument("--seed", type=int, default=1234)
+
+    from patch_megatron.est.arguments import add_est_args
+
+    add_est_args(parser)  # --est and its schedule (patch_megatron/est)
     return parser
 
 
@@ -414,6 +418,7 @@ def parse_args(argv=None):
     _check_data(args)
     _check_io_and_logging(args)
     _check_device(args)
+    _check_est(args)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.global_batch_size is not None:
@@ -422,6 +427,23 @@ def parse_args(argv=None):
     else:
         args.stage = None  # known once the data-parallel size is (check_world_size)
     return args
+
+
+def _check_est(a) -> None:
+    """EST's schedule and whether this model/TP/PP layout can keep equal per-rank counts."""
+    from patch_megatron.est.arguments import est_config_from_args
+    from patch_megatron.est.sampler import AttentionShape, Layout, check_layout
+
+    try:
+        config = est_config_from_args(a)
+        if config.enabled:
+            groups = a.num_query_groups if a.group_query_attention else a.num_attention_heads
+            ffn = a.ffn_hidden_size or 64 * -(-(8 * a.hidden_size // 3) // 64)  # PatchGPTConfig's default
+            check_layout(AttentionShape(a.num_layers, a.num_attention_heads, groups, ffn),
+                         Layout(a.tensor_model_parallel_size, a.pipeline_model_parallel_size),
+                         config.gqa_sampling)
+    except ValueError as error:
+        raise ArgumentError(str(error)) from None
 
 
 def _check_stage(a) -> None:

@@ -34,7 +34,7 @@ def build_ddp_model(args, config: PatchGPTConfig):
     """This pipeline rank's model in megatron's DDP (gradient buffers, DP all-reduce)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    model = build_model(config)
+    model = build_model(config, subnetwork_training=getattr(args, "est", False))
     # The loss is reduced per token over the whole global batch (sum of token losses / token
     # count), whatever the micro-batching and data-parallel layout: finalize_model_grads divides.
     model.config.calculate_per_token_loss = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -198,6 +199,8 @@ class Run:
 
 def train(run: Run, state: TrainState) -> str:
     """Train this stage from ``state`` to its last step (or an exit condition); say why it ended."""
+    from patch_megatron import flops
+    from patch_megatron.est.training import loop_controller
     from patch_megatron.training.exit_conditions import ExitConditions
     from patch_megatron.training.metrics import IntervalMeter, eval_line, throughput, train_line
 
@@ -206,10 +209,23 @@ def train(run: Run, state: TrainState) -> str:
     exits = ExitConditions(args)
     meter = IntervalMeter()
     last_saved = state.iteration  # a loaded checkpoint is already on disk
+    # EST (--est): each step's subnetwork is a function of (seed, iteration), so a resumed run
+    # continues with the masks it would have drawn. Logged FLOPs are the subnetwork's.
+    est = loop_controller(args, plan, run.shape, run.print)
+    full_step_flops = flops.training_flops_per_iteration(
+        run.shape, plan.seq_length, plan.global_batch_size, plan.patch_size)
+    interval_flops = 0.0
     while state.iteration < plan.train_iters:
         lr = run.scheduler.optimizer.param_groups[0]["lr"]
+        kept = est.set_step([run.model], state.iteration + 1) if est else flops.FULL_MODEL
+        step_flops = flops.training_flops_per_iteration(
+            run.shape, plan.seq_length, plan.global_batch_size, plan.patch_size, kept)
+        step_started = time.monotonic()
         step = train_step(run.model, run.optimizer, run.scheduler, batches, run.num_microbatches,
                           args, state.iteration + 1)
+        if est:
+            est.record(step_flops, full_step_flops, time.monotonic() - step_started, state.iteration + 1)
+        interval_flops += step_flops
         state.iteration += 1
         state.consumed_samples += plan.global_batch_size
         meter.add()
@@ -224,7 +240,8 @@ def train(run: Run, state: TrainState) -> str:
             seconds, n = meter.take()
             per_iter = seconds / max(n, 1)
             tokens_per_s, tflops, mfu = throughput(plan, run.shape, per_iter, run.world_size,
-                                                   run.peak_tflops)
+                                                   run.peak_tflops, interval_flops / max(n, 1))
+            interval_flops = 0.0
             grad_norm = step.grad_norm if step.grad_norm is not None else float("nan")
             run.print(train_line(plan, state.iteration, state.consumed_samples, lr, step.loss,
                                  grad_norm, per_iter, tokens_per_s, tflops, mfu,
@@ -241,16 +258,22 @@ def train(run: Run, state: TrainState) -> str:
             run.print(eval_line(plan, state.iteration, results))
             run.tensorboard.scalars({f"valid/{k}": v for k, v in results.items()}, state.iteration)
             meter.take()  # keep evaluation time out of the training throughput
+            interval_flops = 0.0
 
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             run.save(state)
             last_saved = state.iteration
             meter.take()
+            interval_flops = 0.0
         reason = exits.reason(state.iteration)
         if reason is not None:
             if args.save and last_saved != state.iteration:
                 run.save(state)
+            if est:
+                run.print(est.summary())
             return f"{reason} at iteration {state.iteration}"
     if args.save and last_saved != state.iteration:
         run.save(state)
+    if est:
+        run.print(est.summary())
     return f"{plan.name} stage finished: {state.iteration} iterations"

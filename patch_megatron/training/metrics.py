@@ -51,11 +51,16 @@ class IntervalMeter:
         return elapsed, n
 
 
-def throughput(plan, shape, seconds_per_iter: float, world_size: int, peak_tflops: float | None):
-    """tokens/s, TFLOP/s per device and MFU (None without a known peak) of one step's timing."""
-    step_flops = flops.training_flops_per_iteration(
-        shape, plan.seq_length, plan.global_batch_size, plan.patch_size
-    )
+def throughput(plan, shape, seconds_per_iter: float, world_size: int, peak_tflops: float | None,
+               step_flops: float | None = None):
+    """tokens/s, TFLOP/s per device and MFU (None without a known peak) of one step's timing.
+
+    ``step_flops`` is the FLOPs one step really ran (EST's subnetworks); None: the full model's.
+    """
+    if step_flops is None:
+        step_flops = flops.training_flops_per_iteration(
+            shape, plan.seq_length, plan.global_batch_size, plan.patch_size
+        )
     tflops = step_flops / seconds_per_iter / world_size / 1e12
     mfu = tflops / peak_tflops if peak_tflops else None
     return plan.tokens_per_step / seconds_per_iter, tflops, mfu
