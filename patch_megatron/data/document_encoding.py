@@ -74,6 +74,14 @@ class DocumentEncoder:
         for index, record in enumerate(task.records):
             if parsed[index] is None:
                 continue
+            failed = [(key, per_key[key][index]) for key in keys
+                      if isinstance(per_key[key][index], Exception)]
+            if failed:
+                key, err = failed[0]
+                out.errors.append(BadRecordError(
+                    record.path, record.line, f"key {key!r} cannot be tokenized: {err}",
+                    "tokenizer_error"))
+                continue
             empty = [key for key in keys if not per_key[key][index][1]]
             if empty:
                 out.errors.append(BadRecordError(
@@ -91,8 +99,9 @@ class DocumentEncoder:
         out.errors.sort(key=lambda e: e.line)
         return out
 
-    def _tokenize_field(self, values: Sequence[object]) -> List[Tuple[List[int], List[int]]]:
-        """Per value: (document ids, sequence lengths), Megatron-LM's rules."""
+    def _tokenize_field(self, values: Sequence[object]) -> List[object]:
+        """Per value: (document ids, sequence lengths) by Megatron-LM's rules, or the
+        exception the tokenizer raised on it (e.g. NullTokenizer given words)."""
         texts, owners = [], []
         for index, value in enumerate(values):
             if value is None:
@@ -101,13 +110,19 @@ class DocumentEncoder:
                 texts.append(sentence)
                 owners.append(index)
         encoded = self._batch_encode(texts)
-        result: List[Tuple[List[int], List[int]]] = [([], []) for _ in values]
+        result: List[object] = [([], []) for _ in values]
         for owner, ids in zip(owners, encoded):
+            if isinstance(ids, Exception) or isinstance(result[owner], Exception):
+                result[owner] = result[owner] if isinstance(result[owner], Exception) else ids
+                continue
             if len(ids) > 0:
                 result[owner][0].extend(ids)
                 result[owner][1].append(len(ids))
         if self.settings.append_eod:
-            for doc_ids, lengths in result:
+            for entry in result:
+                if isinstance(entry, Exception):
+                    continue
+                doc_ids, lengths = entry
                 if doc_ids:
                     doc_ids.append(self.eod)
                     lengths[-1] += 1
@@ -132,7 +147,16 @@ def _sentencepiece_batch_encoder(tokenizer):
         and hasattr(processor, "encode"))
     if plain_sentencepiece:
         return lambda texts: processor.encode(texts, num_threads=1) if texts else []
-    return lambda texts: [tokenizer.tokenize(text) for text in texts]
+    def one_by_one(texts):
+        encoded = []
+        for text in texts:
+            try:
+                encoded.append(tokenizer.tokenize(text))
+            except Exception as err:  # reported as a bad record, with file and line
+                encoded.append(ValueError(f"{type(err).__name__}: {err}"))
+        return encoded
+
+    return one_by_one
 
 
 # The pool calls these module-level functions; the encoder lives in each worker.

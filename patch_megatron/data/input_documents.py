@@ -32,6 +32,10 @@ class BadRecordError(ValueError):
         super().__init__(f"{path}:{line}: {reason}")
         self.path, self.line, self.reason, self.kind = path, line, reason, kind
 
+    def __reduce__(self):
+        # Workers send these back to the parent; rebuild from the fields.
+        return (BadRecordError, (self.path, self.line, self.reason, self.kind))
+
 
 @dataclass(frozen=True)
 class RawRecord:

@@ -13,6 +13,8 @@ records stop the run with their file and line (or are skipped and counted),
 and outputs appear only when complete (see ``atomic_output``).
 """
 
+import collections
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -101,12 +103,15 @@ def preprocess(config: PreprocessConfig, progress_stream=None) -> PreprocessSumm
     outputs = {key: AtomicIndexedOutput(output_prefix_for_key(config.output_prefix, key),
                                         settings.token_dtype) for key in config.json_keys}
     progress = ProgressBar(config.log_interval, sum(os.path.getsize(p) for p in files),
-                           **({"stream": progress_stream} if progress_stream else {}))
+                           progress_stream)
     previous_sigterm = _raise_on_sigterm()
     try:
-        for batch in _encoded_batches(files, formats, settings, config.workers):
-            _write_batch(batch, outputs, summary, config.skip_bad_lines)
-            progress.update(batch.documents + len(batch.errors), batch.payload_bytes)
+        # closing(): an error stops the worker pool now, not when garbage collected.
+        with contextlib.closing(_encoded_batches(files, formats, settings,
+                                                 config.workers)) as batches:
+            for batch in batches:
+                _write_batch(batch, outputs, summary, config.skip_bad_lines)
+                progress.update(batch.documents + len(batch.errors), batch.payload_bytes)
         progress.close()
         if summary.documents == 0:
             raise ValueError("no usable documents in the inputs; nothing written.")
@@ -148,24 +153,26 @@ def _encoded_batches(files, formats, settings: EncoderSettings,
         encoder = DocumentEncoder(settings)
         yield from map(encoder.encode, _tasks(files, formats))
         return
-    # Pool.imap drains its input eagerly; the semaphore caps tasks in flight so
-    # memory stays flat however large the corpus is.
-    in_flight = threading.Semaphore(workers * TASKS_IN_FLIGHT_PER_WORKER)
-
-    def bounded_tasks():
-        for task in _tasks(files, formats):
-            in_flight.acquire()
-            yield task
-
+    # Tasks are submitted from this thread with at most a fixed number pending
+    # (Pool.imap would drain the whole input into memory), and collected in order.
     pool = multiprocessing.get_context("fork").Pool(
         workers, initializer=_quiet_worker_init, initargs=(settings,))
+    pending = collections.deque()
+    limit = workers * TASKS_IN_FLIGHT_PER_WORKER
+    finished = False
     try:
-        for batch in pool.imap(encode_in_worker, bounded_tasks(), chunksize=1):
-            in_flight.release()
-            yield batch
-        pool.close()
+        for task in _tasks(files, formats):
+            pending.append(pool.apply_async(encode_in_worker, (task,)))
+            if len(pending) >= limit:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+        finished = True
     finally:
-        pool.terminate()
+        if finished:
+            pool.close()
+        else:
+            pool.terminate()
         pool.join()
 
 

@@ -13,16 +13,16 @@ class ProgressBar:
     """
 
     def __init__(self, interval: int, total_bytes: Optional[int] = None,
-                 stream: TextIO = sys.stderr, width: int = 24) -> None:
+                 stream: Optional[TextIO] = None, width: int = 24) -> None:
         self.interval = max(1, interval)
         self.total_bytes = total_bytes
-        self.stream = stream
+        self.stream = stream if stream is not None else sys.stderr
         self.width = width
         self.started = time.time()
         self.documents = 0
         self.bytes = 0
         self._next_report = self.interval
-        self._in_place = hasattr(stream, "isatty") and stream.isatty()
+        self._in_place = hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def update(self, documents: int, payload_bytes: int) -> None:
         self.documents += documents

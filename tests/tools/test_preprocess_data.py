@@ -1,0 +1,215 @@
+"""tools/preprocess_data.py: Megatron-LM's byte format, inputs, bad records, atomic output."""
+
+import gzip
+import json
+import os
+import struct
+
+import numpy
+import pytest
+import sentencepiece
+
+MAGIC = b"MMIDIDX\x00\x00"
+
+
+def expected_idx(sequence_lengths, document_ends, dtype_code, itemsize):
+    """The .idx bytes from megatron-core's documented layout, written out by hand."""
+    pointers, offset = [], 0
+    for length in sequence_lengths:
+        pointers.append(offset)
+        offset += length * itemsize
+    out = MAGIC + struct.pack("<Q", 1) + struct.pack("<B", dtype_code)
+    out += struct.pack("<Q", len(sequence_lengths)) + struct.pack("<Q", len(document_ends))
+    out += b"".join(struct.pack("<i", n) for n in sequence_lengths)
+    out += b"".join(struct.pack("<q", p) for p in pointers)
+    out += b"".join(struct.pack("<q", d) for d in document_ends)
+    return out
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def run(tool_loader, capsys, *argv):
+    code = tool_loader("preprocess_data").main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+TEXTS = ["Return the absolute value of the argument.", "x  = 1\n\ty = [2, 3]  # ok",
+         "Unicode: caf\u00e9 \u00fc \u4e2d\u6587 \U0001F600"]
+
+
+@pytest.mark.parametrize("append_eod", [True, False])
+def test_bytes_match_megatron_format(tmp_path, tool_loader, capsys, sentencepiece_model,
+                                     append_eod):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in TEXTS])
+    flags = ["--append-eod"] if append_eod else []
+    code, out, _ = run(tool_loader, capsys, "--input", source, "--output-prefix",
+                       tmp_path / "out", "--tokenizer-type", "GPTSentencePieceTokenizer",
+                       "--tokenizer-model", sentencepiece_model, "--workers", 1, *flags)
+    assert code == 0, out
+    # Expected ids straight from SentencePiece: encode_as_ids, plus EOS (= EOD).
+    sp = sentencepiece.SentencePieceProcessor(model_file=sentencepiece_model)
+    docs = [sp.encode_as_ids(t) + ([sp.eos_id()] if append_eod else []) for t in TEXTS]
+    assert sp.eos_id() == 3 and sp.get_piece_size() < 65500
+    expected_bin = b"".join(struct.pack("<H", i) for d in docs for i in d)  # uint16 LE
+    with open(tmp_path / "out_text_document.bin", "rb") as f:
+        assert f.read() == expected_bin
+    with open(tmp_path / "out_text_document.idx", "rb") as f:
+        assert f.read() == expected_idx([len(d) for d in docs], [0, 1, 2, 3], 8, 2)
+    assert "documents: 3" in out
+
+
+def test_presplit_sentences_and_int32_dtype(tmp_path, tool_loader, capsys):
+    # A list is one document of several sequences; empty sentences are dropped.
+    # NullTokenizer with 70000 ids needs int32 (dtype code 4); EOD = 70000.
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": ["5 6", "69999"]},
+                                                 {"text": "1 2 3"}])
+    code, out, _ = run(tool_loader, capsys, "--input", source, "--output-prefix",
+                       tmp_path / "n", "--tokenizer-type", "NullTokenizer", "--vocab-size",
+                       70000, "--workers", 0, "--append-eod")
+    assert code == 0
+    ids = [5, 6, 69999, 70000, 1, 2, 3, 70000]
+    with open(tmp_path / "n_text_document.bin", "rb") as f:
+        assert f.read() == struct.pack("<8i", *ids)
+    with open(tmp_path / "n_text_document.idx", "rb") as f:
+        assert f.read() == expected_idx([2, 2, 4], [0, 2, 3], 4, 4)
+
+
+def test_workers_give_identical_files(tmp_path, tool_loader, capsys, builtin_corpus,
+                                      sentencepiece_model):
+    outputs = []
+    for workers in (0, 2):
+        prefix = tmp_path / f"w{workers}"
+        code, out, err = run(tool_loader, capsys, "--input", builtin_corpus.path,
+                             "--output-prefix", prefix, "--tokenizer-type",
+                             "GPTSentencePieceTokenizer", "--tokenizer-model",
+                             sentencepiece_model, "--workers", workers, "--append-eod",
+                             "--log-interval", 50)
+        assert code == 0
+        assert "docs/s" in err and "MB/s" in err  # the progress line
+        assert f"documents: {builtin_corpus.documents}" in out
+        outputs.append([open(f"{prefix}_text_document.{s}", "rb").read() for s in ("bin", "idx")])
+    assert outputs[0] == outputs[1]
+
+
+def test_round_trip_text_ids_files_text(tmp_path, tool_loader, capsys, sp_tokenizer,
+                                        sentencepiece_model):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in TEXTS])
+    assert run(tool_loader, capsys, "--input", source, "--output-prefix", tmp_path / "r",
+               "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model",
+               sentencepiece_model, "--workers", 0)[0] == 0
+    dataset = IndexedDataset(str(tmp_path / "r_text_document"))
+    assert [sp_tokenizer.detokenize(dataset[i].tolist()) for i in range(len(dataset))] == TEXTS
+
+
+def test_txt_blocks_keep_their_lines(tmp_path, tool_loader, capsys, sp_tokenizer,
+                                     sentencepiece_model):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    (tmp_path / "a.txt").write_bytes(b"first line\r\n  second\n\n \n\nnext block\n")
+    assert run(tool_loader, capsys, "--input", tmp_path / "a.txt", "--output-prefix",
+               tmp_path / "t", "--tokenizer-type", "GPTSentencePieceTokenizer",
+               "--tokenizer-model", sentencepiece_model, "--workers", 0)[0] == 0
+    dataset = IndexedDataset(str(tmp_path / "t_text_document"))
+    assert [sp_tokenizer.detokenize(dataset[i].tolist()) for i in range(len(dataset))] == \
+        ["first line\n  second", "next block"]
+
+
+def test_txt_gzip_directory_and_glob_inputs(tmp_path, tool_loader, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.txt").write_text("1 2\n\n\n4 5\r\n\n")  # blocks "1 2" and "4 5"
+    with gzip.open(folder / "b.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "6"}) + "\n\n")  # blank lines are ignored
+    (folder / "ignored.csv").write_text("x")
+    common = ["--tokenizer-type", "NullTokenizer", "--vocab-size", 100, "--workers", 0]
+    assert run(tool_loader, capsys, "--input", folder, "--output-prefix", tmp_path / "d",
+               *common)[0] == 0
+    assert run(tool_loader, capsys, "--input", str(folder / "*.txt"), str(folder / "b.*"),
+               "--output-prefix", tmp_path / "g", *common)[0] == 0
+    for prefix in ("d", "g"):
+        data = numpy.fromfile(tmp_path / f"{prefix}_text_document.bin", dtype=numpy.uint16)
+        assert data.tolist() == [1, 2, 4, 5, 6]  # a.txt before b.jsonl.gz: sorted order
+
+
+BAD_CASES = {
+    "malformed_json": b'{"text": "fine"}\n{"text": "oops"\n{"text": "also fine"}\n',
+    "missing_key": b'{"text": "fine"}\n{"body": "no text"}\n{"text": "also fine"}\n',
+    "invalid_utf8": b'{"text": "fine"}\n{"text": "bad \xff byte"}\n{"text": "also fine"}\n',
+    "empty_document": b'{"text": "fine"}\n{"text": ""}\n{"text": "also fine"}\n',
+    "not_text": b'{"text": "fine"}\n{"text": 7}\n{"text": "also fine"}\n',
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CASES))
+def test_bad_record_stops_with_file_and_line(tmp_path, tool_loader, capsys,
+                                             sentencepiece_model, kind):
+    source = tmp_path / "bad.jsonl"
+    source.write_bytes(BAD_CASES[kind])
+    argv = ["--input", source, "--output-prefix", tmp_path / "o", "--tokenizer-type",
+            "GPTSentencePieceTokenizer", "--tokenizer-model", sentencepiece_model,
+            "--workers", 1]
+    code, _, err = run(tool_loader, capsys, *argv)
+    assert code == 1
+    assert f"{source}:2:" in err and "--skip-bad-lines" in err
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]  # nothing written, no temp files
+    code, out, _ = run(tool_loader, capsys, *argv, "--skip-bad-lines")
+    assert code == 0
+    assert "documents: 2" in out and f"skipped: {kind}=1" in out
+
+
+def test_interrupted_run_leaves_no_valid_looking_output(tmp_path, monkeypatch,
+                                                        sentencepiece_model, builtin_corpus):
+    import importlib
+
+    module = importlib.import_module("patch_megatron.data.preprocess")
+
+    calls = {"n": 0}
+    real_write = module._write_batch
+
+    def write_then_interrupt(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_write(*args)
+
+    monkeypatch.setattr(module, "_write_batch", write_then_interrupt)
+    config = module.PreprocessConfig(
+        inputs=[builtin_corpus.path], output_prefix=str(tmp_path / "o"),
+        tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=sentencepiece_model,
+        workers=1, log_interval=10**9)
+    with pytest.raises(KeyboardInterrupt):
+        module.preprocess(config)
+    assert calls["n"] == 3
+    assert os.listdir(tmp_path) == []
+
+
+def test_huggingface_tokenizer_json(tmp_path, tool_loader, capsys):
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.train_from_iterator(TEXTS * 5, trainers.BpeTrainer(
+        vocab_size=120, special_tokens=["<unk>", "</s>"]))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>",
+         "unk_token": "<unk>"}))
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in TEXTS[:2]])
+    code, out, err = run(tool_loader, capsys, "--input", source, "--output-prefix",
+                         tmp_path / "h", "--tokenizer-type", "HuggingFaceTokenizer",
+                         "--tokenizer-model", tmp_path / "tokenizer.json", "--workers", 0,
+                         "--append-eod")
+    assert code == 0, err
+    eos = hf.token_to_id("</s>")
+    expected = [i for t in TEXTS[:2] for i in hf.encode(t, add_special_tokens=False).ids + [eos]]
+    assert numpy.fromfile(tmp_path / "h_text_document.bin", dtype=numpy.uint16).tolist() \
+        == expected
