@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy
+import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import (
     BlendedMegatronDatasetBuilder)
 from megatron.core.datasets.blended_megatron_dataset_config import (
@@ -86,6 +87,14 @@ def build_stage_datasets(
     if seq_length <= 0 or patch_size <= 0 or eval_patch_size <= 0:
         raise ValueError("seq_length, patch_size and eval_patch_size must be positive.")
     prefixes, weights = _parse_blend(data_path)
+    if weights is not None and (None in (valid_samples, test_samples) or
+                                train_samples is None and train_token_budget is None):
+        raise ValueError("a weighted --data-path blend needs sample counts for every split "
+                         "(megatron-core draws blended splits by count, not by epoch).")
+    if weights is not None and data_cache_path and not torch.distributed.is_initialized():
+        raise ValueError("a weighted --data-path blend with a data cache needs "
+                         "torch.distributed initialised (megatron-core 0.16's BlendedDataset "
+                         "asks for the rank); initialise the process group first.")
     infos = [inspect_prefix(p, tokenizer.vocab_size, check_token_ids) for p in prefixes]
 
     sample_patch = stage == PATCH and patch_size or 1

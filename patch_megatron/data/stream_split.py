@@ -16,7 +16,6 @@ Each stage's megatron GPTDataset then shuffles only its own documents, so the
 split needs no manual file splitting and is the same every time for a seed.
 """
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,9 +36,11 @@ class StreamWindow:
 def stage_samples(stage: str, train_token_budget: int, patch_data_fraction: float,
                   seq_length: int, patch_size: int) -> int:
     """Training samples a stage consumes from the budget (K·T tokens per patch sample)."""
+    # Integer token counts first, so that λ = 2/3 does not round 40 samples up to 41.
+    patch_tokens = int(round(patch_data_fraction * train_token_budget))
     if stage == PATCH:
-        return math.ceil(patch_data_fraction * train_token_budget / (patch_size * seq_length))
-    return math.ceil((1.0 - patch_data_fraction) * train_token_budget / seq_length)
+        return -(-patch_tokens // (patch_size * seq_length))
+    return -(-(train_token_budget - patch_tokens) // seq_length)
 
 
 def stream_tokens_for_samples(samples: int, sample_tokens: int) -> int:
