@@ -114,6 +114,9 @@ def _train(args, plan, dp_size, rank, world_size, on_cpu, print_rank0) -> int:
     except loop.NonFiniteLossError as error:
         print(f"pretrain_patch_gpt.py: error: {error}", file=sys.stderr)
         return 4
+    except checkpointing.CheckpointError as error:  # e.g. refusing to save NaN/Inf weights
+        print(f"pretrain_patch_gpt.py: error: {error}", file=sys.stderr)
+        return 3
     finally:
         run.tensorboard.close()
     print_rank0(f"> {reason}")

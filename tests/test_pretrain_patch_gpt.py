@@ -1,0 +1,262 @@
+"""pretrain_patch_gpt.py end to end on CPU: real processes, real kills, tiny models.
+
+One patch-stage run (K=4) is the reference; the other runs are compared with
+it iteration by iteration: other parallel layouts loading its checkpoint,
+a run SIGKILLed and resumed, a SIGTERM exit. Each launch imports megatron
+(~5 s), so the checks are grouped into few launches.
+"""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "pretrain_patch_gpt.py")
+FLAGS = (
+    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 8 "
+    "--micro-batch-size 2 --global-batch-size 4 --train-iters 8 --mock-data --vocab-size 128 "
+    "--make-vocab-size-divisible-by 64 --untie-embeddings-and-output-weights "
+    "--patch-size 4 --patch-data-fraction 0.667 --lr 3e-3 --lr-warmup-iters 1 "
+    "--log-interval 1 --eval-interval 4 --eval-iters 1 --cpu"
+).split()
+LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?patch loss: (\S+) \|")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(extra, nproc=1):
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                     f"--master-port={free_port()}"]
+    return launcher + [SCRIPT] + FLAGS + list(extra)
+
+
+def environment():
+    return dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()),
+                PYTHONWARNINGS="ignore")
+
+
+def run(extra, nproc=1, timeout=240):
+    result = subprocess.run(command(extra, nproc), capture_output=True, text=True,
+                            env=environment(), timeout=timeout, cwd=REPO)
+    return result
+
+
+def losses(stdout):
+    return {int(it): loss for it, loss in LOSS.findall(stdout)}
+
+
+def latest(save_dir):
+    with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt")) as f:
+        return int(f.read())
+
+
+def checkpoint_at(reference_dir, iteration, target):
+    """A copy of the reference run's checkpoints as they were at ``iteration``."""
+    shutil.copytree(reference_dir, target)
+    for name in os.listdir(target):
+        if name.startswith("iter_") and int(name[5:12]) > iteration:
+            shutil.rmtree(os.path.join(target, name))
+    with open(os.path.join(target, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write(str(iteration))
+    return target
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    save = str(tmp_path_factory.mktemp("reference") / "ckpt")
+    result = run(["--save", save, "--save-interval", "2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return save, result.stdout, losses(result.stdout)
+
+
+def test_patch_stage_trains_logs_evaluates_and_saves(reference):
+    save, stdout, by_iter = reference
+    assert sorted(by_iter) == list(range(1, 9))
+    values = [float(by_iter[i]) for i in range(1, 9)]
+    assert sum(values[-3:]) / 3 < values[0] - 0.1, values  # the loss falls
+    assert re.search(r"iteration\s+1/.*consumed tokens:\s+128 \|", stdout)  # 4 samples x 32 tokens
+    assert "tokens per second:" in stdout and "throughput per device (TFLOP/s):" in stdout
+    evals = re.findall(r"validation patch stage at iteration (\d+) \| patch loss value: (\S+) \| "
+                       r"token nll \(K=1\) value: (\S+) \| token ppl \(K=1\) value: (\S+)", stdout)
+    assert [e[0] for e in evals] == ["4", "8"]
+    assert all(float(v) > 0 for e in evals for v in e[1:])
+    # Megatron-LM's layout, nothing half-written, and only tensors or plain data inside.
+    assert latest(save) == 8
+    assert sorted(os.listdir(save)) == ["iter_0000002", "iter_0000004", "iter_0000006",
+                                        "iter_0000008", "latest_checkpointed_iteration.txt"]
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    metadata = FileSystemReader(os.path.join(save, "iter_0000008")).read_metadata()
+    pickled = [k for k, v in metadata.state_dict_metadata.items()
+               if isinstance(v, BytesStorageMetadata)]
+    assert pickled == []
+    assert any(k.startswith("optimizer.") for k in metadata.state_dict_metadata)
+    assert any(k.startswith("rng_state.") for k in metadata.state_dict_metadata)
+    common = torch.load(os.path.join(save, "iter_0000008", "common.pt"), weights_only=True)
+    assert common["patch_size"] == 4 and common["stage"] == "patch"
+    assert common["iteration"] == 8 and common["consumed_train_samples"] == 32
+    assert common["args"]["patch_size"] == 4
+    assert common["opt_param_scheduler"]["num_steps"] == 8
+
+
+@pytest.mark.parametrize("layout", [
+    ["--pipeline-model-parallel-size", "2"],
+    ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+], ids=["PP=2", "TP=2+SP"])
+def test_two_process_layouts_continue_a_single_process_checkpoint(reference, layout, tmp_path):
+    """Same weights, data and optimizer state in, same losses out, under gloo with 2 ranks."""
+    ref_dir, _, ref_losses = reference
+    load = checkpoint_at(ref_dir, 4, str(tmp_path / "ckpt"))
+    save = str(tmp_path / "resaved")
+    result = run(["--load", load, "--save", save, "--save-interval", "2"] + layout, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loaded" in result.stdout and "parallel layout differs" in result.stdout
+    got = losses(result.stdout)
+    assert got == {i: ref_losses[i] for i in range(5, 9)}
+    if layout[0] == "--tensor-model-parallel-size":
+        # ... and the TP=2 checkpoint loads back into one process.
+        reloaded = checkpoint_at(save, 6, str(tmp_path / "tp2_at_6"))
+        back = run(["--load", reloaded])
+        assert back.returncode == 0, back.stderr[-3000:]
+        assert losses(back.stdout) == {i: ref_losses[i] for i in (7, 8)}
+
+
+def test_sigkill_at_any_moment_then_resume_gives_the_same_losses(reference, tmp_path):
+    _, _, ref_losses = reference
+    save = str(tmp_path / "ckpt")
+    process = subprocess.Popen(command(["--save", save, "--save-interval", "2"]),
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env=environment(), cwd=REPO, start_new_session=True)
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if re.search(r"iteration\s+4/", line):  # the eval and the save of iteration 4 follow
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "".join(seen)[-2000:]
+    resumed_from = latest(save)
+    assert resumed_from in (2, 4)
+    assert os.path.exists(os.path.join(save, f"iter_{resumed_from:07d}", "common.pt"))
+    if os.path.exists(os.path.join(save, "iter_0000004.incomplete")):
+        assert resumed_from == 2  # a half-written checkpoint never becomes latest
+    result = run(["--load", save, "--save", save, "--save-interval", "2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"(iteration {resumed_from})" in result.stdout
+    assert losses(result.stdout) == {i: ref_losses[i] for i in range(resumed_from + 1, 9)}
+    assert latest(save) == 8 and not any(n.endswith(".incomplete") for n in os.listdir(save))
+
+
+def test_sigterm_with_exit_signal_handler_saves_and_exits_zero(tmp_path):
+    save = str(tmp_path / "ckpt")
+    process = subprocess.Popen(command(["--save", save, "--exit-signal-handler"]),
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env=environment(), cwd=REPO)
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if re.search(r"iteration\s+2/", line):
+            process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    text = "".join(output)
+    assert process.returncode == 0, text[-2000:]
+    stopped = int(re.search(r"SIGTERM received at iteration (\d+)", text).group(1))
+    assert 2 <= stopped < 8
+    assert latest(save) == stopped
+
+
+def test_nan_loss_stops_without_saving_or_is_skipped(tmp_path):
+    # lr 1e30 (from iteration 2, after one warmup step) blows the weights up within a few steps.
+    diverge = ["--lr", "1e30", "--clip-grad", "0", "--eval-iters", "0", "--train-iters", "6"]
+    stop = run(diverge)
+    assert stop.returncode == 4, stop.stderr[-2000:]
+    nan_at = int(re.search(r"error: iteration (\d+): the training loss is nan; stopping without "
+                           r"saving", stop.stderr).group(1))
+    assert 2 < nan_at <= 6
+    assert set(losses(stop.stdout)) == set(range(1, nan_at))  # it stopped right there
+    skip = run(diverge + ["--nan-action", "skip"])
+    assert skip.returncode == 0, skip.stderr[-2000:]
+    assert f"WARNING: iteration {nan_at}: the training loss is nan; update skipped" in skip.stdout
+    assert re.search(r"iteration\s+6/.*number of skipped iterations:\s+[1-9]", skip.stdout)
+    # Saving every step: the first step whose weights are not finite is never written.
+    save = str(tmp_path / "ckpt")
+    guarded = run(diverge + ["--save", save, "--save-interval", "1"])
+    assert guarded.returncode in (3, 4), guarded.stderr[-2000:]
+    bad_at = int(re.search(r"error: iteration (\d+): the (?:weights hold NaN/Inf|training loss "
+                           r"is nan)", guarded.stderr).group(1))
+    assert latest(save) == bad_at - 1
+    assert not any(n.startswith(f"iter_{bad_at:07d}") for n in os.listdir(save))
+    common = torch.load(os.path.join(save, f"iter_{bad_at - 1:07d}", "common.pt"), weights_only=True)
+    assert common["iteration"] == bad_at - 1
+
+
+def test_unknown_flag_fails_before_any_process_group():
+    result = subprocess.run([sys.executable, SCRIPT] + FLAGS + ["--hidden-sise", "8"],
+                            capture_output=True, text=True, env=environment(), timeout=60)
+    assert result.returncode == 2
+    assert "unrecognized arguments: --hidden-sise" in result.stderr and "--help" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+BAD_LOADS = textwrap.dedent("""
+    import contextlib, io, json, os, shutil, sys
+    import torch
+    sys.argv = ["pretrain_patch_gpt.py"]
+    sys.path.insert(0, {repo!r})
+    from pretrain_patch_gpt import main
+
+    flags, ckpt, work = {flags!r}, {ckpt!r}, {work!r}
+    def attempt(extra):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            rc = main(flags + extra)
+        return rc, err.getvalue()
+
+    results = {{}}
+    results["shape"] = attempt(["--load", ckpt, "--ffn-hidden-size", "64"])
+    results["patch_size"] = attempt(["--patch-size", "1", "--load", ckpt])  # last flag wins
+    results["finetune"] = attempt(["--patch-size", "1", "--load", ckpt, "--finetune",
+                                   "--train-iters", "1", "--lr-warmup-iters", "0"])
+    evil = os.path.join(work, "evil")
+    shutil.copytree(ckpt, evil)
+    common = os.path.join(evil, "iter_0000008", "common.pt")
+    state = torch.load(common, weights_only=True)
+    state["payload"] = os.getcwd  # a callable: what a malicious pickle would smuggle in
+    torch.save(state, common)
+    results["unpickle"] = attempt(["--load", evil])
+    print(json.dumps(results))
+""")
+
+
+def test_incompatible_or_unsafe_checkpoints_get_clear_errors(reference, tmp_path):
+    ckpt, _, _ = reference
+    code = BAD_LOADS.format(repo=REPO, flags=FLAGS, ckpt=ckpt, work=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=environment(), timeout=180, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    rc, err = results["shape"]
+    assert rc == 3 and "another model shape" in err and "ffn_hidden_size: checkpoint 192 vs run 64" in err
+    rc, err = results["patch_size"]
+    assert rc == 3 and "patch size 4 but this run has --patch-size 1" in err
+    assert "convert_patch_to_token.py" in err and "--finetune" in err
+    assert results["finetune"][0] == 0, results["finetune"][1]  # weights only: the handoff
+    rc, err = results["unpickle"]
+    assert rc == 3 and "refusing to unpickle" in err
