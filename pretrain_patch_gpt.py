@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     print_rank0(f"> {plan.name} stage: K={plan.patch_size}, T={plan.seq_length} positions, "
                 f"{plan.tokens_per_sample} tokens/sample, global batch {plan.global_batch_size} "
                 f"samples = {plan.tokens_per_step} tokens, {plan.train_iters} iterations, "
-                f"warmup {plan.lr_warmup_iters}, data from token {plan.data_start_token}; "
+                f"warmup {plan.lr_warmup_iters}; "
                 f"world {world_size} = TP {args.tensor_model_parallel_size} x PP "
                 f"{args.pipeline_model_parallel_size} x DP {dp_size}; "
                 f"{'CPU (gloo)' if on_cpu else 'GPU (NCCL)'}")

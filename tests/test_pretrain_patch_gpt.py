@@ -205,6 +205,23 @@ def test_nan_loss_stops_without_saving_or_is_skipped(tmp_path):
     assert common["iteration"] == bad_at - 1
 
 
+def test_patch_stage_on_the_real_data_pipeline(builtin_data_prefix, sentencepiece_model, tmp_path):
+    """--data-path/--tokenizer-*: the data pipeline's stage datasets, the λ split, eval at K=1."""
+    real = ["--data-path", builtin_data_prefix, "--tokenizer-type", "GPTSentencePieceTokenizer",
+            "--tokenizer-model", sentencepiece_model, "--data-cache-path", str(tmp_path / "cache"),
+            "--split", "90,10,0", "--seq-length", "16", "--train-iters", "10"]
+    flags = [f for f in FLAGS if f != "--mock-data"]
+    i = flags.index("--vocab-size")
+    flags = flags[:i] + flags[i + 2:]
+    result = subprocess.run([sys.executable, SCRIPT] + flags + real, capture_output=True,
+                            text=True, env=environment(), timeout=240, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    values = [float(v) for _, v in sorted(losses(result.stdout).items())]
+    assert len(values) == 10 and sum(values[-3:]) / 3 < values[0] - 0.1, values
+    assert "token nll (K=1) value:" in result.stdout
+    assert "64 tokens/sample" in result.stdout  # K*T tokens per patch-stage sample
+
+
 def test_unknown_flag_fails_before_any_process_group():
     result = subprocess.run([sys.executable, SCRIPT] + FLAGS + ["--hidden-sise", "8"],
                             capture_output=True, text=True, env=environment(), timeout=60)

@@ -4,6 +4,7 @@ Datasets yield dicts with ``tokens``, ``labels``, ``loss_mask`` of K*T entries
 and ``position_ids`` of T (the data pipeline's format). Train sets are indexed
 from 0 in stream order per stage, so resuming is skipping the consumed samples.
 
+````--data-path`` goes through the data pipeline (``patch_megatron.data``);
 ``--mock-data`` gives :class:`MockPatchDataset`: synthetic, learnable
 sequences (arithmetic progressions modulo the vocabulary) in the same format,
 for tests and smoke runs without a corpus.
@@ -92,17 +93,36 @@ def build_stage_data(args, plan, dp_size: int) -> StageData:
 
 
 def _build_corpus_data(args, plan, train_samples, eval_samples, want_token_valid) -> StageData:
+    """The data pipeline's stage datasets (patch_megatron.data.build_stage_datasets).
+
+    The λ split: with --train-tokens the pipeline places both stages' windows
+    from that whole-run budget; without it, it splits the train documents
+    λ : 1-λ by tokens, which both stages compute identically whatever their
+    step counts.
+    """
+    from patch_megatron.data import build_stage_datasets, build_tokenizer_from_args, tokenizer_info
+    from patch_megatron.data.index_validation import DatasetFileError
+    from patch_megatron.data.patch_dataset import DatasetTooSmallError
+
+    tokenizer = build_tokenizer_from_args(args)
+
+    def build(train, evals, eval_patch_size):
+        return build_stage_datasets(
+            args.data_path, args.split, plan.seq_length, plan.patch_size, plan.name,
+            args.patch_data_fraction, args.train_tokens, args.seed, args.data_cache_path,
+            train_samples=train, valid_samples=evals, test_samples=evals,
+            tokenizer=tokenizer, eval_patch_size=eval_patch_size,
+        )
+
     try:
-        from patch_megatron.data import build_stage_datasets
-    except ImportError as error:
-        raise ArgumentError(
-            "--data-path needs patch_megatron.data.build_stage_datasets, which this checkout does "
-            f"not have ({error}); use --mock-data until the data pipeline is installed"
-        ) from None
-    return build_stage_datasets(
-        args, plan, train_samples=train_samples, eval_samples=eval_samples,
-        token_level_valid=want_token_valid,
-    )
+        stage = build(train_samples, max(eval_samples, 1), plan.patch_size)
+        valid_tokens = None
+        if want_token_valid:  # K=1 samples of the same validation documents
+            valid_tokens = build(plan.global_batch_size, eval_samples * plan.patch_size, 1).valid
+    except (DatasetFileError, DatasetTooSmallError, ValueError) as error:
+        raise ArgumentError(f"data: {error}") from None
+    return StageData(train=stage.train, valid=stage.valid if eval_samples else None,
+                     valid_tokens=valid_tokens, vocab_size=tokenizer_info(tokenizer).vocab_size)
 
 
 class MicroBatches:
