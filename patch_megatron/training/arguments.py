@@ -26,8 +26,9 @@ Conventions shared with the data pipeline and the planner
 * Where this stage's data begins in the stream: 0 for the patch stage; for the
   token stage λ*D, with D = (this stage's tokens) / (1-λ).
 
-``parse_args`` checks everything that does not depend on the number of
-processes; ``check_world_size`` checks the rest. Both run before any process
+``parse_args`` checks everything that does not depend on the machine (so
+the planner can parse emitted GPU commands anywhere); ``check_world_size``
+checks the number of processes and what CPU mode cannot do. Both run before any process
 group starts and raise :class:`ArgumentError` whose message names the fix.
 """
 
@@ -417,7 +418,6 @@ def parse_args(argv=None):
     _check_optimizer(args)
     _check_data(args)
     _check_io_and_logging(args)
-    _check_device(args)
     _check_est(args)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
@@ -459,6 +459,7 @@ def _check_stage(a) -> None:
 
 def check_world_size(args, world_size: int | None = None) -> int:
     """Check the batch against the data-parallel size; fill in defaults. Returns the DP size."""
+    _check_device(args)  # here, not in parse_args: a command may be parsed on another machine
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size

@@ -87,8 +87,6 @@ BAD = [
     ("--train-iters 5 --save-interval 2", "needs --save"),
     ("--train-iters 5 --exit-signal-handler", "needs --save"),
     ("--train-iters 5 --finetune", "needs --load"),
-    ("--train-iters 5 --use-distributed-optimizer", "needs GPUs"),
-    ("--train-iters 5 --bf16", "need GPUs"),
     ("--train-iters 5 --split 100,0,0", "validation part"),
     ("--train-iters 5 --split abc", "validation part"),
     ("--train-iters 5 --ckpt-format torch", "invalid choice"),
@@ -113,6 +111,14 @@ def test_bad_data_sources():
               base=base)
     with pytest.raises(ArgumentError, match="needs --vocab-size"):
         parse("--train-iters 5", base=[a for a in BASE if a not in ("--vocab-size", "100")])
+
+
+def test_gpu_only_flags_parse_anywhere_but_are_refused_in_cpu_mode():
+    for flag, fix in (("--use-distributed-optimizer", "needs GPUs"), ("--bf16", "need GPUs"),
+                      ("--fp16", "need GPUs")):
+        args = parse("--train-iters 5", flag)  # a GPU command parses on any machine
+        with pytest.raises(ArgumentError, match=fix):
+            check_world_size(args, world_size=1)  # --cpu: refused before process groups start
 
 
 def test_world_size_checks():
