@@ -1,0 +1,214 @@
+"""Our megatron checkpoints (torch_dist, Megatron-LM layout) as full weights, and back.
+
+The layout and the common records are those of
+``patch_megatron.training.checkpointing`` (``SAVE/iter_XXXXXXX/``,
+``latest_checkpointed_iteration.txt``, ``model_shape``/``args``/``patch_size``).
+Reading builds the model once at TP=1/PP=1 on CPU and lets megatron-core's
+``dist_checkpointing.load`` assemble every tensor from whatever TP/PP layout
+wrote it. Writing does the reverse from a TP=1/PP=1 model; torch_dist
+checkpoints store global tensors, so what one process writes loads at any
+TP/PP whose shape constraints hold.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from patch_megatron.conversion.errors import ConversionError
+from patch_megatron.conversion.model_description import ModelDescription, from_checkpoint_common
+
+# Files every complete torch_dist checkpoint directory holds.
+_REQUIRED_FILES = ("metadata.json", "common.pt", ".metadata")
+
+
+@dataclass
+class Checkpoint:
+    path: str  # the iter_XXXXXXX directory
+    iteration: int
+    common: dict  # the non-tensor records
+    description: ModelDescription
+
+    @property
+    def args(self) -> dict:
+        return self.common.get("args") or {}
+
+
+def _iteration_of(directory: str) -> int | None:
+    name = os.path.basename(os.path.normpath(directory))
+    if name.startswith("iter_") and name[5:].isdigit():
+        return int(name[5:])
+    return None
+
+
+def checkpoint_directory(load_dir: str, iteration: int | None = None) -> tuple[str, int]:
+    """The iter_XXXXXXX directory to read: the given iteration, else the latest complete one."""
+    from patch_megatron.training import checkpointing as ckpt
+
+    if not os.path.isdir(load_dir):
+        raise ConversionError(f"--load {load_dir} is not a directory")
+    if _iteration_of(load_dir) is not None and iteration is None:
+        return load_dir, _iteration_of(load_dir)  # pointed straight at one iteration
+    if iteration is not None:
+        path = ckpt.iteration_dir(load_dir, iteration)
+        if not os.path.isdir(path):
+            hint = (" (only an interrupted save of it exists)"
+                    if os.path.isdir(path + ckpt.INCOMPLETE_SUFFIX) else "")
+            raise ConversionError(f"{load_dir} has no checkpoint of iteration {iteration}{hint}; "
+                                  "leave out --iteration to take the latest")
+        return path, iteration
+    try:
+        latest = ckpt.read_latest_iteration(load_dir)
+    except ckpt.CheckpointError as error:
+        raise ConversionError(str(error)) from None
+    if latest is None:
+        partial = [n for n in os.listdir(load_dir) if n.endswith(ckpt.INCOMPLETE_SUFFIX)]
+        what = (f"only interrupted saves ({', '.join(sorted(partial))})" if partial
+                else "no checkpoint")
+        raise ConversionError(f"{load_dir} holds {what}: {ckpt.LATEST_FILE} is missing, so no save "
+                              "completed. Point --load at a directory with a finished checkpoint")
+    path = ckpt.iteration_dir(load_dir, latest)
+    if not os.path.isdir(path):
+        raise ConversionError(f"{ckpt.LATEST_FILE} in {load_dir} names iteration {latest}, but "
+                              f"{path} is missing: the checkpoint is incomplete")
+    return path, latest
+
+
+def open_checkpoint(load_dir: str, iteration: int | None = None) -> Checkpoint:
+    """Locate a checkpoint and read its records (no tensors yet); refuse incomplete ones."""
+    from megatron.core import dist_checkpointing
+
+    path, found = checkpoint_directory(load_dir, iteration)
+    missing = [f for f in _REQUIRED_FILES if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise ConversionError(f"checkpoint {path} is incomplete: {', '.join(missing)} missing. "
+                              "Use another iteration (--iteration) or re-save it")
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except Exception as error:  # noqa: BLE001 - reported with the path
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise ConversionError(f"cannot read the records of checkpoint {path} "
+                              f"({type(error).__name__}: {first_line}): it is incomplete or not "
+                              "a torch_dist checkpoint") from None
+    return Checkpoint(path, found, common, from_checkpoint_common(common, path))
+
+
+def _model_at_tp1(description: ModelDescription):
+    from patch_megatron.conversion.cpu_world import ensure_world_of_one
+    from patch_megatron.model import build_model
+
+    ensure_world_of_one()
+    # The weights do not depend on the patch size; K=1 builds the plain token model.
+    return build_model(description.model_config(patch_size=1), pre_process=True,
+                       post_process=True, cpu=True)
+
+
+def _sharded_tensors(model) -> dict:
+    """The model's sharded tensors without the layers' ``_extra_state`` objects.
+
+    pretrain_patch_gpt.py leaves those out (they are empty for megatron's local
+    layers and would be stored pickled), so reading and writing do the same.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return {key: value for key, value in model.sharded_state_dict().items()
+            if not (isinstance(value, ShardedObject) and key.endswith("_extra_state"))}
+
+
+def _load_into(model, state: dict) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [n for n in missing if not n.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ConversionError(f"weights do not fit the model: missing {missing[:5]}, unexpected "
+                              f"{list(unexpected)[:5]}")
+
+
+def _weights_of(model) -> dict:
+    return {name: t.detach().clone() for name, t in model.state_dict().items()
+            if not name.endswith("_extra_state")}
+
+
+def load_full_weights(checkpoint: Checkpoint) -> dict:
+    """Every weight of the checkpoint as one unsharded tensor, named as at TP=1/PP=1."""
+    from megatron.core import dist_checkpointing
+
+    model = _model_at_tp1(checkpoint.description)
+    try:
+        loaded = dist_checkpointing.load({"model": _sharded_tensors(model)}, checkpoint.path)
+    except Exception as error:  # noqa: BLE001 - a missing or damaged shard file, most often
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise ConversionError(f"cannot load the weights of checkpoint {checkpoint.path} "
+                              f"({type(error).__name__}: {first_line[:300]}): files are missing or "
+                              "damaged. Use another iteration (--iteration)") from None
+    _load_into(model, loaded["model"])
+    return _weights_of(model)
+
+
+def model_shape_record(description: ModelDescription) -> dict:
+    """The ``model_shape`` record pretrain_patch_gpt.py compares against its own model."""
+    from patch_megatron.training.checkpointing import SHAPE_KEYS
+
+    record = {
+        "num_layers": description.num_layers,
+        "hidden_size": description.hidden_size,
+        "ffn_hidden_size": description.ffn_hidden_size,
+        "num_attention_heads": description.num_attention_heads,
+        "num_query_groups": description.num_query_groups,
+        "vocab_size": description.padded_vocab_size,
+        "untie_embeddings_and_output_weights": description.untie_embeddings_and_output_weights,
+    }
+    return {key: record[key] for key in SHAPE_KEYS}
+
+
+def weights_only_records(description: ModelDescription, args: dict, layout: dict,
+                         **extra) -> dict:
+    """Common records of a weights-only token-level checkpoint at iteration 0.
+
+    No optimizer, scheduler or RNG state: a run loading it starts its own.
+    ``weights_only`` tells pretrain_patch_gpt.py to load the weights alone.
+    """
+    from patch_megatron.training.checkpointing import CHECKPOINT_VERSION
+
+    return {
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": 0,
+        "consumed_train_samples": 0,
+        "skipped_iters": 0,
+        "nan_iters": 0,
+        "patch_size": 1,
+        "stage": "token",
+        "weights_only": True,
+        "model_shape": model_shape_record(description),
+        "layout": layout,
+        "args": args,
+        **extra,
+    }
+
+
+def save_weights_only(save_dir: str, weights: dict, description: ModelDescription,
+                      records: dict) -> str:
+    """Write ``weights`` as ``save_dir/iter_0000000`` with ``records``; latest = 0.
+
+    ``save_dir`` is expected to be a fresh staging directory (see output_dir).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+    from patch_megatron.training import checkpointing as ckpt
+
+    model = _model_at_tp1(description)
+    _load_into(model, weights)
+    path = ckpt.iteration_dir(save_dir, 0)
+    os.makedirs(path)
+    state = {"model": _sharded_tensors(model), **records}
+    dist_checkpointing.save(state, path,
+                            sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+    with open(os.path.join(save_dir, ckpt.LATEST_FILE), "w") as f:
+        f.write("0")
+    return path
+
+
+def cast(weights: dict, dtype: torch.dtype) -> dict:
+    return {name: t.to(dtype) for name, t in weights.items()}

@@ -1,0 +1,96 @@
+"""What a converter needs to know about a model, whatever format it comes from.
+
+Built from a megatron checkpoint's common state (its ``model_shape``, ``args``
+and ``patch_size`` records, written by ``patch_megatron.training.checkpointing``)
+or from a Hugging Face ``config.json``; turned into the model config that
+builds a TP=1/PP=1 model to load or save the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from patch_megatron.conversion.errors import ConversionError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    padded_vocab_size: int  # rows of the embedding / output layer as stored
+    max_position_embeddings: int
+    rotary_base: float
+    norm_epsilon: float
+    untie_embeddings_and_output_weights: bool
+    patch_size: int
+    dtype: torch.dtype
+    vocab_size: int | None = None  # the tokenizer's, when known; <= padded_vocab_size
+
+    @property
+    def kv_channels(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def with_vocab(self, padded_vocab_size: int, vocab_size: int | None = None) -> "ModelDescription":
+        return replace(self, padded_vocab_size=padded_vocab_size,
+                       vocab_size=self.vocab_size if vocab_size is None else vocab_size)
+
+    def model_config(self, patch_size: int | None = None):
+        """The PatchGPTConfig of a TP=1/PP=1 model holding these weights."""
+        from patch_megatron.model import PatchGPTConfig
+
+        # The builder wants an int base; a float one (e.g. 500000.0 from HF) is the same number.
+        base = int(self.rotary_base) if float(self.rotary_base).is_integer() else self.rotary_base
+        return PatchGPTConfig(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            vocab_size=self.padded_vocab_size,
+            seq_length=self.max_position_embeddings,
+            max_position_embeddings=self.max_position_embeddings,
+            patch_size=self.patch_size if patch_size is None else patch_size,
+            rotary_base=base,
+            norm_epsilon=self.norm_epsilon,
+            untie_embeddings_and_output_weights=self.untie_embeddings_and_output_weights,
+            params_dtype=self.dtype,
+        )
+
+
+def _checkpoint_dtype(args: dict) -> torch.dtype:
+    if args.get("bf16"):
+        return torch.bfloat16
+    if args.get("fp16"):
+        return torch.float16
+    return torch.float32
+
+
+def from_checkpoint_common(common: dict, path: str) -> ModelDescription:
+    """The description recorded in a checkpoint written by pretrain_patch_gpt.py or a converter."""
+    shape, args = common.get("model_shape"), common.get("args")
+    if not isinstance(shape, dict) or not isinstance(args, dict) or "patch_size" not in common:
+        raise ConversionError(
+            f"{path} has no model shape / args / patch size records: it was not written by "
+            "pretrain_patch_gpt.py or these converters, so its architecture is unknown")
+    max_positions = args.get("max_position_embeddings") or args.get("seq_length")
+    return ModelDescription(
+        num_layers=shape["num_layers"],
+        hidden_size=shape["hidden_size"],
+        ffn_hidden_size=shape["ffn_hidden_size"],
+        num_attention_heads=shape["num_attention_heads"],
+        num_query_groups=shape.get("num_query_groups") or shape["num_attention_heads"],
+        padded_vocab_size=shape["vocab_size"],
+        max_position_embeddings=max_positions,
+        rotary_base=args.get("rotary_base", 10000),
+        norm_epsilon=args.get("norm_epsilon", 1e-5),
+        untie_embeddings_and_output_weights=shape["untie_embeddings_and_output_weights"],
+        patch_size=common["patch_size"],
+        dtype=_checkpoint_dtype(args),
+    )
