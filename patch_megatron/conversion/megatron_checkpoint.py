@@ -133,11 +133,13 @@ def _weights_of(model) -> dict:
 def load_full_weights(checkpoint: Checkpoint) -> dict:
     """Every weight of the checkpoint as one unsharded tensor, named as at TP=1/PP=1."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     model = _model_at_tp1(checkpoint.description)
     try:
         loaded = dist_checkpointing.load({"model": _sharded_tensors(model)}, checkpoint.path)
-    except Exception as error:  # noqa: BLE001 - a missing or damaged shard file, most often
+    # torch's CheckpointException derives from BaseException, hence named here.
+    except (Exception, CheckpointException) as error:  # noqa: BLE001 - a missing or damaged shard
         first_line = str(error).splitlines()[0] if str(error) else ""
         raise ConversionError(f"cannot load the weights of checkpoint {checkpoint.path} "
                               f"({type(error).__name__}: {first_line[:300]}): files are missing or "

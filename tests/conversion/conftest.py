@@ -40,6 +40,8 @@ def two_stage_run(tmp_path_factory, vocab_size):
         "--load", patch, "--save", handoff, "--target-tensor-parallel-size", "1",
         "--target-pipeline-parallel-size", "2"])
     assert code == 0, err
+    # --finetune: weights only, as the handoff means; test_plain_load_starts_the_token_stage
+    # checks that plain --load does the same with the converter's weights-only checkpoint.
     token_log = run_training([*TOKEN_FLAGS, *vocab, "--pipeline-model-parallel-size", "2",
                               "--load", handoff, "--finetune", "--save", token], nproc=2)
     return dict(patch=patch, handoff=handoff, token=token, patch_log=patch_log,
