@@ -311,7 +311,9 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
     }
     # The data-parallel size also shapes the RNG shards.
     saved_dp = common.get("args", {}).get("data_parallel_size")
-    weights_only = args.finetune
+    # A handoff checkpoint (tools/convert_patch_to_token.py) holds weights only, by design.
+    converted = bool(common.get("weights_only"))
+    weights_only = args.finetune or converted
     with_optimizer = not weights_only and not args.no_load_optim
     with_rng = not weights_only and not args.no_load_rng and same_layout and \
         saved_dp == args.data_parallel_size
@@ -335,7 +337,7 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
         state.nan_iters = common.get("nan_iters", 0)
     notes = []
     if weights_only:
-        notes.append("weights only (--finetune)")
+        notes.append("weights only (converted checkpoint)" if converted else "weights only (--finetune)")
     elif not with_rng and not args.no_load_rng:
         notes.append("RNG state not restored: the parallel layout differs")
     return f"loaded {path} (iteration {iteration})" + (f"; {'; '.join(notes)}" if notes else "")
