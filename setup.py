@@ -15,8 +15,12 @@ setup(
         "numpy>=1.24",
         # megatron-core's dist_checkpointing needs it and does not declare it.
         "psutil>=5.9",
+        # Hugging Face export (weights and tokenizer) and the quickstart's plot.
+        "safetensors>=0.4",
+        "transformers>=4.40",
+        "matplotlib>=3.5",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.40", "safetensors>=0.4"],
+        "test": ["pytest>=7"],
     },
 )
