@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from distributed_harness import run_on_ranks
+from megatron_layout import global_name, tp_concat, tp_slice
 
 SHAPE = dict(num_layers=4, hidden_size=32, num_attention_heads=8, num_query_groups=4,
              ffn_hidden_size=48, vocab_size=64, seq_length=6)
@@ -31,24 +32,6 @@ def _data(K):
     g = torch.Generator().manual_seed(K)
     window = torch.randint(0, SHAPE["vocab_size"], (BATCH, K * (SHAPE["seq_length"] + 1)), generator=g)
     return window[:, :-K], window[:, K:]
-
-
-def _tp_piece(name, full, tp, r):
-    if tp == 1 or "layernorm" in name:
-        return full
-    if name.endswith("linear_fc1.weight"):
-        gate, up = full.chunk(2)
-        return torch.cat([gate.chunk(tp)[r], up.chunk(tp)[r]])
-    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
-        return full.chunk(tp, dim=1)[r]
-    return full.chunk(tp)[r]
-
-
-def _global(name, pp_rank, per_stage):
-    parts = name.split(".")
-    if parts[:2] == ["decoder", "layers"]:
-        parts[2] = str(int(parts[2]) + pp_rank * per_stage)
-    return ".".join(parts)
 
 
 LAYOUTS = {"TP2(+SP)": (2, 1), "PP2": (1, 2), "DP2-overlap": (1, 1)}
@@ -84,7 +67,7 @@ def _run_layout(tp, pp, full_weights):
             cfg = PatchGPTConfig(**SHAPE, patch_size=K, tensor_model_parallel_size=tp,
                                  pipeline_model_parallel_size=pp, sequence_parallel=sp)
             model = build_model(cfg, subnetwork_training=True)
-            model.load_state_dict({n: _tp_piece(n, full_weights[K][_global(n, pp_rank, per_stage)], tp, tp_rank)
+            model.load_state_dict({n: tp_slice(n, full_weights[K][global_name(n, pp_rank, per_stage)], tp, tp_rank)
                                    for n in model.state_dict() if not n.endswith("_extra_state")},
                                   strict=False)
             config = model.config
@@ -117,7 +100,7 @@ def _run_layout(tp, pp, full_weights):
                     num_microbatches=tokens.shape[0], seq_length=SHAPE["seq_length"],
                     micro_batch_size=1, forward_only=False)
             results[(K, sp)] = dict(
-                grads={_global(n, pp_rank, per_stage): p.main_grad.clone() for n, p in model.named_parameters()},
+                grads={global_name(n, pp_rank, per_stage): p.main_grad.clone() for n, p in model.named_parameters()},
                 loss=torch.stack([d["loss"] for d in losses]).sum(0) if losses else None)
     return dict(tp_rank=tp_rank, dp_rank=dp_rank, results=results)
 
@@ -133,18 +116,8 @@ def _assemble(ranks, key):
         if r["dp_rank"] == 0:
             for name, g in res["grads"].items():
                 pieces.setdefault(name, {})[r["tp_rank"]] = g
-    full = {}
-    for name, by_rank in pieces.items():
-        shards = [by_rank[i] for i in sorted(by_rank)]
-        if len(shards) == 1 or "layernorm" in name:
-            full[name] = shards[0]
-        elif name.endswith("linear_fc1.weight"):
-            gates, ups = zip(*(s.chunk(2) for s in shards))
-            full[name] = torch.cat([*gates, *ups])
-        elif name.endswith(("linear_proj.weight", "linear_fc2.weight")):
-            full[name] = torch.cat(shards, dim=1)
-        else:
-            full[name] = torch.cat(shards)
+    full = {name: tp_concat(name, [by_rank[i] for i in sorted(by_rank)])
+            for name, by_rank in pieces.items()}
     return loss_sum / count, full
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from distributed_harness import run_on_ranks
+from megatron_layout import global_name, tp_concat, tp_slice
 
 SHAPE = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
              ffn_hidden_size=48, vocab_size=64, seq_length=6)
@@ -23,29 +24,6 @@ def _data(K, seed):
     mask = torch.ones(BATCH, K * SHAPE["seq_length"])
     mask[1, -K - 1:] = 0  # some masked targets, unevenly over the DP shards
     return window[:, :-K], window[:, K:], mask
-
-
-def _split_rows(t, parts, i):
-    return t.chunk(parts, dim=0)[i]
-
-
-def _tp_slice(name, full, tp, r):
-    """This TP rank's piece of a full TP=1 tensor, in megatron's layouts."""
-    if tp == 1 or "layernorm" in name:
-        return full
-    if name.endswith("linear_fc1.weight"):  # [gate; up], each split over TP
-        gate, up = full.chunk(2, dim=0)
-        return torch.cat([_split_rows(gate, tp, r), _split_rows(up, tp, r)])
-    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):  # row-parallel: split inputs
-        return full.chunk(tp, dim=1)[r]
-    return _split_rows(full, tp, r)  # vocab-parallel embedding, output layer, grouped QKV rows
-
-
-def _global_name(local_name, pp_rank, layers_per_stage):
-    parts = local_name.split(".")
-    if parts[:2] == ["decoder", "layers"]:
-        parts[2] = str(int(parts[2]) + pp_rank * layers_per_stage)
-    return ".".join(parts)
 
 
 def _layout_worker(tp, pp, sp, full_weights):
@@ -67,7 +45,7 @@ def _layout_worker(tp, pp, sp, full_weights):
         model = build_model(cfg)
         layers_per_stage = SHAPE["num_layers"] // pp
         local = {
-            name: _tp_slice(name, full_weights[K][_global_name(name, pp_rank, layers_per_stage)], tp, tp_rank)
+            name: tp_slice(name, full_weights[K][global_name(name, pp_rank, layers_per_stage)], tp, tp_rank)
             for name in model.state_dict() if not name.endswith("_extra_state")
         }
         model.load_state_dict(local, strict=False)
@@ -98,7 +76,7 @@ def _layout_worker(tp, pp, sp, full_weights):
             num_microbatches=tokens.shape[0], seq_length=SHAPE["seq_length"], micro_batch_size=1,
             forward_only=False,
         )
-        grads = {_global_name(n, pp_rank, layers_per_stage): p.main_grad.clone()
+        grads = {global_name(n, pp_rank, layers_per_stage): p.main_grad.clone()
                  for n, p in model.named_parameters()}
         loss_and_count = torch.stack([d["loss"] for d in losses]).sum(0) if losses else None
         results[K] = dict(grads=grads, loss_and_count=loss_and_count)
@@ -118,18 +96,8 @@ def _assemble(rank_results, K):
             continue
         for name, g in res["grads"].items():
             pieces.setdefault(name, {})[tp_rank] = g
-    full = {}
-    for name, by_rank in pieces.items():
-        shards = [by_rank[i] for i in sorted(by_rank)]
-        if len(shards) == 1 or "layernorm" in name:
-            full[name] = shards[0]
-        elif name.endswith("linear_fc1.weight"):
-            gates, ups = zip(*(s.chunk(2) for s in shards))
-            full[name] = torch.cat([*gates, *ups])
-        elif name.endswith(("linear_proj.weight", "linear_fc2.weight")):
-            full[name] = torch.cat(shards, dim=1)
-        else:
-            full[name] = torch.cat(shards, dim=0)
+    full = {name: tp_concat(name, [by_rank[i] for i in sorted(by_rank)])
+            for name, by_rank in pieces.items()}
     return loss_sum / count, full
 
 

@@ -1,0 +1,35 @@
+"""Full (TP=1, PP=1) tensors <-> this rank's pieces, in megatron-core's parameter layouts."""
+
+import torch
+
+
+def tp_slice(name, full, tp, rank):
+    """This TP rank's piece of a full tensor."""
+    if tp == 1 or "layernorm" in name:
+        return full
+    if name.endswith("linear_fc1.weight"):  # [gate; up], each split over TP
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]])
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):  # row-parallel: split inputs
+        return full.chunk(tp, dim=1)[rank]
+    return full.chunk(tp, dim=0)[rank]  # vocab-parallel embedding, output layer, grouped QKV rows
+
+
+def tp_concat(name, shards):
+    """The full tensor from the TP ranks' pieces, in rank order (inverse of tp_slice)."""
+    if len(shards) == 1 or "layernorm" in name:
+        return shards[0]
+    if name.endswith("linear_fc1.weight"):
+        gates, ups = zip(*(s.chunk(2) for s in shards))
+        return torch.cat([*gates, *ups])
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return torch.cat(shards, dim=1)
+    return torch.cat(shards, dim=0)
+
+
+def global_name(local_name, pp_rank, layers_per_stage):
+    """A pipeline stage's local parameter name as the whole model names it."""
+    parts = local_name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(int(parts[2]) + pp_rank * layers_per_stage)
+    return ".".join(parts)
