@@ -197,35 +197,50 @@ class Run:
     save: object  # (state) -> None
 
 
+def wants_validation(args, data) -> bool:
+    return bool(args.eval_iters) and data.valid is not None
+
+
+def validate(run: Run, iteration: int) -> None:
+    """Evaluate and log one validation line (the format examples/quickstart.py parses)."""
+    from patch_megatron.training.metrics import eval_line
+
+    results = evaluate(run.model, run.make_batches, run.data, run.num_microbatches, run.args, run.plan)
+    run.print(eval_line(run.plan, iteration, results))
+    run.tensorboard.scalars({f"valid/{k}": v for k, v in results.items()}, iteration)
+
+
 def train(run: Run, state: TrainState) -> str:
     """Train this stage from ``state`` to its last step (or an exit condition); say why it ended."""
     from patch_megatron import flops
     from patch_megatron.est.training import loop_controller
     from patch_megatron.training.exit_conditions import ExitConditions
-    from patch_megatron.training.metrics import IntervalMeter, eval_line, throughput, train_line
+    from patch_megatron.training.metrics import (IntervalMeter, max_over_ranks, peak_memory_mib,
+                                                 step_flops, synchronize, throughput, train_line)
 
     args, plan = run.args, run.plan
+    device = parallel.device()
     batches = run.make_batches(run.data.train, state.consumed_samples)
     exits = ExitConditions(args)
     meter = IntervalMeter()
     last_saved = state.iteration  # a loaded checkpoint is already on disk
+    last_evaluated = None
     # EST (--est): each step's subnetwork is a function of (seed, iteration), so a resumed run
     # continues with the masks it would have drawn. Logged FLOPs are the subnetwork's.
     est = loop_controller(args, plan, run.shape, run.print)
-    full_step_flops = flops.training_flops_per_iteration(
-        run.shape, plan.seq_length, plan.global_batch_size, plan.patch_size)
+    full_step_flops = step_flops(plan, run.shape)
     interval_flops = 0.0
     while state.iteration < plan.train_iters:
         lr = run.scheduler.optimizer.param_groups[0]["lr"]
         kept = est.set_step([run.model], state.iteration + 1) if est else flops.FULL_MODEL
-        step_flops = flops.training_flops_per_iteration(
-            run.shape, plan.seq_length, plan.global_batch_size, plan.patch_size, kept)
+        this_step_flops = step_flops(plan, run.shape, kept)
         step_started = time.monotonic()
         step = train_step(run.model, run.optimizer, run.scheduler, batches, run.num_microbatches,
                           args, state.iteration + 1)
         if est:
-            est.record(step_flops, full_step_flops, time.monotonic() - step_started, state.iteration + 1)
-        interval_flops += step_flops
+            est.record(this_step_flops, full_step_flops, time.monotonic() - step_started,
+                       state.iteration + 1)
+        interval_flops += this_step_flops
         state.iteration += 1
         state.consumed_samples += plan.global_batch_size
         meter.add()
@@ -237,26 +252,28 @@ def train(run: Run, state: TrainState) -> str:
                           "update skipped (--nan-action skip)")
 
         if state.iteration % args.log_interval == 0:
+            synchronize(device)  # the interval's time must include its queued GPU work
             seconds, n = meter.take()
             per_iter = seconds / max(n, 1)
             tokens_per_s, tflops, mfu = throughput(plan, run.shape, per_iter, run.world_size,
                                                    run.peak_tflops, interval_flops / max(n, 1))
             interval_flops = 0.0
             grad_norm = step.grad_norm if step.grad_norm is not None else float("nan")
+            memory = max_over_ranks(peak_memory_mib(device), device)
             run.print(train_line(plan, state.iteration, state.consumed_samples, lr, step.loss,
                                  grad_norm, per_iter, tokens_per_s, tflops, mfu,
-                                 state.skipped_iters, state.nan_iters))
+                                 state.skipped_iters, state.nan_iters, memory))
             tokens = state.consumed_samples * plan.tokens_per_sample
             run.tensorboard.scalars({
                 f"train/{plan.loss_name}": step.loss, "train/learning-rate": lr,
                 "train/grad-norm": grad_norm, "train/tokens-per-second": tokens_per_s,
                 "train/tflops-per-device": tflops, "train/consumed-tokens": tokens,
+                **{f"memory/{label}": mib for label, mib in memory.items()},
             }, state.iteration)
 
-        if args.eval_iters and run.data.valid is not None and state.iteration % args.eval_interval == 0:
-            results = evaluate(run.model, run.make_batches, run.data, run.num_microbatches, args, plan)
-            run.print(eval_line(plan, state.iteration, results))
-            run.tensorboard.scalars({f"valid/{k}": v for k, v in results.items()}, state.iteration)
+        if wants_validation(args, run.data) and state.iteration % args.eval_interval == 0:
+            validate(run, state.iteration)
+            last_evaluated = state.iteration
             meter.take()  # keep evaluation time out of the training throughput
             interval_flops = 0.0
 
@@ -267,6 +284,8 @@ def train(run: Run, state: TrainState) -> str:
             interval_flops = 0.0
         reason = exits.reason(state.iteration)
         if reason is not None:
+            # As in Megatron-LM, an early exit (signal, time, --exit-interval) saves and stops
+            # without a final evaluation: a SIGTERM'd job has little time left.
             if args.save and last_saved != state.iteration:
                 run.save(state)
             if est:
@@ -274,6 +293,10 @@ def train(run: Run, state: TrainState) -> str:
             return f"{reason} at iteration {state.iteration}"
     if args.save and last_saved != state.iteration:
         run.save(state)
+    # As in Megatron-LM, the finished run is evaluated once more (after its last save), so its
+    # last validation figure is of the final weights, unless the last iteration just was.
+    if wants_validation(args, run.data) and last_evaluated != state.iteration:
+        validate(run, state.iteration)
     if est:
         run.print(est.summary())
     return f"{plan.name} stage finished: {state.iteration} iterations"

@@ -1,13 +1,17 @@
-"""What a log line reports: throughput, TFLOP/s, MFU; the console line; TensorBoard."""
+"""What a log line reports: throughput, TFLOP/s, MFU, peak memory; the console line; TensorBoard."""
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
 from datetime import datetime
 
 import torch
 
 from patch_megatron import flops
+
+MIB = 2**20
 
 
 def model_shape(config) -> flops.ModelShape:
@@ -22,16 +26,25 @@ def model_shape(config) -> flops.ModelShape:
 
 
 def device_peak_tflops(args, on_cpu: bool) -> float | None:
-    """The per-device bf16 peak for MFU: --peak-tflops, else a known GPU's, else none."""
+    """The per-device peak for MFU: --peak-tflops, else a known GPU's bf16/fp16 peak, else none.
+
+    The known peaks are tensor-core bf16/fp16 figures, so an fp32 run on a GPU gets no MFU
+    rather than one measured against a peak its matmuls cannot reach.
+    """
+    from patch_megatron.planning.hardware import device_peak_tflops as peak_of_device_name
+
     if args.peak_tflops is not None:
         return args.peak_tflops
-    if on_cpu or not torch.cuda.is_available():
+    if on_cpu or not torch.cuda.is_available() or not (args.bf16 or args.fp16):
         return None
-    name = torch.cuda.get_device_name()
-    for gpu, peak in flops.GPU_PEAK_BF16_TFLOPS.items():
-        if gpu in name:
-            return peak
-    return None
+    return peak_of_device_name(torch.cuda.get_device_name())
+
+
+def step_flops(plan, shape, kept: flops.KeptFractions = flops.FULL_MODEL) -> float:
+    """Training FLOPs of one optimizer step of this stage: the figure behind the logged
+    TFLOP/s and MFU (``patch_megatron.flops``, the planner's count too)."""
+    return flops.training_flops_per_iteration(shape, plan.seq_length, plan.global_batch_size,
+                                              plan.patch_size, kept)
 
 
 class IntervalMeter:
@@ -52,22 +65,59 @@ class IntervalMeter:
 
 
 def throughput(plan, shape, seconds_per_iter: float, world_size: int, peak_tflops: float | None,
-               step_flops: float | None = None):
+               flops_of_step: float | None = None):
     """tokens/s, TFLOP/s per device and MFU (None without a known peak) of one step's timing.
 
-    ``step_flops`` is the FLOPs one step really ran (EST's subnetworks); None: the full model's.
+    ``flops_of_step`` is the FLOPs one step really ran (EST's subnetworks); None: the full model's.
     """
-    if step_flops is None:
-        step_flops = flops.training_flops_per_iteration(
-            shape, plan.seq_length, plan.global_batch_size, plan.patch_size
-        )
-    tflops = step_flops / seconds_per_iter / world_size / 1e12
+    if flops_of_step is None:
+        flops_of_step = step_flops(plan, shape)
+    tflops = flops_of_step / seconds_per_iter / world_size / 1e12
     mfu = tflops / peak_tflops if peak_tflops else None
     return plan.tokens_per_step / seconds_per_iter, tflops, mfu
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a wall-clock reading covers the steps it claims to."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (getrusage; kilobytes on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def peak_memory_mib(device: torch.device) -> dict[str, float]:
+    """This process's peak memory so far in MiB, keyed by the log label that says what it is.
+
+    GPU: the caching allocator's peaks, as Megatron-LM reports them: the most memory held by
+    tensors at once (allocated) and the most the allocator took from the device (reserved).
+    CPU: the peak resident set size of the whole process: tensors plus the Python heap and
+    the loaded libraries (torch, megatron-core), so it never falls below their footprint.
+    """
+    if device.type == "cuda":
+        return {
+            "peak allocated GPU memory (MiB)": torch.cuda.max_memory_allocated(device) / MIB,
+            "peak reserved GPU memory (MiB)": torch.cuda.max_memory_reserved(device) / MIB,
+        }
+    return {"peak RSS of the process (MiB)": peak_rss_bytes() / MIB}
+
+
+def max_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each value's maximum over all ranks (every rank must call this): the rank that peaks
+    highest (the first pipeline stage's activations, or the last one's logits) sets the limit."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return dict(values)
+    reduced = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
+    return dict(zip(values, reduced.tolist()))
+
+
 def train_line(plan, iteration, consumed_samples, lr, loss, grad_norm, seconds_per_iter,
-               tokens_per_s, tflops, mfu, skipped, nan_iters) -> str:
+               tokens_per_s, tflops, mfu, skipped, nan_iters, memory_mib: dict | None = None) -> str:
+    """Megatron-LM's training log line; ``memory_mib`` ({label: MiB}) adds peak-memory fields."""
     fields = [
         f"iteration {iteration:8d}/{plan.train_iters:8d}",
         f"consumed samples: {consumed_samples:12d}",
@@ -86,6 +136,7 @@ def train_line(plan, iteration, consumed_samples, lr, loss, grad_norm, seconds_p
         f"number of skipped iterations: {skipped:3d}",
         f"number of nan iterations: {nan_iters:3d}",
     ]
+    fields += [f"{label}: {value:.1f}" for label, value in (memory_mib or {}).items()]
     return f" [{datetime.now():%Y-%m-%d %H:%M:%S}] " + " | ".join(fields) + " |"
 
 

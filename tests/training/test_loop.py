@@ -1,0 +1,170 @@
+"""The loop's schedule of evaluations and saves, and what its log lines report.
+
+The loop runs here with its optimizer step and evaluation replaced by stand-ins
+that record when they are called, so these tests check the loop's own
+decisions in one process; tests/test_pretrain_patch_gpt.py runs the real thing.
+"""
+
+import math
+import re
+import types
+
+import pytest
+import torch
+
+from patch_megatron.flops import ModelShape
+from patch_megatron.training import loop, metrics
+from patch_megatron.training.arguments import StagePlan
+
+EVAL_LINE = re.compile(r"validation (\w+) stage at iteration (\d+) \| (.*)")
+
+
+def fake_run(train_iters, *, eval_interval=2, eval_iters=1, save_interval=None, exit_interval=None,
+             log_interval=1, valid=True):
+    events = []
+    args = types.SimpleNamespace(
+        eval_iters=eval_iters, eval_interval=eval_interval, log_interval=log_interval,
+        save="ckpt" if save_interval or exit_interval else None, save_interval=save_interval,
+        exit_interval=exit_interval, exit_duration_in_mins=None, exit_signal_handler=False,
+        est=False, nan_action="stop", tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+    )
+    plan = StagePlan(name="token", patch_size=1, seq_length=8, global_batch_size=2,
+                     train_iters=train_iters, lr_warmup_iters=0, lr_decay_iters=train_iters,
+                     data_start_token=0)
+    scheduler = types.SimpleNamespace(optimizer=types.SimpleNamespace(param_groups=[{"lr": 1e-3}]))
+    run = loop.Run(
+        args=args, plan=plan, model=None, optimizer=None, scheduler=scheduler,
+        data=types.SimpleNamespace(train=[], valid=[] if valid else None, valid_tokens=None),
+        make_batches=lambda dataset, consumed=0: iter(()), num_microbatches=1,
+        shape=ModelShape(num_layers=2, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2,
+                         vocab_size=64),
+        peak_tflops=None, world_size=1, print=lambda line: events.append(("print", line)),
+        tensorboard=metrics.TensorBoard(None, enabled=False),
+        save=lambda state: events.append(("save", state.iteration)),
+    )
+    return run, events
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    """One optimizer step = loss 2.0; one evaluation = lm loss 1.5 (recorded as it happens)."""
+    def train_step(model, optimizer, scheduler, batches, num_microbatches, args, iteration):
+        return loop.StepResult(loss=2.0, grad_norm=0.5, skipped=False)
+
+    def evaluate(model, make_batches, data, num_microbatches, args, plan):
+        return {"lm loss": 1.5, "lm loss PPL": math.exp(1.5)}
+
+    monkeypatch.setattr(loop, "train_step", train_step)
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+
+
+def evaluated_at(events):
+    return [int(m.group(2)) for kind, line in events if kind == "print"
+            for m in [EVAL_LINE.search(line)] if m]
+
+
+@pytest.mark.parametrize("train_iters, eval_interval, expected", [
+    (5, 2, [2, 4, 5]),  # the last iteration is off the interval: evaluated once more
+    (4, 2, [2, 4]),  # the last iteration was just evaluated: not twice
+    (3, 10, [3]),  # no evaluation on the interval at all: still one at the end
+])
+def test_a_finished_run_ends_with_a_validation_of_its_last_iteration(
+        stand_ins, train_iters, eval_interval, expected):
+    run, events = fake_run(train_iters, eval_interval=eval_interval)
+    reason = loop.train(run, loop.TrainState())
+    assert reason == f"token stage finished: {train_iters} iterations"
+    assert evaluated_at(events) == expected
+    # The same line format as every other evaluation (what examples/quickstart.py parses).
+    last = [line for kind, line in events if kind == "print" and EVAL_LINE.search(line)][-1]
+    assert last == (f" validation token stage at iteration {train_iters} | lm loss value: "
+                    f"1.500000E+00 | lm loss PPL value: {math.exp(1.5):.6E} |")
+
+
+def test_final_validation_follows_the_final_save_as_in_megatron_lm(stand_ins):
+    run, events = fake_run(5, eval_interval=2, save_interval=2)
+    loop.train(run, loop.TrainState())
+    tail = [(kind, line if kind == "save" else evaluated_at([(kind, line)]))
+            for kind, line in events if kind == "save" or EVAL_LINE.search(line)]
+    assert tail == [("print", [2]), ("save", 2), ("print", [4]), ("save", 4), ("save", 5),
+                    ("print", [5])]
+
+
+def test_no_final_validation_without_eval_iters_or_validation_data(stand_ins):
+    for run, events in (fake_run(5, eval_iters=0), fake_run(5, valid=False)):
+        loop.train(run, loop.TrainState())
+        assert evaluated_at(events) == []
+
+
+def test_an_early_exit_saves_and_stops_without_a_final_validation(stand_ins):
+    run, events = fake_run(8, eval_interval=2, exit_interval=3)
+    reason = loop.train(run, loop.TrainState())
+    assert reason == "--exit-interval 3 reached at iteration 3"
+    assert evaluated_at(events) == [2]
+    assert ("save", 3) in events
+
+
+def test_a_resumed_finished_run_is_validated_once(stand_ins):
+    run, events = fake_run(4, eval_interval=3)
+    loop.train(run, loop.TrainState(iteration=4, consumed_samples=8))
+    assert evaluated_at(events) == [4]
+
+
+def test_train_lines_report_the_process_peak_memory_on_cpu(stand_ins):
+    run, events = fake_run(2, eval_iters=0)
+    loop.train(run, loop.TrainState())
+    lines = [line for kind, line in events if kind == "print" and "consumed samples" in line]
+    assert len(lines) == 2
+    for line in lines:
+        # The existing fields keep their order and format; the memory field comes last.
+        assert re.search(r"iteration\s+\d+/\s+2 \| consumed samples:\s+\d+ \|.*lm loss: 2\.000000E\+00 \|"
+                         r".*number of nan iterations:\s+0 \| peak RSS of the process \(MiB\): "
+                         r"([\d.]+) \|$", line)
+        rss = float(re.search(r"peak RSS of the process \(MiB\): ([\d.]+)", line).group(1))
+        assert rss == pytest.approx(metrics.peak_rss_bytes() / 2**20, rel=0.05)
+
+
+# ---------------------------------------------------------------------------
+# metrics: what the memory and MFU fields measure.
+
+def _proc_status_kib(field):
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        pytest.skip("needs Linux's /proc/self/status to compare with the kernel's own figures")
+
+
+def test_peak_rss_is_the_kernels_high_water_mark_in_bytes():
+    resident_before = _proc_status_kib("VmRSS") * 1024
+    held = torch.ones(64 << 20, dtype=torch.float32)  # 256 MiB, written, so resident
+    peak = metrics.peak_rss_bytes()
+    assert peak >= resident_before + 0.9 * held.numel() * 4
+    assert peak == pytest.approx(_proc_status_kib("VmHWM") * 1024, rel=0.02)
+    del held
+
+
+def test_gpu_peak_memory_is_the_allocators_max_allocated_and_reserved(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 5 * 2**30)
+    assert metrics.peak_memory_mib(torch.device("cuda", 0)) == {
+        "peak allocated GPU memory (MiB)": 3072.0, "peak reserved GPU memory (MiB)": 5120.0}
+    assert list(metrics.peak_memory_mib(torch.device("cpu"))) == ["peak RSS of the process (MiB)"]
+
+
+@pytest.mark.parametrize("device_name, precision, expected", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.0),  # SXM
+    ("NVIDIA H200", "bf16", 989.0),  # H100's compute units, more memory
+    ("NVIDIA H100 PCIe", "bf16", 756.0),  # not the SXM figure, though the name holds "H100"
+    ("NVIDIA H100 NVL", "fp16", 835.0),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+    ("NVIDIA L4", "bf16", None),  # unknown: no MFU rather than a wrong one
+    ("NVIDIA H100 80GB HBM3", "fp32", None),  # fp32 matmuls cannot reach the bf16 peak
+])
+def test_mfu_peak_of_the_device(monkeypatch, device_name, precision, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
+    args = types.SimpleNamespace(peak_tflops=None, bf16=precision == "bf16", fp16=precision == "fp16")
+    assert metrics.device_peak_tflops(args, on_cpu=False) == expected
+    assert metrics.device_peak_tflops(args, on_cpu=True) is None
+    args.peak_tflops = 500.0  # --peak-tflops always wins
+    assert metrics.device_peak_tflops(args, on_cpu=False) == 500.0
