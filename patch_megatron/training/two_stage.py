@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -491,9 +492,20 @@ def format_steps(steps: list[Step]) -> str:
 # ---------------------------------------------------------------------------
 # Running.
 
-def _run_process(command: list[str], env: dict | None) -> int:
+def _process_environment(command: list[str], environ) -> dict:
+    """A process started without torch.distributed.run is a world of one: give it a free local
+    port, so that it never collides with another job's default port (or the launch's)."""
+    if "torch.distributed.run" in command:
+        return dict(environ)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {**environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def _run_process(command: list[str], environ) -> int:
     """Run a stage; a SIGTERM to the runner goes on to it (it saves with --exit-signal-handler)."""
-    process = subprocess.Popen(command, env=env)
+    process = subprocess.Popen(command, env=_process_environment(command, environ))
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
     try:
         return process.wait()
@@ -516,7 +528,7 @@ def wait_for_checkpoint(save_dir: str, iteration: int, timeout_s: float,
         time.sleep(poll_s)
 
 
-def run_steps(steps: list[Step], launch: Launch, print_fn=print, env: dict | None = None,
+def run_steps(steps: list[Step], launch: Launch, print_fn=print, environ=os.environ,
               handoff_wait_s: float = HANDOFF_WAIT_SECONDS) -> None:
     """Run what is not done yet, in order; raises StageStopped or TwoStageError."""
     for number, step in enumerate(steps, 1):
@@ -533,7 +545,7 @@ def run_steps(steps: list[Step], launch: Launch, print_fn=print, env: dict | Non
                                     "filesystem all nodes share")
             continue
         print_fn(f"{title}: {step.action} ({step.note})\n    {shlex.join(step.command)}")
-        code = _run_process(step.command, env)
+        code = _run_process(step.command, environ)
         if code != 0:
             raise StageStopped(f"{step.name} failed (exit code {code}). Fix the cause and run the "
                                "same command again: finished steps are skipped and an interrupted "
