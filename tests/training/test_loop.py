@@ -168,3 +168,34 @@ def test_mfu_peak_of_the_device(monkeypatch, device_name, precision, expected):
     assert metrics.device_peak_tflops(args, on_cpu=True) is None
     args.peak_tflops = 500.0  # --peak-tflops always wins
     assert metrics.device_peak_tflops(args, on_cpu=False) == 500.0
+
+
+# ---------------------------------------------------------------------------
+# The real script, one process (the two-process layouts of tests/test_pretrain_patch_gpt.py run
+# the same code with the cross-rank memory reduction).
+
+def test_real_run_ends_with_a_validation_and_logs_peak_memory(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 8 "
+             "--micro-batch-size 2 --global-batch-size 4 --train-iters 6 --mock-data --vocab-size 128 "
+             "--make-vocab-size-divisible-by 64 --untie-embeddings-and-output-weights --patch-size 4 "
+             "--patch-data-fraction 0.667 --log-interval 2 --eval-interval 4 --eval-iters 1 --cpu").split()
+    result = subprocess.run(
+        [sys.executable, os.path.join(repo, "pretrain_patch_gpt.py")] + flags,
+        capture_output=True, text=True, timeout=240, cwd=str(tmp_path),
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_PORT=str(port)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [int(m.group(2)) for m in EVAL_LINE.finditer(result.stdout)] == [4, 6]
+    assert re.search(r"validation patch stage at iteration 6 \| patch loss value: \S+ \| "
+                     r"token nll \(K=1\) value: \S+ \| token ppl \(K=1\) value: \S+ \|", result.stdout)
+    peaks = [float(v) for v in re.findall(r"iteration\s+\d+/\s+6 \|.* peak RSS of the process "
+                                          r"\(MiB\): ([\d.]+) \|", result.stdout)]
+    assert len(peaks) == 3 and peaks == sorted(peaks) and peaks[0] > 100  # a running peak, MiB
