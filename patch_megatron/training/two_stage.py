@@ -279,8 +279,9 @@ def _data_parallel_size(config: RunConfig, args, stages: list[StageRun]) -> int:
 
 
 def tokenizer_vocab_size(args) -> tuple[int | None, str | None]:
-    """The unpadded vocabulary the stages will use, or why it cannot be known here."""
-    if args.vocab_size is not None:
+    """The unpadded vocabulary the stages will use (as their data pipeline takes it), or why it
+    cannot be known here."""
+    if args.mock_data and args.vocab_size is not None:
         return args.vocab_size, None
     from patch_megatron.data.tokenizers import build_tokenizer_from_args, tokenizer_info
 
