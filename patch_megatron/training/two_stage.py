@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from patch_megatron import flops
 from patch_megatron.training.arguments import ArgumentError, StagePlan, parse_args
 from patch_megatron.training.checkpointing import (
-    LATEST_FILE, CheckpointError, iteration_dir, read_latest_iteration,
+    CheckpointError, iteration_dir, read_latest_iteration,
 )
 
 PATCH_DIR, HANDOFF_DIR, TOKEN_DIR = "patch", "token_init", "token"
@@ -57,10 +57,6 @@ REFUSED_FLAGS = {
     "--lr-decay-iters": "each stage decays over its own iterations, which differ between stages",
     "--finetune": "the token stage already starts from the patch stage's weights only",
 }
-
-# The flags that fix a stage's plan, compared against a checkpoint's saved
-# flags before continuing from it.
-PLAN_FLAGS = ("patch_size", "patch_data_fraction", "train_tokens", "global_batch_size", "seq_length")
 
 # How long nodes other than rank 0 wait for the handoff (converting a few
 # billion parameters on one CPU process takes minutes, not hours).
@@ -357,6 +353,7 @@ def _refuse_other_plan(where: str, saved: dict, expected: dict) -> None:
 
 
 def _stage_flags(stage: StageRun, config: RunConfig) -> dict:
+    """The flags that fix a stage's plan: a checkpoint to continue from must have the same."""
     return {"patch_size": stage.plan.patch_size,
             "patch_data_fraction": float(config.patch_data_fraction),
             "train_tokens": config.train_tokens,

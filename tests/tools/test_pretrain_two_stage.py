@@ -119,19 +119,28 @@ def dry_run(script, tmp_path, **env):
     return result.stdout
 
 
-@pytest.mark.parametrize("size, nodes", [
-    ("370m", {}),
-    ("780m", {}),
-    ("1.3b", {"NNODES": "4", "NODE_RANK": "0", "MASTER_ADDR": "node0"}),
-    ("2.7b", {"NNODES": "4", "NODE_RANK": "2", "MASTER_ADDR": "node0"}),  # waits for rank 0
+# The paper's budget split by hand: 2/3 of 360B tokens at 2M tokens per step.
+PATCH_ITERS = round(360_000_000_000 * 2 / 3) // TWO_MILLION_TOKENS
+
+
+@pytest.mark.parametrize("size, nodes, saved", [
+    ("370m", {}, {}),
+    ("780m", {}, {"patch": PATCH_ITERS - 1}),  # an interrupted patch stage resumes itself
+    # a re-run after the handoff: only the token stage is left, resuming from its own checkpoints
+    ("1.3b", {"NNODES": "4", "NODE_RANK": "0", "MASTER_ADDR": "node0"},
+     {"patch": PATCH_ITERS, "token_init": 0, "token": 7}),
+    ("2.7b", {"NNODES": "4", "NODE_RANK": "2", "MASTER_ADDR": "node0"}, {}),  # waits for rank 0
 ])
-def test_example_scripts_print_commands_the_real_parser_accepts(tmp_path, size, nodes):
+def test_example_scripts_print_commands_the_real_parser_accepts(tmp_path, size, nodes, saved):
+    checkpoints = tmp_path / "ckpt"
+    for name, iteration in saved.items():
+        (checkpoints / name).mkdir(parents=True)
+        (checkpoints / name / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     out = dry_run(f"pretrain_llama_{size}.sh", tmp_path, **nodes)
     commands = [shlex.split(line) for line in out.splitlines() if line and not line.startswith("#")]
     trainings = [c for c in commands if c[0] == "torchrun"]
     converts = [c for c in commands if c[1].endswith("tools/convert_patch_to_token.py")]
-    assert len(trainings) == 2 and len(commands) == 2 + len(converts)
-    (patch_cmd, token_cmd) = trainings
+    assert len(commands) == len(trainings) + len(converts)
     parsed = []
     for command in trainings:
         script = command.index(os.path.join(REPO_ROOT, "pretrain_patch_gpt.py"))
@@ -141,7 +150,6 @@ def test_example_scripts_print_commands_the_real_parser_accepts(tmp_path, size, 
                             "--master-addr": nodes.get("MASTER_ADDR", "localhost"),
                             "--master-port": "6000"}
         parsed.append(parse_args(command[script + 1:]))
-    patch, token = parsed
     for args in parsed:
         shape = (args.hidden_size, args.ffn_hidden_size, args.num_layers, args.num_attention_heads)
         assert shape == PAPER_MODELS[size]
@@ -153,14 +161,22 @@ def test_example_scripts_print_commands_the_real_parser_accepts(tmp_path, size, 
         assert args.stage.seq_length == 2048 and args.stage.tokens_per_step == TWO_MILLION_TOKENS
         assert args.tokenizer_type == "GPTSentencePieceTokenizer"
         assert (args.train_tokens, args.patch_data_fraction) == (360_000_000_000, 2 / 3)
-    assert (patch.stage.name, patch.patch_size, token.stage.name) == ("patch", 4, "token")
-    assert patch.save == patch.load and token.save != token.load  # the patch stage resumes itself
-    assert token.load == os.path.join(str(tmp_path / "ckpt"), "token_init")
+    token = parsed[-1]
+    assert token.stage.name == "token" and token.save == str(checkpoints / "token")
+    if saved.get("patch") == PATCH_ITERS:
+        assert len(trainings) == 1 and not converts and out.count("# done before") == 2
+        assert token.load == token.save  # resumes its own checkpoints
+        return
+    patch = parsed[0]
+    assert len(trainings) == 2 and (patch.stage.name, patch.patch_size) == ("patch", 4)
+    assert patch.stage.train_iters == PATCH_ITERS
+    assert patch.save == patch.load == str(checkpoints / "patch")  # resumes itself when re-run
+    assert token.load == str(checkpoints / "token_init")
     if nodes.get("NODE_RANK", "0") == "0":
         (convert,) = converts
         assert convert[convert.index("--load") + 1] == patch.save
         assert convert[convert.index("--save") + 1] == token.load
-        assert convert[convert.index("--iteration") + 1] == str(patch.stage.train_iters)
+        assert convert[convert.index("--iteration") + 1] == str(PATCH_ITERS)
         assert commands.index(convert) == 1  # between the stages
     else:
         assert not converts and "waiting for node rank 0 to write" in out
