@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         # 2.13.0 (the CPU wheel on a fresh machine) must satisfy this range.
-        "torch>=2.4,<2.14",
+        "torch>=2.5,<2.14",  # 2.5: scaled_dot_product_attention(enable_gqa=)
         # 0.17+ needs Python 3.12; 0.16.x is the line that installs on 3.11.
         "megatron-core>=0.16,<0.17",
         "sentencepiece>=0.2",

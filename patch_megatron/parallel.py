@@ -49,7 +49,9 @@ def initialize(config: ParallelConfig, seed: int, timeout_minutes: int = 10) -> 
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_PORT" not in os.environ:
+            # One process without torchrun: any free port, so runs side by side do not collide.
+            os.environ["MASTER_PORT"] = str(_free_port()) if world_size == 1 else "29500"
         torch.distributed.init_process_group(
             backend="gloo" if on_cpu else "nccl",
             rank=rank,
@@ -79,3 +81,11 @@ def destroy() -> None:
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

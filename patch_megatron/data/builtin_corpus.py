@@ -23,6 +23,7 @@ from typing import Iterator, Optional
 # Test suites and GUI code are mostly fixtures, not prose.
 _SKIPPED_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__",
                  "lib2to3", "turtledemo", "ensurepip"}
+_TEST_DIRS = {"test"}
 MIN_DOCUMENT_CHARS = 200
 
 
@@ -33,8 +34,12 @@ class CorpusInfo:
     text_bytes: int
 
 
-def iter_builtin_documents(include_sources: bool = False) -> Iterator[str]:
-    """Yield the corpus documents in their fixed order."""
+def iter_builtin_documents(include_sources: bool = False, include_tests: bool = False) -> Iterator[str]:
+    """Yield the corpus documents in their fixed order.
+
+    ``include_tests`` adds the sources of the stdlib's own test suite after the
+    rest (about 17 MB more real code, for benchmarks that need more data).
+    """
     from pydoc_data.topics import topics
 
     for name in sorted(topics):
@@ -50,10 +55,16 @@ def iter_builtin_documents(include_sources: bool = False) -> Iterator[str]:
             text = _read_source(path)
             if text is not None and len(text) >= MIN_DOCUMENT_CHARS:
                 yield text
+    if include_tests:
+        for path in _stdlib_module_paths(test_suites_only=True):
+            text = _read_source(path)
+            if text is not None and len(text) >= MIN_DOCUMENT_CHARS:
+                yield text
 
 
 def build_builtin_corpus(output_path: str, max_bytes: Optional[int] = 1_000_000,
-                         json_key: str = "text", include_sources: bool = False) -> CorpusInfo:
+                         json_key: str = "text", include_sources: bool = False,
+                         include_tests: bool = False) -> CorpusInfo:
     """Write the corpus as ``.jsonl`` (one ``{json_key: text}`` object a line).
 
     Documents are taken whole, in order, until the next one would push the UTF-8
@@ -62,7 +73,7 @@ def build_builtin_corpus(output_path: str, max_bytes: Optional[int] = 1_000_000,
     documents = text_bytes = 0
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     with open(output_path, "w", encoding="utf-8") as out:
-        for text in iter_builtin_documents(include_sources):
+        for text in iter_builtin_documents(include_sources, include_tests):
             size = len(text.encode("utf-8"))
             if max_bytes is not None and text_bytes + size > max_bytes:
                 if documents == 0:
@@ -74,10 +85,13 @@ def build_builtin_corpus(output_path: str, max_bytes: Optional[int] = 1_000_000,
     return CorpusInfo(path=output_path, documents=documents, text_bytes=text_bytes)
 
 
-def _stdlib_module_paths() -> Iterator[str]:
+def _stdlib_module_paths(test_suites_only: bool = False) -> Iterator[str]:
     root = sysconfig.get_paths()["stdlib"]
     found = []
     for directory, subdirs, files in os.walk(root):
+        if test_suites_only and directory == root:
+            subdirs[:] = [d for d in subdirs if d in _TEST_DIRS]
+            continue
         subdirs[:] = [d for d in subdirs if d not in _SKIPPED_DIRS]
         found.extend(os.path.join(directory, f) for f in files if f.endswith(".py"))
     # Sort by path relative to the stdlib so the order is the same on any machine.
@@ -117,9 +131,11 @@ def main() -> None:
     parser.add_argument("--json-key", default="text")
     parser.add_argument("--include-sources", action="store_true",
                         help="after the docstrings, add the stdlib modules' full sources")
+    parser.add_argument("--include-tests", action="store_true",
+                        help="then add the sources of the stdlib's test suite (more data for benchmarks)")
     args = parser.parse_args()
     info = build_builtin_corpus(args.output, args.max_bytes or None, args.json_key,
-                                args.include_sources)
+                                args.include_sources, args.include_tests)
     print(f"wrote {info.documents} documents, {info.text_bytes} bytes of text to {info.path}")
 
 

@@ -1,0 +1,285 @@
+"""Token-only vs patch-level training at equal data: held-out NLL, FLOPs, wall-clock.
+
+For each token budget D and seed it trains, on the same D tokens of a real
+corpus (the Python standard library's docstrings, sources and test suite,
+documents shuffled once so the held-out split is representative):
+
+* token-only: D tokens at K=1;
+* patch+token: the patch stage (K, first λ·D tokens), the weights-only
+  handoff, the token stage (the other (1-λ)·D tokens), as the paper does.
+
+Both arms use the same model, optimizer, peak LR, tokens per step and the same
+held-out samples (the validation split, evaluated after the last iteration).
+It prints held-out token NLL (mean ± std over seeds), FLOPs, wall-clock and the
+cost ratio, and writes results.json and loss_vs_compute.png to --workdir.
+Finished runs are reused, so a sweep can be extended a budget at a time.
+
+    python benchmarks/patch_vs_token.py --train-tokens 1000000,4000000 --seeds 1,2,3
+
+Runs go --jobs at a time (default 2), each with its share of the cores;
+wall-clock figures are only comparable within one invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from patch_megatron import flops  # noqa: E402
+from patch_megatron.training.log_reading import tokens_per_second, validation_curve  # noqa: E402
+
+LATEST = "latest_checkpointed_iteration.txt"
+VALID_PERCENT = 2
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default=os.path.join(REPO, "runs", "patch_vs_token"))
+    p.add_argument("--train-tokens", default="1000000,4000000",
+                   help="comma-separated token budgets D (each arm trains on D tokens)")
+    p.add_argument("--seeds", default="1,2")
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--patch-data-fraction", type=float, default=2 / 3)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--num-attention-heads", type=int, default=2)
+    p.add_argument("--ffn-hidden-size", type=int, default=176)
+    p.add_argument("--seq-length", type=int, default=128, help="T: tokens, or patches in the patch stage")
+    p.add_argument("--global-batch-size", type=int, default=32,
+                   help="token-stage samples per step; the patch stage takes this / K (equal tokens per step)")
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--min-lr", type=float, default=0.0, help="cosine floor (the paper decays to 0)")
+    p.add_argument("--lr-warmup-fraction", type=float, default=0.02)
+    p.add_argument("--evals", type=int, default=8, help="validations per run (plus one at the end)")
+    p.add_argument("--eval-samples", type=int, default=512, help="held-out samples per validation")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (each gets cores/jobs threads)")
+    args = p.parse_args()
+    args.budgets = [int(float(x)) for x in args.train_tokens.split(",")]
+    args.seed_list = [int(x) for x in args.seeds.split(",")]
+    if args.global_batch_size % args.patch_size:
+        p.error(f"--global-batch-size {args.global_batch_size} must be divisible by "
+                f"--patch-size {args.patch_size} (the patch stage runs B/K samples of K*T tokens)")
+    return args
+
+
+def run(command, log_path, threads):
+    """Run one process to completion, its output into ``log_path``; fail loudly."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(threads)}
+    with open(log_path, "w") as log:
+        code = subprocess.call(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if code:
+        tail = open(log_path).read()[-3000:]
+        raise RuntimeError(f"{' '.join(command[:3])} ... failed (exit {code}); log {log_path}:\n{tail}")
+
+
+def prepare_data(args):
+    """Corpus -> SentencePiece model -> indexed files, each reused when present."""
+    py, data = sys.executable, os.path.join(args.workdir, "data")
+    os.makedirs(data, exist_ok=True)
+    corpus, tokenizer = os.path.join(data, "corpus.jsonl"), os.path.join(data, "tokenizer")
+    prefix = os.path.join(data, "corpus_text_document")
+    if not os.path.exists(corpus):
+        ordered = corpus + ".ordered"
+        run([py, "-m", "patch_megatron.data.builtin_corpus", ordered, "--max-bytes", "0",
+             "--include-sources", "--include-tests"], corpus + ".log", 2)
+        lines = open(ordered, encoding="utf-8").readlines()
+        random.Random(0).shuffle(lines)  # so the held-out documents are like the training ones
+        with open(corpus + ".tmp", "w", encoding="utf-8") as out:
+            out.writelines(lines)
+        os.replace(corpus + ".tmp", corpus)
+        os.remove(ordered)
+    if not os.path.exists(tokenizer + ".model"):
+        run([py, "tools/train_tokenizer.py", "--input", corpus, "--vocab-size", str(args.vocab_size),
+             "--output-prefix", tokenizer], tokenizer + ".log", 2)
+    if not os.path.exists(prefix + ".idx"):
+        run([py, "tools/preprocess_data.py", "--input", corpus, "--output-prefix", prefix[: -len("_text_document")],
+             "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", tokenizer + ".model",
+             "--append-eod", "--workers", "2"], prefix + ".log", 2)
+    return prefix, tokenizer + ".model"
+
+
+def corpus_train_tokens(prefix):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)  # keep it alive: its lengths are a view of its memory map
+    lengths = dataset.sequence_lengths
+    return int(lengths[: len(lengths) * (100 - VALID_PERCENT) // 100].sum())
+
+
+def stage_command(args, data, budget, seed, *, patch_size, fraction, save, load=None):
+    T, B, K = args.seq_length, args.global_batch_size, patch_size
+    steps = budget // (B * T)  # whole-run steps at equal tokens per step
+    batch = B // K
+    command = [
+        sys.executable, "pretrain_patch_gpt.py",
+        "--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
+        "--num-attention-heads", str(args.num_attention_heads), "--ffn-hidden-size", str(args.ffn_hidden_size),
+        "--seq-length", str(T), "--untie-embeddings-and-output-weights", "--make-vocab-size-divisible-by", "128",
+        "--data-path", data[0], "--split", f"{100 - VALID_PERCENT},{VALID_PERCENT},0",
+        "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", data[1],
+        "--train-tokens", str(budget), "--patch-size", str(K), "--patch-data-fraction", f"{fraction:.6f}",
+        "--global-batch-size", str(batch), "--micro-batch-size", str(batch),
+        "--lr", str(args.lr), "--min-lr", str(args.min_lr), "--lr-warmup-fraction", str(args.lr_warmup_fraction),
+        "--log-interval", str(max(1, steps // 20)), "--eval-interval", str(max(1, steps // args.evals)),
+        "--eval-iters", str(max(1, args.eval_samples // B)), "--seed", str(seed), "--save", save,
+    ]
+    return command + (["--load", load] if load else [])
+
+
+def train_arm(args, data, budget, seed, arm, threads):
+    """One arm of one (budget, seed): its processes in order; returns its figures."""
+    out = os.path.join(args.workdir, f"D{budget}", f"seed{seed}", arm)
+    result_path = os.path.join(out, "result.json")
+    if os.path.exists(result_path):
+        return json.load(open(result_path))
+    os.makedirs(out, exist_ok=True)
+    K, lam = args.patch_size, args.patch_data_fraction
+    stages = []  # (name, command, checkpoint dir, K)
+    if arm == "token-only":
+        stages.append(("token-only", stage_command(args, data, budget, seed, patch_size=1, fraction=0,
+                                                   save=os.path.join(out, "ckpt")), os.path.join(out, "ckpt"), 1))
+    else:
+        patch, init, token = (os.path.join(out, d) for d in ("patch", "token_init", "token"))
+        stages.append(("patch stage", stage_command(args, data, budget, seed, patch_size=K, fraction=lam,
+                                                    save=patch), patch, K))
+        stages.append(("handoff", [sys.executable, "tools/convert_patch_to_token.py", "--load", patch,
+                                   "--save", init], None, None))
+        stages.append(("token stage", stage_command(args, data, budget, seed, patch_size=1, fraction=lam,
+                                                    save=token, load=init), token, 1))
+    result = {"budget": budget, "seed": seed, "arm": arm, "stages": []}
+    start = time.time()
+    for name, command, ckpt, stage_k in stages:
+        log = os.path.join(out, name.replace(" ", "_") + ".log")
+        began = time.time()
+        run(command, log, threads)
+        entry = {"name": name, "seconds": time.time() - began}
+        if ckpt is not None:
+            text = open(log).read()
+            iterations = int(open(os.path.join(ckpt, LATEST)).read())
+            entry.update(iterations=iterations, flops=iterations * step_flops(args, stage_k),
+                         curve=validation_curve(text), tokens_per_second=tokens_per_second(text))
+        result["stages"].append(entry)
+        print(f"  D={budget:,} seed {seed} {arm}: {name} done in {entry['seconds']:.0f} s", flush=True)
+    trained = [s for s in result["stages"] if "curve" in s]
+    result.update(seconds=time.time() - start, flops=sum(s["flops"] for s in trained),
+                  heldout_nll=trained[-1]["curve"][-1][1])
+    json.dump(result, open(result_path, "w"), indent=1)
+    return result
+
+
+def step_flops(args, patch_size):
+    vocab = 128 * math.ceil(args.vocab_size / 128)
+    shape = flops.ModelShape(num_layers=args.num_layers, hidden_size=args.hidden_size,
+                             num_attention_heads=args.num_attention_heads,
+                             ffn_hidden_size=args.ffn_hidden_size, vocab_size=vocab)
+    return flops.training_flops_per_iteration(shape, args.seq_length, patch_size=patch_size,
+                                              global_batch_size=args.global_batch_size // patch_size)
+
+
+def parameters(args):
+    vocab = 128 * math.ceil(args.vocab_size / 128)
+    h, f = args.hidden_size, args.ffn_hidden_size
+    per_layer = 4 * h * h + 3 * h * f + 2 * h
+    return args.num_layers * per_layer + 2 * vocab * h + h
+
+
+def mean_std(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def report(args, results):
+    arms = ("token-only", "patch+token")
+    n_params = parameters(args)
+    print(f"\nmodel: {args.num_layers} layers, hidden {args.hidden_size}, ffn {args.ffn_hidden_size}, "
+          f"vocab {args.vocab_size} ({n_params / 1e6:.2f}M parameters, embeddings included); T={args.seq_length}, "
+          f"{args.global_batch_size * args.seq_length} tokens per step; K={args.patch_size}, "
+          f"λ={args.patch_data_fraction:.3f}; seeds {args.seeds}")
+    print(f"{'D tokens':>11}{'tok/param':>10}  {'arm':<12}{'held-out NLL':>18}{'FLOPs':>10}{'cost':>6}"
+          f"{'wall s':>8}")
+    summary = []
+    for budget in args.budgets:
+        rows = {arm: [r for r in results if r["budget"] == budget and r["arm"] == arm] for arm in arms}
+        base_flops = statistics.mean(r["flops"] for r in rows["token-only"])
+        entry = {"budget": budget, "tokens_per_parameter": budget / n_params}
+        for arm in arms:
+            nll_mean, nll_std = mean_std([r["heldout_nll"] for r in rows[arm]])
+            fl = statistics.mean(r["flops"] for r in rows[arm])
+            secs = statistics.mean(r["seconds"] for r in rows[arm])
+            entry[arm] = {"nll_mean": nll_mean, "nll_std": nll_std, "flops": fl, "cost": fl / base_flops,
+                          "seconds": secs, "per_seed": {r["seed"]: r["heldout_nll"] for r in rows[arm]}}
+            print(f"{budget:>11,}{budget / n_params:>10.1f}  {arm:<12}{nll_mean:>10.3f} ± {nll_std:<5.3f}"
+                  f"{fl:>10.2e}{fl / base_flops:>6.2f}{secs:>8.0f}")
+        gaps = [entry["patch+token"]["per_seed"][s] - entry["token-only"]["per_seed"][s] for s in args.seed_list]
+        gap, gap_std = mean_std(gaps)
+        entry["nll_gap"], entry["nll_gap_std"] = gap, gap_std
+        print(f"{'':>23}patch+token - token-only: {gap:+.3f} ± {gap_std:.3f} nats (paired by seed)")
+        summary.append(entry)
+    json.dump({"config": vars(args), "parameters": n_params, "summary": summary, "runs": results},
+              open(os.path.join(args.workdir, "results.json"), "w"), indent=1, default=str)
+    plot(args, results)
+
+
+def plot(args, results):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, budget in enumerate(args.budgets):
+        for r in (r for r in results if r["budget"] == budget):
+            x0, xs, ys = 0.0, [], []
+            for stage in (s for s in r["stages"] if "curve" in s):
+                per_step = stage["flops"] / stage["iterations"]
+                xs += [x0 + it * per_step for it, _ in stage["curve"]]
+                ys += [v for _, v in stage["curve"]]
+                x0 += stage["flops"]
+            style = "-" if r["arm"] == "token-only" else "--"
+            label = f"D={budget / 1e6:g}M {r['arm']}" if r["seed"] == args.seed_list[0] else None
+            ax.plot(xs, ys, style, color=colours[i % len(colours)], lw=1, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("held-out token NLL")
+    ax.set_title(f"token-only (solid) vs patch K={args.patch_size}, λ={args.patch_data_fraction:.2f} then token (dashed)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(args.workdir, "loss_vs_compute.png")
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main():
+    args = parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    data = prepare_data(args)
+    available = corpus_train_tokens(data[0])
+    if max(args.budgets) > available:
+        sys.exit(f"--train-tokens {max(args.budgets):,} exceeds the {available:,} training tokens of the corpus: "
+                 "both arms would repeat data. Lower --train-tokens.")
+    jobs = [(b, s, arm) for b in args.budgets for s in args.seed_list for arm in ("patch+token", "token-only")]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    print(f"{len(jobs)} runs, {args.jobs} at a time, {threads} thread(s) each; "
+          f"corpus: {available:,} training tokens", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(lambda job: train_arm(args, data, *job, threads), jobs))
+    report(args, results)
+
+
+if __name__ == "__main__":
+    main()

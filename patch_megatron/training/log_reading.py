@@ -1,0 +1,35 @@
+"""Figures read back from a run's console log (the quickstart and the benchmarks).
+
+The loop's log lines are Megatron-LM's format; these helpers are the one place
+that parses them, so a format change breaks one module and its test.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import List, Tuple
+
+_VALIDATION = re.compile(r"validation (\w+) stage at iteration (\d+) \| (.*)")
+_TOKENS_PER_SECOND = re.compile(r"tokens per second: ([\d.]+)")
+
+
+def validation_curve(log_text: str) -> List[Tuple[int, float]]:
+    """[(iteration, held-out token NLL)] of every validation line.
+
+    The token stage logs ``lm loss``; the patch stage logs its patch loss and
+    ``token nll (K=1)``, the token-format NLL that compares across stages.
+    """
+    points = []
+    for match in _VALIDATION.finditer(log_text):
+        values = dict(part.split(" value: ") for part in match.group(3).strip(" |").split(" | "))
+        nll = values.get("lm loss", values.get("token nll (K=1)"))
+        if nll is not None:
+            points.append((int(match.group(2)), float(nll)))
+    return points
+
+
+def tokens_per_second(log_text: str, skip_first: int = 1) -> float:
+    """Mean training tokens/s over the logged intervals after the first ``skip_first`` (warm-up)."""
+    rates = [float(r) for r in _TOKENS_PER_SECOND.findall(log_text)]
+    rates = rates[skip_first:] or rates
+    return sum(rates) / len(rates) if rates else float("nan")
