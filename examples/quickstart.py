@@ -22,12 +22,15 @@ import argparse
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from patch_megatron.training.log_reading import tokens_per_second, validation_curve  # noqa: E402
+
 MODEL = dict(num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=352)
 SEQ = 64  # T: tokens in the token stage, patches in the patch stage
 TOKENS_PER_STEP = 16 * SEQ  # the same in both stages, as in the paper
@@ -92,26 +95,13 @@ def _worth_showing(line):
         or "Traceback" in line or line.startswith(("summary", "wrote", "Wrote"))
 
 
-EVAL_RE = re.compile(r"validation (\w+) stage at iteration (\d+) \| (.*)")
-
-
 def eval_curve(log_path):
-    """[(iteration, token NLL)] from a run's console log."""
-    points = []
-    for line in open(log_path):
-        m = EVAL_RE.search(line)
-        if not m:
-            continue
-        values = dict(part.split(" value: ") for part in m.group(3).strip(" |").split(" | "))
-        nll = values.get("lm loss", values.get("token nll (K=1)"))
-        if nll is not None:
-            points.append((int(m.group(2)), float(nll)))
-    return points
+    """[(iteration, held-out token NLL)] from a run's console log."""
+    return validation_curve(open(log_path).read())
 
 
 def last_tokens_per_second(log_path):
-    rates = re.findall(r"tokens per second: ([\d.]+)", open(log_path).read())
-    return float(rates[-1]) if rates else float("nan")
+    return tokens_per_second(open(log_path).read())
 
 
 def main():
