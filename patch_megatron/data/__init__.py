@@ -9,16 +9,27 @@ Public entry points:
 * ``inspect_prefix`` (index_validation): checks a data prefix, clear errors.
 """
 
-from patch_megatron.data.builtin_corpus import build_builtin_corpus, iter_builtin_documents
-from patch_megatron.data.index_validation import DatasetFileError, inspect_prefix
-from patch_megatron.data.merge import merge_prefixes
-from patch_megatron.data.preprocess import PreprocessConfig, preprocess
-from patch_megatron.data.patch_dataset import (
-    DatasetTooSmallError, PatchGPTDataset, PatchGPTDatasetConfig, raw_sequence_length)
-from patch_megatron.data.stage_datasets import StageDatasets, build_stage_datasets
-from patch_megatron.data.tokenizers import (
-    TokenizerInfo, add_tokenizer_args, build_tokenizer, build_tokenizer_from_args,
-    tokenizer_info)
+import importlib
+
+# Imported on first use (PEP 562): most submodules pull in megatron-core, which
+# takes seconds, and the flag parser only needs the tokenizer names.
+_HOMES = {
+    "build_builtin_corpus": "builtin_corpus", "iter_builtin_documents": "builtin_corpus",
+    "DatasetFileError": "index_validation", "inspect_prefix": "index_validation",
+    "merge_prefixes": "merge", "PreprocessConfig": "preprocess", "preprocess": "preprocess",
+    "DatasetTooSmallError": "patch_dataset", "PatchGPTDataset": "patch_dataset",
+    "PatchGPTDatasetConfig": "patch_dataset", "raw_sequence_length": "patch_dataset",
+    "StageDatasets": "stage_datasets", "build_stage_datasets": "stage_datasets",
+    "TokenizerInfo": "tokenizers", "add_tokenizer_args": "tokenizers", "build_tokenizer": "tokenizers",
+    "build_tokenizer_from_args": "tokenizers", "tokenizer_info": "tokenizers",
+}
+
+
+def __getattr__(name):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+
 
 __all__ = [
     "DatasetFileError", "DatasetTooSmallError", "PatchGPTDataset", "PatchGPTDatasetConfig",

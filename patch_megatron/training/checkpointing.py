@@ -295,7 +295,9 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
 
     iteration = read_latest_iteration(load_dir)
     if iteration is None:
-        if os.path.isdir(load_dir) and any(n.startswith("iter_") for n in os.listdir(load_dir)):
+        finished = os.path.isdir(load_dir) and any(
+            n.startswith("iter_") and not n.endswith(INCOMPLETE_SUFFIX) for n in os.listdir(load_dir))
+        if finished:  # an iter_*.incomplete alone is a first save that was killed: start afresh
             raise CheckpointError(f"{load_dir} holds iter_* directories but no {LATEST_FILE}: the "
                                   "saves never completed")
         return None  # nothing to resume: start from scratch, as Megatron-LM does
