@@ -6,12 +6,15 @@ documents shuffled once so the held-out split is representative):
 
 * token-only: D tokens at K=1;
 * patch+token: the patch stage (K, first λ·D tokens), the weights-only
-  handoff, the token stage (the other (1-λ)·D tokens), as the paper does.
+  handoff, the token stage (the other (1-λ)·D tokens), as the paper does;
+* token stage alone (a control): the same token stage from random weights,
+  so "patch+token" minus this is what the patch stage's weights are worth.
 
 Both arms use the same model, optimizer, peak LR, tokens per step and the same
 held-out samples (the validation split, evaluated after the last iteration).
 It prints held-out token NLL (mean ± std over seeds), FLOPs, wall-clock and the
-cost ratio, and writes results.json and loss_vs_compute.png to --workdir.
+cost ratio, and writes results.json and loss_vs_compute.png into a folder of
+--workdir named after the model and recipe.
 Finished runs are reused, so a sweep can be extended a budget at a time.
 
     python benchmarks/patch_vs_token.py --train-tokens 1000000,4000000 --seeds 1,2,3
@@ -40,6 +43,7 @@ from patch_megatron import flops  # noqa: E402
 from patch_megatron.training.log_reading import tokens_per_second, validation_curve  # noqa: E402
 
 LATEST = "latest_checkpointed_iteration.txt"
+ARMS = ("token-only", "patch+token", "token stage alone")
 VALID_PERCENT = 2
 
 
@@ -140,7 +144,7 @@ def stage_command(args, data, budget, seed, *, patch_size, fraction, save, load=
 
 def train_arm(args, data, budget, seed, arm, threads):
     """One arm of one (budget, seed): its processes in order; returns its figures."""
-    out = os.path.join(args.workdir, f"D{budget}", f"seed{seed}", arm)
+    out = os.path.join(run_root(args), f"D{budget}", f"seed{seed}", arm)
     result_path = os.path.join(out, "result.json")
     if os.path.exists(result_path):
         return json.load(open(result_path))
@@ -150,6 +154,9 @@ def train_arm(args, data, budget, seed, arm, threads):
     if arm == "token-only":
         stages.append(("token-only", stage_command(args, data, budget, seed, patch_size=1, fraction=0,
                                                    save=os.path.join(out, "ckpt")), os.path.join(out, "ckpt"), 1))
+    elif arm == "token stage alone":
+        stages.append(("token stage", stage_command(args, data, budget, seed, patch_size=1, fraction=lam,
+                                                    save=os.path.join(out, "ckpt")), os.path.join(out, "ckpt"), 1))
     else:
         patch, init, token = (os.path.join(out, d) for d in ("patch", "token_init", "token"))
         stages.append(("patch stage", stage_command(args, data, budget, seed, patch_size=K, fraction=lam,
@@ -179,6 +186,12 @@ def train_arm(args, data, budget, seed, arm, threads):
     return result
 
 
+def run_root(args):
+    """Runs of one model and recipe share a folder; the data is shared by all."""
+    return os.path.join(args.workdir, f"{args.num_layers}L_h{args.hidden_size}_T{args.seq_length}_"
+                                      f"B{args.global_batch_size}_K{args.patch_size}_lam{args.patch_data_fraction:.3f}")
+
+
 def step_flops(args, patch_size):
     vocab = 128 * math.ceil(args.vocab_size / 128)
     shape = flops.ModelShape(num_layers=args.num_layers, hidden_size=args.hidden_size,
@@ -200,13 +213,13 @@ def mean_std(values):
 
 
 def report(args, results):
-    arms = ("token-only", "patch+token")
+    arms = ARMS
     n_params = parameters(args)
     print(f"\nmodel: {args.num_layers} layers, hidden {args.hidden_size}, ffn {args.ffn_hidden_size}, "
           f"vocab {args.vocab_size} ({n_params / 1e6:.2f}M parameters, embeddings included); T={args.seq_length}, "
           f"{args.global_batch_size * args.seq_length} tokens per step; K={args.patch_size}, "
           f"λ={args.patch_data_fraction:.3f}; seeds {args.seeds}")
-    print(f"{'D tokens':>11}{'tok/param':>10}  {'arm':<12}{'held-out NLL':>18}{'FLOPs':>10}{'cost':>6}"
+    print(f"{'D tokens':>11}{'tok/param':>10}  {'arm':<18}{'held-out NLL':>18}{'FLOPs':>10}{'cost':>6}"
           f"{'wall s':>8}")
     summary = []
     for budget in args.budgets:
@@ -219,15 +232,16 @@ def report(args, results):
             secs = statistics.mean(r["seconds"] for r in rows[arm])
             entry[arm] = {"nll_mean": nll_mean, "nll_std": nll_std, "flops": fl, "cost": fl / base_flops,
                           "seconds": secs, "per_seed": {r["seed"]: r["heldout_nll"] for r in rows[arm]}}
-            print(f"{budget:>11,}{budget / n_params:>10.1f}  {arm:<12}{nll_mean:>10.3f} ± {nll_std:<5.3f}"
+            print(f"{budget:>11,}{budget / n_params:>10.1f}  {arm:<18}{nll_mean:>10.3f} ± {nll_std:<5.3f}"
                   f"{fl:>10.2e}{fl / base_flops:>6.2f}{secs:>8.0f}")
-        gaps = [entry["patch+token"]["per_seed"][s] - entry["token-only"]["per_seed"][s] for s in args.seed_list]
-        gap, gap_std = mean_std(gaps)
-        entry["nll_gap"], entry["nll_gap_std"] = gap, gap_std
-        print(f"{'':>23}patch+token - token-only: {gap:+.3f} ± {gap_std:.3f} nats (paired by seed)")
+        for name, other in (("nll_gap", "token-only"), ("patch_stage_worth", "token stage alone")):
+            diffs = [entry["patch+token"]["per_seed"][s] - entry[other]["per_seed"][s] for s in args.seed_list]
+            entry[name], entry[name + "_std"] = mean_std(diffs)
+            print(f"{'':>23}patch+token - {other}: {entry[name]:+.3f} ± {entry[name + '_std']:.3f} nats "
+                  "(paired by seed)")
         summary.append(entry)
     json.dump({"config": vars(args), "parameters": n_params, "summary": summary, "runs": results},
-              open(os.path.join(args.workdir, "results.json"), "w"), indent=1, default=str)
+              open(os.path.join(run_root(args), "results.json"), "w"), indent=1, default=str)
     plot(args, results)
 
 
@@ -250,16 +264,17 @@ def plot(args, results):
                 xs += [x0 + it * per_step for it, _ in stage["curve"]]
                 ys += [v for _, v in stage["curve"]]
                 x0 += stage["flops"]
-            style = "-" if r["arm"] == "token-only" else "--"
+            style = {"token-only": "-", "patch+token": "--", "token stage alone": ":"}[r["arm"]]
             label = f"D={budget / 1e6:g}M {r['arm']}" if r["seed"] == args.seed_list[0] else None
             ax.plot(xs, ys, style, color=colours[i % len(colours)], lw=1, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("held-out token NLL")
-    ax.set_title(f"token-only (solid) vs patch K={args.patch_size}, λ={args.patch_data_fraction:.2f} then token (dashed)")
+    ax.set_title(f"token-only (solid), patch K={args.patch_size} λ={args.patch_data_fraction:.2f} + token (dashed),\n"
+                 "token stage alone (dotted)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = os.path.join(args.workdir, "loss_vs_compute.png")
+    path = os.path.join(run_root(args), "loss_vs_compute.png")
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
 
@@ -272,7 +287,7 @@ def main():
     if max(args.budgets) > available:
         sys.exit(f"--train-tokens {max(args.budgets):,} exceeds the {available:,} training tokens of the corpus: "
                  "both arms would repeat data. Lower --train-tokens.")
-    jobs = [(b, s, arm) for b in args.budgets for s in args.seed_list for arm in ("patch+token", "token-only")]
+    jobs = [(b, s, arm) for b in args.budgets for s in args.seed_list for arm in ARMS]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     print(f"{len(jobs)} runs, {args.jobs} at a time, {threads} thread(s) each; "
           f"corpus: {available:,} training tokens", flush=True)
