@@ -20,7 +20,13 @@ Finished runs are reused, so a sweep can be extended a budget at a time.
     python benchmarks/patch_vs_token.py --train-tokens 1000000,4000000 --seeds 1,2,3
 
 Runs go --jobs at a time (default 2), each with its share of the cores;
-wall-clock figures are only comparable within one invocation.
+wall-clock figures are only comparable within one invocation. At a scale
+beyond the built-in corpus (on a GPU), point it at your own preprocessed data:
+
+    python benchmarks/patch_vs_token.py --data-path pile_text_document --tokenizer-model tok.model \
+        --vocab-size 32000 --num-layers 12 --hidden-size 768 --num-attention-heads 12 \
+        --ffn-hidden-size 2048 --seq-length 1024 --global-batch-size 256 --lr 6e-4 \
+        --train-tokens 5000000000 --seeds 1 --jobs 1 --extra-args "--bf16 --micro-batch-size 16"
 """
 
 from __future__ import annotations
@@ -69,9 +75,17 @@ def parse_args():
     p.add_argument("--evals", type=int, default=8, help="validations per run (plus one at the end)")
     p.add_argument("--eval-samples", type=int, default=512, help="held-out samples per validation")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (each gets cores/jobs threads)")
+    p.add_argument("--data-path", default=None,
+                   help="an existing megatron data prefix to use instead of the built-in corpus "
+                        "(with --tokenizer-model; its vocabulary must be --vocab-size)")
+    p.add_argument("--tokenizer-model", default=None, help="the SentencePiece model of --data-path")
+    p.add_argument("--extra-args", default="",
+                   help="more pretrain_patch_gpt.py flags for every stage, e.g. '--bf16' on a GPU")
     args = p.parse_args()
     args.budgets = [int(float(x)) for x in args.train_tokens.split(",")]
     args.seed_list = [int(x) for x in args.seeds.split(",")]
+    if (args.data_path is None) != (args.tokenizer_model is None):
+        p.error("--data-path and --tokenizer-model go together")
     if args.global_batch_size % args.patch_size:
         p.error(f"--global-batch-size {args.global_batch_size} must be divisible by "
                 f"--patch-size {args.patch_size} (the patch stage runs B/K samples of K*T tokens)")
@@ -90,6 +104,8 @@ def run(command, log_path, threads):
 
 def prepare_data(args):
     """Corpus -> SentencePiece model -> indexed files, each reused when present."""
+    if args.data_path is not None:
+        return args.data_path, args.tokenizer_model
     py, data = sys.executable, os.path.join(args.workdir, "data")
     os.makedirs(data, exist_ok=True)
     corpus, tokenizer = os.path.join(data, "corpus.jsonl"), os.path.join(data, "tokenizer")
@@ -139,7 +155,7 @@ def stage_command(args, data, budget, seed, *, patch_size, fraction, save, load=
         "--log-interval", str(max(1, steps // 20)), "--eval-interval", str(max(1, steps // args.evals)),
         "--eval-iters", str(max(1, args.eval_samples // B)), "--seed", str(seed), "--save", save,
     ]
-    return command + (["--load", load] if load else [])
+    return command + args.extra_args.split() + (["--load", load] if load else [])
 
 
 def train_arm(args, data, budget, seed, arm, threads):
