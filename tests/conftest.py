@@ -1,20 +1,10 @@
 """Shared fixtures: a real builtin corpus, a tiny SentencePiece model, tool loaders."""
 
-import importlib.util
 import os
 
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_tool(name):
-    """Import ``tools/<name>.py`` as a module (tools are scripts, not a package)."""
-    path = os.path.join(REPO_ROOT, "tools", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from repo_tools import load_tool
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from repo_tools import load_tool
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAPE_FLAGS = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --group-query-attention "
                "--num-query-groups 2 --ffn-hidden-size 48 --seq-length 8 --micro-batch-size 2 "
@@ -47,16 +49,6 @@ def run_training(extra, nproc):
 def train_lines(stdout):
     """iteration -> (consumed samples, lr, loss) from the Megatron-style log."""
     return {int(i): (int(c), float(lr), float(loss)) for i, c, lr, loss in TRAIN_LINE.findall(stdout)}
-
-
-def load_tool(name):
-    """Import ``tools/<name>.py`` as a module (tools are scripts, not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_tool(name, argv):

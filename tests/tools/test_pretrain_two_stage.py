@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, load_tool
+from repo_tools import REPO_ROOT, load_tool
 from patch_megatron.training.arguments import parse_args
 
 runner = load_tool("pretrain_two_stage")
