@@ -14,7 +14,9 @@ patches megatron-core or torch, and it does so narrowly:
 * ``clip_grad_by_total_norm_fp32`` is replaced by the same computation
   without the ``torch.cuda.FloatTensor`` assert;
 * ``LanguageModule.setup_embeddings_and_output_layer`` (tied embeddings under
-  pipeline parallelism) runs with ``Tensor.cuda()`` as a no-op for its duration.
+  pipeline parallelism) runs with ``Tensor.cuda()`` as a no-op for its duration;
+* the torch Adam/AdamW that megatron-core falls back to without TE or apex
+  take torch's fused CPU kernel by default (same update, several times faster).
 
 Modules of megatron-core imported after :func:`install` are patched as they
 load. Nothing here runs unless :func:`install` is called, and
@@ -154,6 +156,7 @@ def _make_torch_view(cuda_view: types.ModuleType) -> types.ModuleType:
     # torch loads some submodules lazily through a module __getattr__.
     view.__getattr__ = lambda name: getattr(torch, name)
     view.cuda = cuda_view
+    view.optim = _optim_view()
     for name in _FACTORIES:
         setattr(view, name, _on_cpu(getattr(torch, name)))
     return view
@@ -179,6 +182,31 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     if clip_coeff < 1.0:
         torch._foreach_mul_(grads, clip_coeff)
+
+
+def _fused_by_default(optimizer_class):
+    """``optimizer_class`` that takes torch's fused CPU kernel unless told otherwise.
+
+    Without TE or apex megatron-core builds torch's AdamW, whose default on CPU
+    is a per-tensor Python loop: 84 ms a step for 19.6M parameters here, 12.8 ms
+    fused, a fixed per-step cost that would otherwise cap the patch stage's
+    speed-up (it runs K times fewer positions per step, not fewer parameters).
+    """
+
+    class FusedByDefault(optimizer_class):
+        def __init__(self, params, *args, **kwargs):
+            kwargs.setdefault("fused", True)
+            super().__init__(params, *args, **kwargs)
+
+    FusedByDefault.__name__ = FusedByDefault.__qualname__ = optimizer_class.__name__
+    return FusedByDefault
+
+
+def _optim_view() -> types.ModuleType:
+    view = types.ModuleType("torch.optim")
+    view.__dict__.update(torch.optim.__dict__)
+    view.Adam, view.AdamW = _fused_by_default(torch.optim.Adam), _fused_by_default(torch.optim.AdamW)
+    return view
 
 
 def _tensors_stay_on_cpu(method):
@@ -308,6 +336,8 @@ def install() -> None:
         mrandom._get_cuda_rng_state: _get_cpu_rng_state,
         mrandom._set_cuda_rng_state: _set_cpu_rng_state,
         clip_grads.clip_grad_by_total_norm_fp32: _clip_grad_by_total_norm_fp32,
+        torch.optim.Adam: torch_view.optim.Adam,  # megatron's module-level fallback names
+        torch.optim.AdamW: torch_view.optim.AdamW,
     }
     _originals.update(originals)
     _replacements.update({id(k): v for k, v in originals.items()})
