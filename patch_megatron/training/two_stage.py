@@ -210,13 +210,25 @@ def stage_argv(config: RunConfig, name: str, load: str) -> list[str]:
     patch = name == PATCH_DIR
     K = config.patch_size if patch else 1
     batch = config.global_batch_size // config.patch_size if patch else config.global_batch_size
-    return [*config.passthrough,
+    return [*_tensorboard_per_stage(config.passthrough, name),
             "--patch-size", str(K),
             "--patch-data-fraction", repr(float(config.patch_data_fraction)),
             "--global-batch-size", str(batch),
             "--train-tokens", str(config.train_tokens),
             "--save", config.stage_dir(name),
             "--load", load]
+
+
+def _tensorboard_per_stage(flags, name: str) -> list[str]:
+    """``--tensorboard-dir D`` becomes ``D/<stage>``: both stages count iterations from 0."""
+    flags, out = list(flags), []
+    for i, flag in enumerate(flags):
+        if flag.startswith("--tensorboard-dir="):
+            flag = "--tensorboard-dir=" + os.path.join(flag.split("=", 1)[1], name)
+        elif i > 0 and flags[i - 1] == "--tensorboard-dir":
+            flag = os.path.join(flag, name)
+        out.append(flag)
+    return out
 
 
 def _check_config(config: RunConfig) -> None:

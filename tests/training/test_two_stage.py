@@ -249,3 +249,11 @@ def test_waiting_node_times_out_with_the_fix(tmp_path):
     (tmp_path / "init" / "latest_checkpointed_iteration.txt").write_text("0")
     two_stage.run_steps([wait], two_stage.Launch(nnodes=2, node_rank=1), print_fn=lambda _: None,
                         handoff_wait_s=0)
+
+
+@pytest.mark.parametrize("flags", [["--tensorboard-dir", "tb"], ["--tensorboard-dir=tb"]])
+def test_each_stage_writes_tensorboard_into_its_own_folder(tmp_path, flags):
+    cfg = config(tmp_path, extra=tuple(flags))
+    for stage in (two_stage.PATCH_DIR, two_stage.TOKEN_DIR):
+        argv = two_stage.stage_argv(cfg, stage, cfg.stage_dir(stage))
+        assert parse_args(argv).tensorboard_dir == os.path.join("tb", stage)
