@@ -208,20 +208,15 @@ def run_root(args):
                                       f"B{args.global_batch_size}_K{args.patch_size}_lam{args.patch_data_fraction:.3f}")
 
 
+def model_shape(args):
+    return flops.ModelShape(num_layers=args.num_layers, hidden_size=args.hidden_size,
+                            num_attention_heads=args.num_attention_heads,
+                            ffn_hidden_size=args.ffn_hidden_size, vocab_size=flops.pad_vocab_size(args.vocab_size))
+
+
 def step_flops(args, patch_size):
-    vocab = 128 * math.ceil(args.vocab_size / 128)
-    shape = flops.ModelShape(num_layers=args.num_layers, hidden_size=args.hidden_size,
-                             num_attention_heads=args.num_attention_heads,
-                             ffn_hidden_size=args.ffn_hidden_size, vocab_size=vocab)
-    return flops.training_flops_per_iteration(shape, args.seq_length, patch_size=patch_size,
+    return flops.training_flops_per_iteration(model_shape(args), args.seq_length, patch_size=patch_size,
                                               global_batch_size=args.global_batch_size // patch_size)
-
-
-def parameters(args):
-    vocab = 128 * math.ceil(args.vocab_size / 128)
-    h, f = args.hidden_size, args.ffn_hidden_size
-    per_layer = 4 * h * h + 3 * h * f + 2 * h
-    return args.num_layers * per_layer + 2 * vocab * h + h
 
 
 def mean_std(values):
@@ -230,7 +225,7 @@ def mean_std(values):
 
 def report(args, results):
     arms = ARMS
-    n_params = parameters(args)
+    n_params = flops.parameter_count(model_shape(args))
     print(f"\nmodel: {args.num_layers} layers, hidden {args.hidden_size}, ffn {args.ffn_hidden_size}, "
           f"vocab {args.vocab_size} ({n_params / 1e6:.2f}M parameters, embeddings included); T={args.seq_length}, "
           f"{args.global_batch_size * args.seq_length} tokens per step; K={args.patch_size}, "
