@@ -155,7 +155,7 @@ def report(w):
     from patch_megatron import flops
 
     print(f"[9/9] evaluation", flush=True)
-    vocab = 128 * math.ceil(VOCAB / 128)
+    vocab = flops.pad_vocab_size(VOCAB)
     shape = flops.ModelShape(vocab_size=vocab, **MODEL)
     per_step = {  # FLOPs of one optimizer step in each stage (same tokens per step)
         "patch": flops.training_flops_per_iteration(shape, SEQ, patch_size=K,
