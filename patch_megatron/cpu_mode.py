@@ -209,25 +209,44 @@ def _optim_view() -> types.ModuleType:
     return view
 
 
-def _tensors_stay_on_cpu(method):
-    """Run a megatron method whose body calls ``tensor.cuda()`` with that call a no-op.
+def _with_tensor_methods(method, **replacements):
+    """Run a megatron method with some ``torch.Tensor`` methods replaced for its duration.
 
-    ``LanguageModule.setup_embeddings_and_output_layer`` moves the tied
-    embedding to CUDA before all-reducing it between the first and last
-    pipeline stages; a Tensor method cannot be redirected by the module views.
+    A Tensor method cannot be redirected by the module views, so the few
+    megatron methods that call one with a CUDA assumption are wrapped here.
     """
     import functools
 
     @functools.wraps(method)
     def on_cpu(*args, **kwargs):
-        real_cuda = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda self, *a, **k: self
+        real = {name: getattr(torch.Tensor, name) for name in replacements}
+        for name, replacement in replacements.items():
+            setattr(torch.Tensor, name, replacement(real[name]))
         try:
             return method(*args, **kwargs)
         finally:
-            torch.Tensor.cuda = real_cuda
+            for name, original in real.items():
+                setattr(torch.Tensor, name, original)
 
     return on_cpu
+
+
+def _cuda_is_noop(real_cuda):
+    # LanguageModule.setup_embeddings_and_output_layer moves the tied embedding
+    # to CUDA before all-reducing it between the first and last pipeline stages.
+    return lambda self, *args, **kwargs: self
+
+
+def _type_names_cuda(real_type):
+    # megatron's mixed-precision and distributed optimizers sort parameters by
+    # their type() string ('torch.cuda.BFloat16Tensor', ...) and refuse the rest.
+    def type_(self, *args, **kwargs):
+        name = real_type(self, *args, **kwargs)
+        if args or kwargs or self.is_cuda or not name.startswith("torch."):
+            return name
+        return "torch.cuda." + name[len("torch."):]
+
+    return type_
 
 
 def _cpu_rng_tracker_class():
@@ -348,9 +367,14 @@ def install() -> None:
 
     from megatron.core.models.common.language_module.language_module import LanguageModule
 
-    LanguageModule.setup_embeddings_and_output_layer = _tensors_stay_on_cpu(
-        LanguageModule.setup_embeddings_and_output_layer
+    LanguageModule.setup_embeddings_and_output_layer = _with_tensor_methods(
+        LanguageModule.setup_embeddings_and_output_layer, cuda=_cuda_is_noop
     )
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    for optimizer_class in (DistributedOptimizer, Float16OptimizerWithFloat16Params):
+        optimizer_class.__init__ = _with_tensor_methods(optimizer_class.__init__, type=_type_names_cuda)
 
     mrandom._CUDA_RNG_STATE_TRACKER = _cpu_rng_tracker_class()()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

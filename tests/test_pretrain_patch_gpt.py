@@ -136,6 +136,64 @@ def test_two_process_layouts_continue_a_single_process_checkpoint(reference, lay
         assert losses(back.stdout) == {i: ref_losses[i] for i in (7, 8)}
 
 
+# bf16 with megatron's distributed optimizer: the GPU recipe's precision and optimizer, run on
+# CPU. Two data-parallel ranks, so the optimizer state really is sharded.
+BF16_DISTRIBUTED = ["--bf16", "--use-distributed-optimizer"]
+
+
+@pytest.fixture(scope="module")
+def bf16_reference(tmp_path_factory):
+    save = str(tmp_path_factory.mktemp("bf16") / "ckpt")
+    result = run(BF16_DISTRIBUTED + ["--save", save, "--save-interval", "4"], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return save, losses(result.stdout)
+
+
+def test_bf16_distributed_optimizer_keeps_fp32_master_weights_and_resumes_exactly(
+        bf16_reference, tmp_path):
+    save, ref_losses = bf16_reference
+    values = [float(ref_losses[i]) for i in range(1, 9)]
+    assert sum(values[-3:]) / 3 < values[0] - 0.1, values
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(os.path.join(save, "iter_0000008")).read_metadata()
+    dtypes = {k: v.properties.dtype for k, v in metadata.state_dict_metadata.items()
+              if hasattr(v, "properties")}
+    assert dtypes["decoder.layers.self_attention.linear_qkv.weight"] == torch.bfloat16
+    master = [k for k in dtypes if k.startswith("optimizer.") and k.endswith(".param")]
+    assert master and all(dtypes[k] == torch.float32 for k in master), master
+    common = torch.load(os.path.join(save, "iter_0000008", "common.pt"), weights_only=True)
+    assert common["optimizer_format"] == "dp_reshardable"
+    # The same layout, and another data-parallel size, continue with the same losses.
+    for nproc in (2, 1):
+        load = checkpoint_at(save, 4, str(tmp_path / f"dp{nproc}"))
+        result = run(BF16_DISTRIBUTED + ["--load", load], nproc=nproc)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert losses(result.stdout) == {i: ref_losses[i] for i in range(5, 9)}, nproc
+
+
+def test_weights_only_loads_reach_the_bf16_master_weights(reference, bf16_reference, tmp_path):
+    """--no-load-optim at another layout: bf16 follows fp32 doing the same, to bf16 precision.
+
+    The optimizer's fp32 master weights are copied from the initialisation when it
+    is built; a load that skips the optimizer state must refresh them from the
+    loaded weights, or the first step puts the initialisation back.
+    """
+    fp32 = run(["--load", checkpoint_at(reference[0], 4, str(tmp_path / "fp32")), "--no-load-optim"])
+    assert fp32.returncode == 0, fp32.stderr[-3000:]
+    bf16_load = checkpoint_at(bf16_reference[0], 4, str(tmp_path / "bf16"))
+    tp2 = BF16_DISTRIBUTED + ["--load", bf16_load, "--tensor-model-parallel-size", "2"]
+    bf16 = run(tp2 + ["--no-load-optim"], nproc=2)
+    assert bf16.returncode == 0, bf16.stderr[-3000:]
+    want, got = losses(fp32.stdout), losses(bf16.stdout)
+    assert sorted(got) == list(range(5, 9))
+    assert all(abs(float(got[i]) - float(want[i])) < 0.01 for i in got), (got, want)
+    # Without --no-load-optim the sharded optimizer state cannot follow to TP=2: refused.
+    refused = run(tp2, nproc=2)
+    assert refused.returncode != 0
+    assert "cannot be resharded" in refused.stderr and "--no-load-optim" in refused.stderr
+
+
 def test_sigkill_at_any_moment_then_resume_gives_the_same_losses(reference, tmp_path):
     _, _, ref_losses = reference
     save = str(tmp_path / "ckpt")
@@ -256,6 +314,7 @@ BAD_LOADS = textwrap.dedent("""
     state["payload"] = os.getcwd  # a callable: what a malicious pickle would smuggle in
     torch.save(state, common)
     results["unpickle"] = attempt(["--load", evil])
+    results["optimizer"] = attempt(["--load", ckpt, "--use-distributed-optimizer"])
     print(json.dumps(results))
 """)
 
@@ -277,3 +336,5 @@ def test_incompatible_or_unsafe_checkpoints_get_clear_errors(reference, tmp_path
     assert results["finetune"][0] == 0, results["finetune"][1]  # weights only: the handoff
     rc, err = results["unpickle"]
     assert rc == 3 and "refusing to unpickle" in err
+    rc, err = results["optimizer"]
+    assert rc == 3 and "a run without --use-distributed-optimizer" in err and "--no-load-optim" in err

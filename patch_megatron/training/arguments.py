@@ -396,20 +396,6 @@ def _check_io_and_logging(a) -> None:
              "--exit-duration-in-mins must be > 0")
 
 
-def _check_device(a) -> None:
-    """What CPU mode cannot do; decided without starting CUDA when --cpu is given."""
-    from patch_megatron import cpu_mode
-
-    if not cpu_mode.should_use_cpu_mode(a.cpu):
-        return
-    _require(not a.use_distributed_optimizer,
-             "--use-distributed-optimizer needs GPUs (megatron's distributed optimizer checks for "
-             "CUDA tensors); drop it on CPU or run on GPUs")
-    _require(not (a.bf16 or a.fp16),
-             "--bf16/--fp16 need GPUs (megatron's mixed-precision optimizer keeps CUDA buffers); "
-             "drop them to train in fp32 on CPU")
-
-
 def parse_args(argv=None):
     """Parse and check the flags; add ``args.stage`` (a StagePlan). Raises ArgumentError."""
     args = build_parser().parse_args(argv)
@@ -459,7 +445,6 @@ def _check_stage(a) -> None:
 
 def check_world_size(args, world_size: int | None = None) -> int:
     """Check the batch against the data-parallel size; fill in defaults. Returns the DP size."""
-    _check_device(args)  # here, not in parse_args: a command may be parsed on another machine
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size

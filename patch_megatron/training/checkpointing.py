@@ -139,17 +139,100 @@ def _model_sharded_state_dict(model) -> dict:
             if not (isinstance(value, ShardedObject) and key.endswith("_extra_state"))}
 
 
-def _sharded_state_dict(model, optimizer, *, with_optimizer: bool, with_rng: bool, is_loading: bool):
+def optimizer_format(args) -> str:
+    """How the optimizer state is laid out in a checkpoint.
+
+    "local": megatron's plain optimizer, sharded like the model, so any TP/PP/DP
+    loads it. "dp_reshardable": the distributed optimizer's shards as they are
+    held, no gather at save; it loads at another data-parallel size but not at
+    another TP/PP. (megatron-core 0.16's gathered "fully_reshardable" format
+    cannot be loaded back with torch's Adam, which is what runs without apex or
+    TE, so it is not offered.)
+    """
+    return "dp_reshardable" if args.use_distributed_optimizer else "local"
+
+
+def _check_optimizer_state_loads(common: dict, args, path: str) -> None:
+    saved = common.get("optimizer_format", "local")
+    here = optimizer_format(args)
+    fix = ("Resume with the saved flags, or pass --no-load-optim to keep the weights, schedule and "
+           "data position and start the Adam moments afresh")
+    if saved != here:
+        flag = {"local": "without --use-distributed-optimizer",
+                "dp_reshardable": "with --use-distributed-optimizer"}
+        raise CheckpointError(f"checkpoint {path} holds the optimizer state of a run {flag[saved]}; "
+                              f"this run is {flag[here]}. {fix}")
+    saved_layout = common.get("layout")
+    here_layout = _tp_pp(args)
+    if saved == "dp_reshardable" and saved_layout != here_layout:
+        raise CheckpointError(
+            f"checkpoint {path} holds distributed-optimizer state sharded for TP "
+            f"{saved_layout['tensor_model_parallel_size']} x PP "
+            f"{saved_layout['pipeline_model_parallel_size']}; this run is TP "
+            f"{here_layout['tensor_model_parallel_size']} x PP "
+            f"{here_layout['pipeline_model_parallel_size']} and that state cannot be resharded "
+            f"(another data-parallel size can). {fix}")
+
+
+def _tp_pp(args) -> dict:
+    return {"tensor_model_parallel_size": args.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": args.pipeline_model_parallel_size}
+
+
+def _sharded_state_dict(model, optimizer, *, with_optimizer: bool, with_rng: bool, is_loading: bool,
+                        optimizer_layout: str = "local"):
     model_sd = _model_sharded_state_dict(model)
     state = {"model": model_sd}
     if with_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading,
-            metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"},
-        )
+        metadata = None
+        if optimizer_layout != "local":
+            metadata = {"distrib_optim_sharding_type": optimizer_layout}
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                          metadata=metadata)
     if with_rng:
         state["rng_state"] = _rng_sharded_tensors()
     return state
+
+
+def _give_distributed_optimizer_state_to_load_into(optimizer) -> None:
+    """Zero Adam state at step 0 for a distributed optimizer that has not stepped yet.
+
+    Without apex or TE, megatron-core's DistributedOptimizer reads the step from
+    torch Adam's per-parameter state to describe what it loads, and torch creates
+    that state only at the first step. Loading overwrites all of it.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, distrib_optimizer.DistributedOptimizer) and not inner.optimizer.state:
+            inner.init_state_fn(inner.optimizer, inner.config)
+            for state in inner.optimizer.state.values():
+                state["step"] = torch.zeros((), dtype=torch.float32)
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Give every parameter its own Adam step counter, at the step that was loaded.
+
+    Without apex or TE, megatron-core's DistributedOptimizer restores torch
+    Adam's per-parameter ``step`` as one tensor shared by all parameters and
+    then copies the per-parameter tensors it loads into it, step included; the
+    checkpointed step survives only in the param groups. Bias correction needs
+    each parameter's own counter at that step.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(inner, distrib_optimizer.DistributedOptimizer):
+            continue
+        for group in inner.optimizer.param_groups:
+            for param in group["params"]:
+                state = inner.optimizer.state.get(param)
+                if state and isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = torch.full_like(state["step"], group["step"])
 
 
 def _barrier():
@@ -193,7 +276,7 @@ def save_checkpoint(save_dir, model, optimizer, scheduler, state, args, plan) ->
         os.makedirs(partial_dir)
     _barrier()
     sharded = _sharded_state_dict(model, optimizer, with_optimizer=True, with_rng=True,
-                                  is_loading=False)
+                                  is_loading=False, optimizer_layout=optimizer_format(args))
     sharded.update({
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": state.iteration,
@@ -204,8 +287,8 @@ def save_checkpoint(save_dir, model, optimizer, scheduler, state, args, plan) ->
         "patch_size": plan.patch_size,
         "stage": plan.name,
         "model_shape": model_shape_of(model),
-        "layout": {"tensor_model_parallel_size": args.tensor_model_parallel_size,
-                   "pipeline_model_parallel_size": args.pipeline_model_parallel_size},
+        "layout": _tp_pp(args),
+        "optimizer_format": optimizer_format(args),
         "args": args_to_dict(args),
     })
     strategy = get_default_save_sharded_strategy("torch_dist")
@@ -307,10 +390,7 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
     common = _load_common(path)
     _check_compatible(common, model, plan, args, path)
 
-    same_layout = common.get("layout") == {
-        "tensor_model_parallel_size": args.tensor_model_parallel_size,
-        "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
-    }
+    same_layout = common.get("layout") == _tp_pp(args)
     # The data-parallel size also shapes the RNG shards.
     saved_dp = common.get("args", {}).get("data_parallel_size")
     # A handoff checkpoint (tools/convert_patch_to_token.py) holds weights only, by design.
@@ -319,8 +399,12 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
     with_optimizer = not weights_only and not args.no_load_optim
     with_rng = not weights_only and not args.no_load_rng and same_layout and \
         saved_dp == args.data_parallel_size
+    if with_optimizer:
+        _check_optimizer_state_loads(common, args, path)
+        _give_distributed_optimizer_state_to_load_into(optimizer)
     sharded = _sharded_state_dict(model, optimizer, with_optimizer=with_optimizer,
-                                  with_rng=with_rng, is_loading=True)
+                                  with_rng=with_rng, is_loading=True,
+                                  optimizer_layout=common.get("optimizer_format", "local"))
     loaded = dist_checkpointing.load(sharded, path)
     missing, unexpected = model.module.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]  # not saved, see above
@@ -328,7 +412,13 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
         raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing}, "
                               f"unexpected {unexpected}")
     if with_optimizer:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # fp32 runs: the distributed optimizer copies into the parameters
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
+    else:
+        # bf16/fp16: the optimizer's fp32 master weights were copied from the random
+        # initialisation when it was built; without this its first step would put them back.
+        optimizer.reload_model_params()
     if with_rng:
         _set_rng_tensors({name: t[0, 0, 0] for name, t in loaded["rng_state"].items()})
     if not weights_only:
