@@ -233,7 +233,8 @@ def _with_tensor_methods(method, **replacements):
 
 def _cuda_is_noop(real_cuda):
     # LanguageModule.setup_embeddings_and_output_layer moves the tied embedding
-    # to CUDA before all-reducing it between the first and last pipeline stages.
+    # to CUDA before all-reducing it between the first and last pipeline stages;
+    # the fp16 loss scaler moves its restored scale there.
     return lambda self, *args, **kwargs: self
 
 
@@ -375,6 +376,11 @@ def install() -> None:
 
     for optimizer_class in (DistributedOptimizer, Float16OptimizerWithFloat16Params):
         optimizer_class.__init__ = _with_tensor_methods(optimizer_class.__init__, type=_type_names_cuda)
+    from megatron.core.optimizer.grad_scaler import DynamicGradScaler
+
+    DynamicGradScaler.load_state_dict = _with_tensor_methods(  # fp16's loss scale, restored
+        DynamicGradScaler.load_state_dict, cuda=_cuda_is_noop
+    )
 
     mrandom._CUDA_RNG_STATE_TRACKER = _cpu_rng_tracker_class()()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

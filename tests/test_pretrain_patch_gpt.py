@@ -194,6 +194,20 @@ def test_weights_only_loads_reach_the_bf16_master_weights(reference, bf16_refere
     assert "cannot be resharded" in refused.stderr and "--no-load-optim" in refused.stderr
 
 
+def test_fp16_saves_before_its_first_step_and_resumes_with_its_loss_scale(tmp_path):
+    """fp16 skips its first steps while the dynamic loss scale falls from 2^32."""
+    fp16 = ["--fp16", "--use-distributed-optimizer", "--train-iters", "4", "--eval-iters", "0"]
+    save = str(tmp_path / "ckpt")
+    first = run(fp16 + ["--save", save, "--save-interval", "2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert re.search(r"iteration\s+2/.*number of skipped iterations:\s+2 \|", first.stdout)
+    resumed = run(fp16 + ["--load", checkpoint_at(save, 2, str(tmp_path / "at2"))])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(resumed.stdout) == {i: losses(first.stdout)[i] for i in (3, 4)}
+    skipped = re.compile(r"iteration\s+4/.*number of skipped iterations:\s+(\d+) \|")
+    assert skipped.search(resumed.stdout).group(1) == skipped.search(first.stdout).group(1)
+
+
 def test_sigkill_at_any_moment_then_resume_gives_the_same_losses(reference, tmp_path):
     _, _, ref_losses = reference
     save = str(tmp_path / "ckpt")

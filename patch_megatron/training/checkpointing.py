@@ -194,12 +194,13 @@ def _sharded_state_dict(model, optimizer, *, with_optimizer: bool, with_rng: boo
     return state
 
 
-def _give_distributed_optimizer_state_to_load_into(optimizer) -> None:
+def _allocate_adam_state(optimizer) -> None:
     """Zero Adam state at step 0 for a distributed optimizer that has not stepped yet.
 
     Without apex or TE, megatron-core's DistributedOptimizer reads the step from
-    torch Adam's per-parameter state to describe what it loads, and torch creates
-    that state only at the first step. Loading overwrites all of it.
+    torch Adam's per-parameter state to describe its state, and torch creates that
+    state only at the first step: a load, or a save before any step (fp16 skips
+    its first steps while the loss scale falls), would fail. Loading overwrites it.
     """
     from megatron.core.optimizer import distrib_optimizer
 
@@ -267,6 +268,7 @@ def save_checkpoint(save_dir, model, optimizer, scheduler, state, args, plan) ->
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
     _refuse_non_finite_weights(model, state.iteration)
+    _allocate_adam_state(optimizer)
     final = iteration_dir(save_dir, state.iteration)
     partial_dir = final + INCOMPLETE_SUFFIX
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -401,7 +403,7 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
         saved_dp == args.data_parallel_size
     if with_optimizer:
         _check_optimizer_state_loads(common, args, path)
-        _give_distributed_optimizer_state_to_load_into(optimizer)
+        _allocate_adam_state(optimizer)
     sharded = _sharded_state_dict(model, optimizer, with_optimizer=with_optimizer,
                                   with_rng=with_rng, is_loading=True,
                                   optimizer_layout=common.get("optimizer_format", "local"))
