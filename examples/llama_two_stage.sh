@@ -38,7 +38,7 @@ PRETRAIN_ARGS=(
     --optimizer adam --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-8 --weight-decay 0.1
     --clip-grad 1.0 --lr 3e-4 --min-lr 0 --lr-decay-style cosine --lr-warmup-iters 2000 --bf16
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
-    --use-distributed-optimizer --micro-batch-size "$MICRO_BATCH_SIZE"
+    --use-distributed-optimizer --overlap-grad-reduce --micro-batch-size "$MICRO_BATCH_SIZE"
     # data: SentencePiece tokenizer (32000 pieces); the λ split of the budget between the stages
     --data-path "$DATA_PATH" --split 969,30,1
     --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL"

@@ -136,6 +136,13 @@ def test_two_process_layouts_continue_a_single_process_checkpoint(reference, lay
         assert losses(back.stdout) == {i: ref_losses[i] for i in (7, 8)}
 
 
+def test_data_parallel_with_overlapped_sharded_reduction_matches_one_process(reference):
+    """DP=2: gradient buckets reduce-scattered during the backward pass, optimizer sharded."""
+    result = run(["--overlap-grad-reduce", "--use-distributed-optimizer"], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(result.stdout) == reference[2]
+
+
 # bf16 with megatron's distributed optimizer: the GPU recipe's precision and optimizer, run on
 # CPU. Two data-parallel ranks, so the optimizer state really is sharded.
 BF16_DISTRIBUTED = ["--bf16", "--use-distributed-optimizer"]

@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce each gradient bucket over data-parallel ranks while the backward "
+                        "pass goes on, instead of all at once after it")
     g.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=None,
                    help="--cpu forces CPU mode (gloo), --no-cpu forbids it; default: CPU mode "
                         "exactly when no GPU exists")

@@ -40,7 +40,7 @@ def build_ddp_model(args, config: PatchGPTConfig):
     model.config.calculate_per_token_loss = True
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=args.overlap_grad_reduce,
         use_distributed_optimizer=args.use_distributed_optimizer,
         check_for_nan_in_grad=False,  # the loop checks the loss and names the iteration
         average_in_collective=False,
@@ -96,4 +96,7 @@ def wire_schedule_hooks(ddp_model, optimizer) -> None:
     config = ddp_model.config
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp_model.no_sync
+    if ddp_model.ddp_config.overlap_grad_reduce:
+        # The pipeline schedules start the last micro-batch's bucket reductions through this.
+        config.grad_sync_func = ddp_model.start_grad_sync
     config.grad_scale_func = optimizer.scale_loss
