@@ -33,12 +33,19 @@ class PatchGPTConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    # "transformer_engine" or "local" (megatron-core's layers, torch's fused attention);
+    # None: Transformer Engine when it is installed.
+    transformer_impl: str | None = None
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 64 * -(-(8 * self.hidden_size // 3) // 64)
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
+        if self.transformer_impl is None:
+            from patch_megatron.model.spec import have_transformer_engine
+
+            self.transformer_impl = "transformer_engine" if have_transformer_engine() else "local"
         self.validate()
 
     def validate(self) -> None:
@@ -97,6 +104,16 @@ class PatchGPTConfig:
                 f"length {self.seq_length} (positions are patch indices, so T not K*T)",
             ),
         ]
+        if self.transformer_impl == "transformer_engine":
+            from patch_megatron.model.spec import have_transformer_engine
+
+            checks.append((have_transformer_engine(),
+                           "--transformer-impl transformer_engine: Transformer Engine is not "
+                           "installed; install it (transformer_engine[pytorch]) or use "
+                           "--transformer-impl local"))
+        checks.append((self.transformer_impl in ("transformer_engine", "local"),
+                       f"unknown transformer implementation {self.transformer_impl!r}: "
+                       "use 'transformer_engine' or 'local'"))
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

@@ -86,7 +86,8 @@ def build_model(config: PatchGPTConfig, pre_process: bool | None = None,
 
         layer_spec = subnetwork_block_spec(transformer_config)
     else:
-        layer_spec = decoder_block_spec(transformer_config)
+        layer_spec = decoder_block_spec(
+            transformer_config, use_transformer_engine=config.transformer_impl == "transformer_engine")
     model = PatchGPTModel(
         config=transformer_config,
         transformer_layer_spec=layer_spec,

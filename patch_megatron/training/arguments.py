@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-mcore-models", action="store_true", help="always on")
     g.add_argument("--attention-dropout", type=float, default=0.0, help="must be 0 (no dropout)")
     g.add_argument("--hidden-dropout", type=float, default=0.0, help="must be 0 (no dropout)")
+    g.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default=None,
+                   help="layers: Transformer Engine's, or megatron-core's local ones with torch's "
+                        "scaled_dot_product_attention (flash / memory-efficient kernels on GPU); "
+                        "default: transformer_engine when it is installed, else local. "
+                        "Checkpoints load in either")
 
     g = parser.add_argument_group("patch-level training (ours)")
     g.add_argument("--patch-size", type=int, default=1,
@@ -446,8 +451,20 @@ def _check_stage(a) -> None:
              f"{s.lr_decay_iters} decay steps: lower --lr-warmup-iters/--lr-warmup-fraction")
 
 
+def _check_installed(a) -> None:
+    """What this machine must have for the flags (not in parse_args: a command may be
+    parsed on another machine, e.g. by tools/pretrain_two_stage.py --dry-run)."""
+    from patch_megatron.model.spec import have_transformer_engine
+
+    _require(a.transformer_impl != "transformer_engine" or have_transformer_engine(),
+             "--transformer-impl transformer_engine: Transformer Engine is not installed here; "
+             "install it (transformer_engine[pytorch]) or use --transformer-impl local")
+
+
 def check_world_size(args, world_size: int | None = None) -> int:
-    """Check the batch against the data-parallel size; fill in defaults. Returns the DP size."""
+    """Check the batch against the data-parallel size and what this machine has; fill in
+    defaults. Returns the DP size."""
+    _check_installed(args)
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size

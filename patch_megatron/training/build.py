@@ -27,6 +27,7 @@ def model_config(args, vocab_size: int) -> PatchGPTConfig:
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
+        transformer_impl=args.transformer_impl,
     )
 
 

@@ -140,3 +140,19 @@ def test_labels_must_match_inputs():
 def test_impossible_configurations_fail_at_construction(overrides, message):
     with pytest.raises(ValueError, match=message):
         PatchGPTConfig(**{**SHAPE, **overrides})
+
+
+def test_transformer_impl_selects_the_layers():
+    from patch_megatron.model.sdpa_attention import SDPAttention
+    from patch_megatron.model.spec import have_transformer_engine
+
+    local = _model(2, transformer_impl="local")
+    assert all(isinstance(layer.self_attention.core_attention, SDPAttention)
+               for layer in local.decoder.layers)
+    default = PatchGPTConfig(**SHAPE)
+    assert default.transformer_impl == ("transformer_engine" if have_transformer_engine() else "local")
+    if not have_transformer_engine():
+        with pytest.raises(ValueError, match="Transformer Engine is not installed"):
+            PatchGPTConfig(**SHAPE, transformer_impl="transformer_engine")
+    with pytest.raises(ValueError, match="unknown transformer implementation"):
+        PatchGPTConfig(**SHAPE, transformer_impl="fused")

@@ -120,3 +120,16 @@ def test_world_size_checks():
     args = parse("--train-iters 5 --global-batch-size 6")
     with pytest.raises(ArgumentError, match="micro-batch-size x data-parallel size"):
         check_world_size(args, world_size=2)
+
+
+def test_transformer_impl_is_checked_on_the_machine_that_runs_it():
+    from patch_megatron.model.spec import have_transformer_engine
+
+    assert parse("--train-iters 5").transformer_impl is None  # TE if installed, else local
+    args = parse("--train-iters 5 --transformer-impl transformer_engine")  # parses anywhere
+    if have_transformer_engine():
+        assert check_world_size(args, world_size=1) == 1
+    else:
+        with pytest.raises(ArgumentError, match="not installed here.*--transformer-impl local"):
+            check_world_size(args, world_size=1)
+    assert check_world_size(parse("--train-iters 5 --transformer-impl local"), world_size=1) == 1
