@@ -156,3 +156,13 @@ def test_transformer_impl_selects_the_layers():
             PatchGPTConfig(**SHAPE, transformer_impl="transformer_engine")
     with pytest.raises(ValueError, match="unknown transformer implementation"):
         PatchGPTConfig(**SHAPE, transformer_impl="fused")
+
+
+def test_local_layers_checkpoint_under_transformer_engines_key_names():
+    # TE fuses each pre-norm into the linear after it (linear_qkv / linear_fc1.layer_norm_weight).
+    keys = {v.key for v in _model(2, transformer_impl="local").sharded_state_dict().values()
+            if hasattr(v, "key") and not v.key.endswith("_extra_state")}
+    assert {"decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+            "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+            "decoder.final_layernorm.weight"} <= keys
+    assert not any("input_layernorm" in k or "pre_mlp_layernorm" in k for k in keys)
