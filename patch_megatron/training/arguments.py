@@ -431,6 +431,9 @@ def _check_est(a) -> None:
     try:
         config = est_config_from_args(a)
         if config.enabled:
+            _require(a.transformer_impl != "transformer_engine",
+                     "--est builds its layers on megatron-core's local ones: use --transformer-impl "
+                     "local or leave it out")
             groups = a.num_query_groups if a.group_query_attention else a.num_attention_heads
             ffn = a.ffn_hidden_size or 64 * -(-(8 * a.hidden_size // 3) // 64)  # PatchGPTConfig's default
             check_layout(AttentionShape(a.num_layers, a.num_attention_heads, groups, ffn),

@@ -250,11 +250,9 @@ def _fsync_dir(path: str) -> None:
 
 
 def _refuse_non_finite_weights(model, iteration: int) -> None:
-    bad = torch.zeros(1, device=parallel.device())
-    for param in model.module.parameters():
-        if not torch.isfinite(param).all():
-            bad += 1
-            break
+    # One reduction on the device, one host sync for all parameters.
+    finite = torch.stack([torch.isfinite(p).all() for p in model.module.parameters()]).all()
+    bad = (~finite).to(torch.float32).reshape(1)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(bad)
     if bad.item():
