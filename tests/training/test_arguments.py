@@ -133,3 +133,5 @@ def test_transformer_impl_is_checked_on_the_machine_that_runs_it():
         with pytest.raises(ArgumentError, match="not installed here.*--transformer-impl local"):
             check_world_size(args, world_size=1)
     assert check_world_size(parse("--train-iters 5 --transformer-impl local"), world_size=1) == 1
+    with pytest.raises(ArgumentError, match="--est builds its layers on megatron-core's local"):
+        parse("--train-iters 5 --est --transformer-impl transformer_engine")
