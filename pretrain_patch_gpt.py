@@ -14,7 +14,10 @@ import time
 
 
 def main(argv=None) -> int:
+    from patch_megatron.model.spec import silence_fallback_warnings
     from patch_megatron.training.arguments import ArgumentError, check_world_size, parse_args
+
+    silence_fallback_warnings()  # the log names the layers and Adam in use instead
 
     # Every flag is checked before any process group starts.
     try:
@@ -66,6 +69,7 @@ def main(argv=None) -> int:
 def _train(args, plan, dp_size, rank, world_size, on_cpu, print_rank0) -> int:
     from megatron.core import parallel_state
 
+    from patch_megatron.model import spec
     from patch_megatron.training import build, checkpointing, data, loop, metrics
     from patch_megatron.training.arguments import ArgumentError
 
@@ -80,6 +84,8 @@ def _train(args, plan, dp_size, rank, world_size, on_cpu, print_rank0) -> int:
     scheduler = build.build_scheduler(args, plan, optimizer)
     build.wire_schedule_hooks(model, optimizer)
     state = loop.TrainState()
+    with_te = config.transformer_impl == "transformer_engine" and not args.est  # EST: local layers
+    print_rank0(f"> layers: {spec.implementation_name(with_te)}; Adam: {spec.adam_name()}")
 
     if args.load:
         try:

@@ -301,6 +301,15 @@ def test_patch_stage_on_the_real_data_pipeline(builtin_data_prefix, sentencepiec
     assert "64 tokens/sample" in result.stdout  # K*T tokens per patch-stage sample
 
 
+def test_the_log_names_the_implementation_instead_of_megatrons_fallback_warnings():
+    env = {k: v for k, v in environment().items() if k != "PYTHONWARNINGS"}
+    result = subprocess.run([sys.executable, SCRIPT] + FLAGS + ["--train-iters", "2"],
+                            capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"> layers: .+; Adam: .+", result.stdout)
+    assert "not installed" not in result.stderr and "deprecated" not in result.stderr, result.stderr
+
+
 def test_unknown_flag_fails_before_any_process_group():
     result = subprocess.run([sys.executable, SCRIPT] + FLAGS + ["--hidden-sise", "8"],
                             capture_output=True, text=True, env=environment(), timeout=60)

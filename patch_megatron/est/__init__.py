@@ -1,9 +1,23 @@
 """Evolving Subnetwork Training (EST) for PatchGPTModel, composable with patch-level training."""
 
-from patch_megatron.est.arguments import add_est_args, est_config_from_args
-from patch_megatron.est.control import SubnetworkTraining, apply_subnetwork, attention_shape
-from patch_megatron.est.sampler import AttentionShape, LayerChoice, Layout, Subnetwork, sample_subnetwork
-from patch_megatron.est.schedule import ESTConfig, StageRates
+import importlib
+
+# Imported on first use (PEP 562): control and modules pull in megatron-core, while the
+# flag parser needs only the arguments, the schedule and the sampler's layout checks.
+_HOMES = {
+    "add_est_args": "arguments", "est_config_from_args": "arguments",
+    "SubnetworkTraining": "control", "apply_subnetwork": "control", "attention_shape": "control",
+    "AttentionShape": "sampler", "LayerChoice": "sampler", "Layout": "sampler",
+    "Subnetwork": "sampler", "sample_subnetwork": "sampler",
+    "ESTConfig": "schedule", "StageRates": "schedule",
+}
+
+
+def __getattr__(name):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+
 
 __all__ = [
     "AttentionShape", "ESTConfig", "LayerChoice", "Layout", "StageRates", "Subnetwork",

@@ -151,4 +151,5 @@ class PatchGPTConfig:
             gradient_accumulation_fusion=False,
             # Gloo runs point-to-point ops one by one; batching them needs NCCL.
             batch_p2p_comm=not cpu,
+            cuda_graph_scope=[],  # megatron's default "full" warns that it is deprecated
         )

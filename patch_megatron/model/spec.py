@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import warnings
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +22,30 @@ def have_apex() -> bool:
         return importlib.util.find_spec("apex.normalization") is not None
     except ModuleNotFoundError:
         return False
+
+
+def adam_name() -> str:
+    """The Adam megatron-core's optimizer builds on, by its own order of preference."""
+    if have_transformer_engine():
+        return "Transformer Engine FusedAdam"
+    if have_apex():
+        return "apex FusedAdam"
+    return "torch AdamW"
+
+
+def silence_fallback_warnings() -> None:
+    """Drop megatron-core's import-time warnings about each torch fallback it takes.
+
+    Without TE or apex it warns once per module (six times per process, and again
+    in each worker process it starts, hence the environment too); the run's log
+    names the implementation in use once instead.
+    """
+    warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex (is|are) not installed",
+                            category=UserWarning)
+    children = ["ignore:Transformer Engine and Apex are not installed",
+                "ignore:Apex is not installed"]
+    inherited = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(([inherited] if inherited else []) + children)
 
 
 def implementation_name(use_transformer_engine: bool | None = None) -> str:

@@ -135,3 +135,18 @@ def test_transformer_impl_is_checked_on_the_machine_that_runs_it():
     assert check_world_size(parse("--train-iters 5 --transformer-impl local"), world_size=1) == 1
     with pytest.raises(ArgumentError, match="--est builds its layers on megatron-core's local"):
         parse("--train-iters 5 --est --transformer-impl transformer_engine")
+
+
+def test_parsing_and_checking_flags_does_not_load_megatron():
+    # Megatron-core takes seconds to import; bad flags must fail fast, and parsing a GPU
+    # command elsewhere (the two-stage runner's plan) must not need it.
+    import subprocess
+    import sys
+
+    code = ("import sys; from patch_megatron.training.arguments import parse_args, check_world_size; "
+            f"args = parse_args({' '.join(BASE)!r}.split() + '--train-iters 5 --est'.split()); "
+            "check_world_size(args, world_size=1); "
+            "print(sorted(m for m in sys.modules if m.startswith('megatron')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
