@@ -38,6 +38,9 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    from patch_megatron.model.spec import silence_fallback_warnings
+
+    silence_fallback_warnings()
     args = build_parser().parse_args(argv)
     from patch_megatron.conversion import ConversionError
     from patch_megatron.conversion.handoff import HandoffOptions, convert_patch_to_token

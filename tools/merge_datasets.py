@@ -31,6 +31,9 @@ def expand_prefixes(inputs):
 
 
 def main(argv=None) -> int:
+    from patch_megatron.model.spec import silence_fallback_warnings
+
+    silence_fallback_warnings()
     parser = argparse.ArgumentParser(description="Merge megatron .bin/.idx datasets.")
     parser.add_argument("--input", nargs="+", required=True,
                         help="data prefixes (or directories of them) in merge order")

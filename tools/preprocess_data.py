@@ -50,6 +50,9 @@ def get_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from patch_megatron.model.spec import silence_fallback_warnings
+
+    silence_fallback_warnings()
     args = get_args(argv)
     config = PreprocessConfig(
         inputs=args.input, output_prefix=args.output_prefix,
