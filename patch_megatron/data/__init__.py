@@ -9,7 +9,7 @@ Public entry points:
 * ``inspect_prefix`` (index_validation): checks a data prefix, clear errors.
 """
 
-import importlib
+from patch_megatron.lazy_exports import exports
 
 # Imported on first use (PEP 562): most submodules pull in megatron-core, which
 # takes seconds, and the flag parser only needs the tokenizer names.
@@ -24,12 +24,7 @@ _HOMES = {
     "build_tokenizer_from_args": "tokenizers", "tokenizer_info": "tokenizers",
 }
 
-
-def __getattr__(name):
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
-
+__getattr__ = exports(__name__, _HOMES)
 
 __all__ = [
     "DatasetFileError", "DatasetTooSmallError", "PatchGPTDataset", "PatchGPTDatasetConfig",

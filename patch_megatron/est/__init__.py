@@ -1,6 +1,6 @@
 """Evolving Subnetwork Training (EST) for PatchGPTModel, composable with patch-level training."""
 
-import importlib
+from patch_megatron.lazy_exports import exports
 
 # Imported on first use (PEP 562): control and modules pull in megatron-core, while the
 # flag parser needs only the arguments, the schedule and the sampler's layout checks.
@@ -12,12 +12,7 @@ _HOMES = {
     "ESTConfig": "schedule", "StageRates": "schedule",
 }
 
-
-def __getattr__(name):
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
-
+__getattr__ = exports(__name__, _HOMES)
 
 __all__ = [
     "AttentionShape", "ESTConfig", "LayerChoice", "Layout", "StageRates", "Subnetwork",

@@ -1,6 +1,6 @@
 """The patch-level GPT model on megatron-core."""
 
-import importlib
+from patch_megatron.lazy_exports import exports
 
 # Imported on first use (PEP 562): patch_gpt pulls in megatron-core, which takes
 # seconds and warns about its fallbacks, while the flag parser needs only spec's checks.
@@ -9,11 +9,6 @@ _HOMES = {
     "vocab_parallel_patch_cross_entropy": "patch_loss",
 }
 
-
-def __getattr__(name):
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
-
+__getattr__ = exports(__name__, _HOMES)
 
 __all__ = ["PatchGPTConfig", "PatchGPTModel", "build_model", "vocab_parallel_patch_cross_entropy"]
