@@ -203,11 +203,13 @@ def test_weights_only_loads_reach_the_bf16_master_weights(reference, bf16_refere
 
 def test_fp16_saves_before_its_first_step_and_resumes_with_its_loss_scale(tmp_path):
     """fp16 skips its first steps while the dynamic loss scale falls from 2^32."""
-    fp16 = ["--fp16", "--use-distributed-optimizer", "--train-iters", "4", "--eval-iters", "0"]
+    fp16 = ["--fp16", "--use-distributed-optimizer", "--train-iters", "4", "--eval-iters", "0",
+            "--hysteresis", "1"]  # halve the scale at every overflow (Megatron-LM's default: 2)
     save = str(tmp_path / "ckpt")
     first = run(fp16 + ["--save", save, "--save-interval", "2"])
     assert first.returncode == 0, first.stderr[-3000:]
-    assert re.search(r"iteration\s+2/.*number of skipped iterations:\s+2 \|", first.stdout)
+    assert re.search(r"iteration\s+2/.*loss scale: 1073741824.0 \|.*number of skipped "
+                     r"iterations:\s+2 \|", first.stdout)  # 2^32 halved twice
     resumed = run(fp16 + ["--load", checkpoint_at(save, 2, str(tmp_path / "at2"))])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(resumed.stdout) == {i: losses(first.stdout)[i] for i in (3, 4)}

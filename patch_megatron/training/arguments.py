@@ -148,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("precision")
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
+    g.add_argument("--loss-scale", type=float, default=None,
+                   help="fp16: a static loss scale instead of the dynamic one")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32,
+                   help="fp16: the dynamic loss scale's start (halved after overflows)")
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=int, default=1000,
+                   help="fp16: steps without overflow before the dynamic loss scale doubles")
+    g.add_argument("--hysteresis", type=int, default=2,
+                   help="fp16: overflows tolerated before the dynamic loss scale halves")
 
     g = parser.add_argument_group("parallelism and device")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -358,6 +367,11 @@ def _check_optimizer(a) -> None:
     _require(a.adam_eps > 0 and a.weight_decay >= 0 and a.clip_grad >= 0,
              "need --adam-eps > 0, --weight-decay >= 0, --clip-grad >= 0")
     _require(not (a.bf16 and a.fp16), "--bf16 and --fp16 both set: pick one")
+    _require((a.loss_scale is None or a.loss_scale > 0) and a.initial_loss_scale > 0
+             and 0 < a.min_loss_scale <= a.initial_loss_scale and a.loss_scale_window >= 1
+             and a.hysteresis >= 1,
+             "need --loss-scale > 0, 0 < --min-loss-scale <= --initial-loss-scale, "
+             "--loss-scale-window >= 1 and --hysteresis >= 1")
 
 
 def _check_data(a) -> None:

@@ -63,6 +63,11 @@ def build_optimizer(args, ddp_model):
         clip_grad=args.clip_grad,
         bf16=args.bf16,
         fp16=args.fp16,
+        loss_scale=args.loss_scale,
+        initial_loss_scale=args.initial_loss_scale,
+        min_loss_scale=args.min_loss_scale,
+        loss_scale_window=args.loss_scale_window,
+        hysteresis=args.hysteresis,
         params_dtype=ddp_model.config.params_dtype,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )

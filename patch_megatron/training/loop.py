@@ -260,9 +260,10 @@ def train(run: Run, state: TrainState) -> str:
             interval_flops = 0.0
             grad_norm = step.grad_norm if step.grad_norm is not None else float("nan")
             memory = max_over_ranks(peak_memory_mib(device), device)
+            loss_scale = run.optimizer.get_loss_scale().item() if args.fp16 else None
             run.print(train_line(plan, state.iteration, state.consumed_samples, lr, step.loss,
                                  grad_norm, per_iter, tokens_per_s, tflops, mfu,
-                                 state.skipped_iters, state.nan_iters, memory))
+                                 state.skipped_iters, state.nan_iters, memory, loss_scale))
             tokens = state.consumed_samples * plan.tokens_per_sample
             run.tensorboard.scalars({
                 f"train/{plan.loss_name}": step.loss, "train/learning-rate": lr,

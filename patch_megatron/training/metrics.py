@@ -116,8 +116,10 @@ def max_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, 
 
 
 def train_line(plan, iteration, consumed_samples, lr, loss, grad_norm, seconds_per_iter,
-               tokens_per_s, tflops, mfu, skipped, nan_iters, memory_mib: dict | None = None) -> str:
-    """Megatron-LM's training log line; ``memory_mib`` ({label: MiB}) adds peak-memory fields."""
+               tokens_per_s, tflops, mfu, skipped, nan_iters, memory_mib: dict | None = None,
+               loss_scale: float | None = None) -> str:
+    """Megatron-LM's training log line; ``memory_mib`` ({label: MiB}) adds peak-memory fields,
+    ``loss_scale`` fp16's dynamic loss scale."""
     fields = [
         f"iteration {iteration:8d}/{plan.train_iters:8d}",
         f"consumed samples: {consumed_samples:12d}",
@@ -132,6 +134,7 @@ def train_line(plan, iteration, consumed_samples, lr, loss, grad_norm, seconds_p
         f"learning rate: {lr:.6E}",
         f"global batch size: {plan.global_batch_size:5d}",
         f"{plan.loss_name}: {loss:.6E}",
+        *([f"loss scale: {loss_scale:.1f}"] if loss_scale is not None else []),
         f"grad norm: {grad_norm:.3f}",
         f"number of skipped iterations: {skipped:3d}",
         f"number of nan iterations: {nan_iters:3d}",

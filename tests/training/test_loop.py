@@ -27,6 +27,7 @@ def fake_run(train_iters, *, eval_interval=2, eval_iters=1, save_interval=None, 
         save="ckpt" if save_interval or exit_interval else None, save_interval=save_interval,
         exit_interval=exit_interval, exit_duration_in_mins=None, exit_signal_handler=False,
         est=False, nan_action="stop", tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+        fp16=False,
     )
     plan = StagePlan(name="token", patch_size=1, seq_length=8, global_batch_size=2,
                      train_iters=train_iters, lr_warmup_iters=0, lr_decay_iters=train_iters,
