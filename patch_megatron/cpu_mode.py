@@ -13,8 +13,12 @@ patches megatron-core or torch, and it does so narrowly:
 * megatron's RNG tracker is replaced by one that forks the CPU generator;
 * ``clip_grad_by_total_norm_fp32`` is replaced by the same computation
   without the ``torch.cuda.FloatTensor`` assert;
-* ``LanguageModule.setup_embeddings_and_output_layer`` (tied embeddings under
-  pipeline parallelism) runs with ``Tensor.cuda()`` as a no-op for its duration;
+* a few megatron methods run with a ``Tensor`` method replaced for their
+  duration: ``LanguageModule.setup_embeddings_and_output_layer`` (tied
+  embeddings under pipeline parallelism) and the fp16 loss scaler's
+  ``load_state_dict`` with ``Tensor.cuda()`` a no-op; the mixed-precision and
+  distributed optimizers' constructors with ``Tensor.type()`` naming CPU
+  tensors as CUDA ones, which they sort parameters by;
 * the torch Adam/AdamW that megatron-core falls back to without TE or apex
   take torch's fused CPU kernel by default (same update, several times faster).
 

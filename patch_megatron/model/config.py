@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from patch_megatron.model.spec import have_transformer_engine
+
 
 @dataclass
 class PatchGPTConfig:
@@ -43,8 +45,6 @@ class PatchGPTConfig:
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
         if self.transformer_impl is None:
-            from patch_megatron.model.spec import have_transformer_engine
-
             self.transformer_impl = "transformer_engine" if have_transformer_engine() else "local"
         self.validate()
 
@@ -105,8 +105,6 @@ class PatchGPTConfig:
             ),
         ]
         if self.transformer_impl == "transformer_engine":
-            from patch_megatron.model.spec import have_transformer_engine
-
             checks.append((have_transformer_engine(),
                            "--transformer-impl transformer_engine: Transformer Engine is not "
                            "installed; install it (transformer_engine[pytorch]) or use "

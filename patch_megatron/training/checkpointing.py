@@ -180,13 +180,13 @@ def _tp_pp(args) -> dict:
 
 
 def _sharded_state_dict(model, optimizer, *, with_optimizer: bool, with_rng: bool, is_loading: bool,
-                        optimizer_layout: str = "local"):
+                        optimizer_state_format: str = "local"):
     model_sd = _model_sharded_state_dict(model)
     state = {"model": model_sd}
     if with_optimizer:
         metadata = None
-        if optimizer_layout != "local":
-            metadata = {"distrib_optim_sharding_type": optimizer_layout}
+        if optimizer_state_format != "local":
+            metadata = {"distrib_optim_sharding_type": optimizer_state_format}
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                           metadata=metadata)
     if with_rng:
@@ -276,7 +276,7 @@ def save_checkpoint(save_dir, model, optimizer, scheduler, state, args, plan) ->
         os.makedirs(partial_dir)
     _barrier()
     sharded = _sharded_state_dict(model, optimizer, with_optimizer=True, with_rng=True,
-                                  is_loading=False, optimizer_layout=optimizer_format(args))
+                                  is_loading=False, optimizer_state_format=optimizer_format(args))
     sharded.update({
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": state.iteration,
@@ -404,7 +404,7 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
         _allocate_adam_state(optimizer)
     sharded = _sharded_state_dict(model, optimizer, with_optimizer=with_optimizer,
                                   with_rng=with_rng, is_loading=True,
-                                  optimizer_layout=common.get("optimizer_format", "local"))
+                                  optimizer_state_format=common.get("optimizer_format", "local"))
     loaded = dist_checkpointing.load(sharded, path)
     missing, unexpected = model.module.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]  # not saved, see above
