@@ -44,8 +44,8 @@ def silence_fallback_warnings() -> None:
                             category=UserWarning)
     children = ["ignore:Transformer Engine and Apex are not installed",
                 "ignore:Apex is not installed"]
-    inherited = os.environ.get("PYTHONWARNINGS")
-    os.environ["PYTHONWARNINGS"] = ",".join(([inherited] if inherited else []) + children)
+    inherited = [entry for entry in os.environ.get("PYTHONWARNINGS", "").split(",") if entry]
+    os.environ["PYTHONWARNINGS"] = ",".join(inherited + [c for c in children if c not in inherited])
 
 
 def implementation_name(use_transformer_engine: bool | None = None) -> str:
