@@ -12,8 +12,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_tool(name):
     """Import ``tools/<name>.py`` as a module (tools are scripts, not a package)."""
-    path = os.path.join(REPO_ROOT, "tools", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", path)
+    return load_module(os.path.join(REPO_ROOT, "tools", f"{name}.py"), f"tool_{name}")
+
+
+def load_module(path, name=None):
+    """Import a script of the repository (a tool, an example) as a module."""
+    name = name or os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

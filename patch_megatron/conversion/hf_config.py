@@ -32,15 +32,17 @@ def llama_config(d: ModelDescription, vocab_size: int, dtype: torch.dtype,
         "hidden_act": "silu",
         "max_position_embeddings": d.max_position_embeddings,
         "rms_norm_eps": d.norm_epsilon,
+        # transformers 4.x reads rope_theta, 5.x rope_parameters; each ignores the other's key.
         "rope_theta": float(d.rotary_base),
-        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(d.rotary_base)},
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
         "initializer_range": 0.02,
         "tie_word_embeddings": not d.untie_embeddings_and_output_weights,
         "use_cache": True,
-        "torch_dtype": _DTYPE_NAMES[dtype],
+        "torch_dtype": _DTYPE_NAMES[dtype],  # 4.x's name
+        "dtype": _DTYPE_NAMES[dtype],  # 5.x's name
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
         "pad_token_id": pad_token_id,
@@ -83,8 +85,10 @@ def description_from_llama_config(config: dict, directory: str) -> ModelDescript
         problems.append(f"hidden_act {config['hidden_act']!r} (SwiGLU needs silu)")
     if config.get("attention_bias") or config.get("mlp_bias"):
         problems.append("biases in attention or MLP (the model has none)")
-    if config.get("rope_scaling"):
-        problems.append(f"rope_scaling {config['rope_scaling']} (plain RoPE only)")
+    for key in ("rope_scaling", "rope_parameters"):  # 4.x's name, 5.x's name
+        rope = config.get(key) or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            problems.append(f"{key} {rope} (plain RoPE only)")
     head_dim = config.get("head_dim") or hidden // heads
     if head_dim * heads != hidden:
         problems.append(f"head_dim {head_dim} x {heads} heads != hidden size {hidden}")
@@ -100,10 +104,16 @@ def description_from_llama_config(config: dict, directory: str) -> ModelDescript
         num_query_groups=config.get("num_key_value_heads") or heads,
         padded_vocab_size=config["vocab_size"],
         max_position_embeddings=config.get("max_position_embeddings", 2048),
-        rotary_base=config.get("rope_theta", 10000.0),
+        rotary_base=rope_theta(config),
         norm_epsilon=config.get("rms_norm_eps", 1e-6),
         untie_embeddings_and_output_weights=not config.get("tie_word_embeddings", False),
         patch_size=1,
         dtype=DTYPES.get(dtype_name, torch.float32),
         vocab_size=config["vocab_size"],
     )
+
+
+def rope_theta(config: dict) -> float:
+    """The RoPE base: 5.x writes it inside ``rope_parameters``, 4.x as ``rope_theta``."""
+    theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta"))
+    return float(theta) if theta is not None else 10000.0

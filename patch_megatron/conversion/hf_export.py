@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from patch_megatron.conversion import hf_config, llama_layout, megatron_checkpoint, vocab
+from patch_megatron.conversion import hf_config, hf_tokenizer, llama_layout, megatron_checkpoint, vocab
 from patch_megatron.conversion.errors import ConversionError
 from patch_megatron.conversion.output_dir import check_target, publish_directory
 from patch_megatron.conversion.safetensors_io import parse_size, write_weights
@@ -44,6 +44,9 @@ def export_to_hf(options: ExportOptions) -> list[str]:
     check_target(options.output, options.force)  # before the (slow) weight loading
     checkpoint = megatron_checkpoint.open_checkpoint(options.load, options.iteration)
     refuse_patch_stage(checkpoint, options.allow_patch_stage)
+    prepared = None
+    if options.tokenizer_model is not None:
+        prepared = hf_tokenizer.prepare_tokenizer(options.tokenizer_model)
     description = checkpoint.description
     vocab_size = vocab.resolve_vocab_size(description.padded_vocab_size, options.vocab_size,
                                           options.tokenizer_model, checkpoint.args)
@@ -54,10 +57,9 @@ def export_to_hf(options: ExportOptions) -> list[str]:
 
     with publish_directory(options.output, options.force) as staging:
         tokens = None
-        if options.tokenizer_model is not None:
-            from patch_megatron.conversion.hf_tokenizer import export_tokenizer
-
-            tokens = export_tokenizer(options.tokenizer_model, staging)
+        if prepared is not None:
+            tokens = hf_tokenizer.write_tokenizer(prepared, staging,
+                                                  model_max_length=description.max_position_embeddings)
         ids = (tokens.bos_id, tokens.eos_id, tokens.pad_id) if tokens else (None, None, None)
         hf_config.write_json(f"{staging}/config.json",
                              hf_config.llama_config(description, vocab_size, dtype, *ids))

@@ -8,6 +8,8 @@ import torch
 
 from two_stage import our_model, run_tool, sample_tokens
 
+from patch_megatron.conversion.hf_config import rope_theta
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -56,8 +58,13 @@ def test_import_matches_transformers_and_export_round_trips(hf_llama, world_of_o
         assert torch.equal(exported[name], tensor), name
     config, before = (json.load(open(os.path.join(d, "config.json"))) for d in (back, directory))
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_key_value_heads",
-                "rope_theta", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings"):
+                "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings"):
         assert config[key] == before[key], key
+    assert rope_theta(config) == rope_theta(before) == 500000.0  # 5.x: inside rope_parameters
+    # ... and transformers reads the export back as the model it started from (RoPE base included).
+    again = transformers.AutoModelForCausalLM.from_pretrained(back, attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens).logits, hf(tokens).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_models_are_refused(hf_llama, tmp_path):
