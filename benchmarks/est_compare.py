@@ -11,7 +11,7 @@ each step; wall-clock is measured around the training steps only.
 Patch-level runs: the first λ of the data in patch stage (K tokens per
 position, same tokens per step, so K times fewer samples per step), then a
 token stage on the rest, initialised from the patch-stage weights with a fresh
-optimizer and schedule (science.md, section 1). EST runs use --est-* flags of
+optimizer and schedule (docs/method.md §1). EST runs use --est-* flags of
 pretrain_patch_gpt.py (defaults of patch_megatron.est), each stage of a
 patch run getting its own EST schedule unless --est-stages says otherwise.
 The model is megatron-core's (PatchGPTModel with EST layers) on one process;

@@ -23,7 +23,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-# The paper's 370M (science.md) at 16384 tokens per micro-batch: 8 x 2048 tokens in the token
+# The paper's 370M (docs/method.md §1) at 16384 tokens per micro-batch: 8 x 2048 tokens in the token
 # stage, 2 x 4 x 2048 at K=4; activations, logits and optimizer state fit an 80 GB H100 in bf16.
 GPU_DEFAULTS = dict(num_layers=24, hidden_size=1024, ffn_hidden_size=2752, num_attention_heads=16,
                     seq_length=2048, vocab_size=32000, micro_batch_tokens=16384, bf16=True)

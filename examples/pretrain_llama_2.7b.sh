@@ -5,7 +5,7 @@
 #   DRY_RUN=1 bash examples/pretrain_llama_2.7b.sh    # print the commands, run nothing
 # Every setting below can be overridden from the environment.
 
-# Model shape (science.md): hidden, ffn, layers, heads
+# Model shape (docs/method.md §1): hidden, ffn, layers, heads
 NUM_LAYERS=32
 HIDDEN_SIZE=2560
 FFN_HIDDEN_SIZE=6880

@@ -3,7 +3,7 @@
 It shares no code with patch_megatron: weights come in as a dict of full
 (unsharded) tensors named like megatron's TP=1 state dict, and everything else
 (RMSNorm, RoPE, grouped-query attention, SwiGLU, patch mean, patch loss) is
-spelled out here from science.md's equations.
+spelled out here from the equations of docs/method.md §1.
 """
 
 import math

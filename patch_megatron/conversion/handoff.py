@@ -1,6 +1,6 @@
 """Patch stage -> token stage: the patch stage's weights, nothing else, plus where its data ended.
 
-The token stage starts from the patch stage's weights only (science.md: the
+The token stage starts from the patch stage's weights only (docs/method.md §1: the
 optimizer state, LR schedule and iteration counter are reset). The result is
 a weights-only checkpoint at iteration 0 with patch size 1, which
 pretrain_patch_gpt.py ``--load``s as a fresh start. It records the patch

@@ -1,7 +1,7 @@
 """The patch loss, fused into a vocab-parallel cross-entropy.
 
 The output at patch position i is one distribution p_i over the vocabulary,
-scored against all K tokens of patch i+1 (science.md, section 1):
+scored against all K tokens of patch i+1 (docs/method.md §1):
 ``nll[i, k] = logsumexp(logits_i) - logits_i[target_{i,k}]``.
 
 With the vocabulary sharded over tensor-parallel ranks, one max and one

@@ -39,7 +39,7 @@ class CommandOptions:
     run_dir: str = "runs/plan"
     split: str = "99,1,0"
     seed: int = 1234
-    # The paper's optimiser settings (science.md).
+    # The paper's optimiser settings (docs/method.md §1).
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95

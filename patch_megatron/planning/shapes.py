@@ -2,7 +2,7 @@
 and batch size we would start each at.
 
 Sources of the choices: the patch-level paper's four models (370M-2.7B,
-science.md) verbatim, LLaMA/LLaMA-2/Code Llama shapes at 7B-70B, and GPT-style widths
+docs/method.md §1) verbatim, LLaMA/LLaMA-2/Code Llama shapes at 7B-70B, and GPT-style widths
 below. Head size is 64 up to 1B-class widths and 128 above. Models from 20B
 up use grouped-query attention with 8 groups, as LLaMA-2 70B does.
 

@@ -2,7 +2,7 @@
 
 Independent of patch_megatron: every head and every MLP unit is computed, and
 the subnetwork is selected afterwards, by sums over the kept heads and a 0/1
-unit mask, exactly as written in the paper (est.md):
+unit mask, exactly as written in the paper (docs/method.md §2):
 
 * attention: (1/p_H) * sum_{i in I_H} head_i @ W_O^(i), p_H = |I_H| / N_H
 * MLP:       (1/p_M) * act(X W1[:, I_M]) W2[I_M, :],     p_M = |I_M| / N_M

@@ -31,7 +31,7 @@ def test_names_match_parameter_counts(name, params):
 
 
 def test_paper_shapes_are_verbatim():
-    # science.md's table of the patch-level paper's models.
+    # The patch-level paper's models (docs/method.md §1).
     for name, hidden, ffn, layers, heads in [("370M", 1024, 2752, 24, 16), ("780M", 1536, 4128, 24, 16),
                                              ("1.3B", 2048, 5504, 24, 16), ("2.7B", 2560, 6880, 32, 32)]:
         c = shape_by_name(name)

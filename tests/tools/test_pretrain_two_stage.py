@@ -96,7 +96,7 @@ def test_bad_flags_exit_2_naming_the_fix_and_write_nothing(tmp_path, capsys, qui
 # ---------------------------------------------------------------------------
 # examples/pretrain_llama_*.sh in DRY_RUN mode.
 
-# The paper's model table (science.md): hidden, ffn, layers, heads.
+# The paper's model table (docs/method.md §1): hidden, ffn, layers, heads.
 PAPER_MODELS = {
     "370m": (1024, 2752, 24, 16),
     "780m": (1536, 4128, 24, 16),
