@@ -66,4 +66,5 @@ def export_to_hf(options: ExportOptions) -> list[str]:
         hf_config.write_json(f"{staging}/generation_config.json",
                              hf_config.generation_config(*ids))
         files = write_weights(staging, tensors, max_shard_bytes)
-    return ["config.json", "generation_config.json", *files]
+    tokenizer_files = sorted(hf_tokenizer.TOKENIZER_FILES) if prepared is not None else []
+    return ["config.json", "generation_config.json", *files, *tokenizer_files]

@@ -39,6 +39,8 @@ from patch_megatron.conversion.errors import ConversionError
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 UNIGRAM, BPE = 1, 2
 SPACE = "\u2581"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json")
 
 
 @dataclass(frozen=True)
@@ -244,10 +246,28 @@ def prepare_tokenizer(tokenizer_model: str) -> ExportedTokenizer:
     return ExportedTokenizer(tokenizer_model, tokenizer, special_tokens(tokenizer_model))
 
 
+def _save_portable(tokenizer, path: str) -> None:
+    """Save with BPE merges as ``"left right"`` strings, the form every ``tokenizers`` reads.
+
+    tokenizers 0.20+ writes merges as ``[left, right]`` pairs, which 0.19 (transformers
+    4.43's) cannot load; the string form is unambiguous because no piece holds a space
+    (SentencePiece writes spaces as ``▁``).
+    """
+    state = json.loads(tokenizer.to_str())
+    merges = state["model"]["merges"]
+    if merges and not isinstance(merges[0], str):
+        if any(" " in part for pair in merges for part in pair):
+            raise ConversionError("a merge holds a literal space; cannot write tokenizer.json")
+        state["model"]["merges"] = [" ".join(pair) for pair in merges]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(state, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+
+
 def write_tokenizer(prepared: ExportedTokenizer, directory: str,
                     model_max_length: int | None = None) -> SpecialTokens:
     """Write tokenizer.json, tokenizer.model, tokenizer_config.json, special_tokens_map.json."""
-    prepared.tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    _save_portable(prepared.tokenizer, os.path.join(directory, "tokenizer.json"))
     shutil.copyfile(prepared.tokenizer_model, os.path.join(directory, "tokenizer.model"))
     pieces = prepared.special.pieces
     config = {

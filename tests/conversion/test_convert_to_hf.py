@@ -75,6 +75,10 @@ def test_tokenizer_reproduces_training_ids(two_stage_run, tokenizer_model, tmp_p
     sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer_model)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.is_fast and len(tokenizer) == sp.get_piece_size()
+    # Merges as "left right" strings: tokenizers 0.19 (transformers 4.43) cannot read the
+    # [left, right] pairs that newer releases write, and newer ones read both.
+    merges = json.load(open(os.path.join(out, "tokenizer.json"), encoding="utf-8"))["model"]["merges"]
+    assert merges and all(isinstance(m, str) and len(m.split(" ")) == 2 for m in merges)
     texts = ["Return a new list.", "  two  spaces\nand a\n\nnewline ", "digits 12345 ünïcödé",
              "\nx", "tab\tand 中文 🙂", "a literal </s> or <s> in a document is text", ""]
     documents = _stdlib_documents()
