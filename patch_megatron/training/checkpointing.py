@@ -407,39 +407,34 @@ def _resume_hint(load_dir: str):
 def _verified_common(load_dir: str, path: str, iteration: int) -> dict:
     """``common.pt`` of a checkpoint whose files match their checksums and are safe to unpickle.
 
-    Rank 0 hashes the files (once, not once per rank) and tells the others;
-    every rank checks what it will unpickle itself.
+    Every rank checks what it will unpickle itself, and hashes its share of
+    the files. If any rank finds a problem, rank 0 names the first one while
+    the others wait for it (a launcher would stop rank 0 once another exits).
     """
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    common, why = inspect_checkpoint(path) if rank == 0 else (None, None)
-    why = _from_rank0(why)
-    if why is None and rank != 0:
-        try:
-            common = safe_load.check_checkpoint(path)
-        except safe_load.UnsafeCheckpointError as error:
-            why = str(error)
-    if why is None:
+    rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
+                   if torch.distributed.is_initialized() else (0, 1))
+    try:
+        common, why = safe_load.check_checkpoint(path), None
+    except safe_load.UnsafeCheckpointError as error:
+        common, why = None, str(error)
+    why = why or safe_load.first_damaged_file(path, part=rank, parts=world)
+    if not _on_any_rank(why is not None):
         return common
+    if rank == 0:
+        why = inspect_checkpoint(path)[1] or why or "another rank could not read it"
+        message = refusal(load_dir, path, iteration, why, _resume_hint(load_dir))
+    _barrier()
     if rank != 0:
-        raise CheckpointError(f"refusing to load checkpoint {path}: {why}")
-    raise CheckpointError(refusal(load_dir, path, iteration, why, _resume_hint(load_dir)))
+        raise CheckpointError(f"refusing to load checkpoint {path}: see rank 0's message")
+    raise CheckpointError(message)
 
 
-def _from_rank0(text: str | None) -> str | None:
-    """Rank 0's ``text`` on every rank (a plain byte tensor: nothing is pickled)."""
+def _on_any_rank(flag: bool) -> bool:
     if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return text
-    device = parallel.device()
-    data = (text or "").encode("utf-8")
-    length = torch.tensor([len(data) if text is not None else -1], dtype=torch.int64, device=device)
-    torch.distributed.broadcast(length, src=0)
-    if length.item() <= 0:
-        return None if length.item() < 0 else ""
-    buffer = torch.zeros(int(length.item()), dtype=torch.uint8, device=device)
-    if torch.distributed.get_rank() == 0:
-        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    torch.distributed.broadcast(buffer, src=0)
-    return bytes(buffer.cpu().tolist()).decode("utf-8")
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=parallel.device())
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _check_compatible(common: dict, model, plan, args, path: str) -> None:

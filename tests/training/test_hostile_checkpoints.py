@@ -300,3 +300,24 @@ def test_pretrain_load_refuses_hostile_and_damaged_checkpoints(saved, tmp_path):
     err = refused("other_vocabulary")
     assert "the vocabulary sizes differ" in err and "tokenizer may differ" in err
     assert "pick a --make-vocab-size-divisible-by" not in err
+
+
+def test_two_ranks_share_the_hashing_and_rank_0_names_the_damage(saved, tmp_path):
+    """Each rank hashes half the files; the damage rank 1 finds is named by rank 0."""
+    import socket
+
+    ckpt = copy(saved, tmp_path / "c")
+    path = checkpointing.iteration_dir(ckpt, 4)
+    names = sorted(json.load(open(os.path.join(path, safe_load.CHECKSUM_FILE)))["files"])
+    flip_a_bit(os.path.join(path, names[1]))  # rank 1's share (every second file from the second)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}",
+         os.path.join(REPO_ROOT, "pretrain_patch_gpt.py"), *FLAGS, "--train-iters", "6",
+         "--tensor-model-parallel-size", "2", "--load", ckpt],
+        capture_output=True, text=True, env=environment(), timeout=240, cwd=REPO_ROOT)
+    assert result.returncode != 0
+    assert f"{os.path.join(path, names[1])} (sha256 differs" in result.stderr, result.stderr[-3000:]
+    assert "iteration 2 (" in result.stderr
