@@ -151,7 +151,7 @@ def load_full_weights(checkpoint: Checkpoint) -> dict:
     model = _model_at_tp1(checkpoint.description)
     try:
         loaded = dist_checkpointing.load({"model": _sharded_tensors(model)}, checkpoint.path,
-                                         common_strategy=safe_load.SafeCommonLoadStrategy())
+                                         common_strategy=safe_load.safe_common_strategy())
     # torch's CheckpointException derives from BaseException, hence named here.
     except (Exception, CheckpointException) as error:  # noqa: BLE001 - a missing or damaged shard
         first_line = str(error).splitlines()[0] if str(error) else ""

@@ -518,7 +518,7 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
                                   with_rng=with_rng, is_loading=True,
                                   optimizer_state_format=common.get("optimizer_format", "local"))
     # common.pt again, with weights_only=True (megatron-core's own reader takes torch's default).
-    loaded = dist_checkpointing.load(sharded, path, common_strategy=safe_load.SafeCommonLoadStrategy())
+    loaded = dist_checkpointing.load(sharded, path, common_strategy=safe_load.safe_common_strategy())
     missing, unexpected = model.module.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]  # not saved, see above
     if missing or unexpected:

@@ -14,12 +14,12 @@ Which files of ``iter_XXXXXXX/`` are unpickled, and by what:
 - the tensor items of ``*.distcp``: torch reads them with ``weights_only=True``
   (every torch this project admits, see setup.py).
 - ``common.pt``: megatron-core's common strategy calls ``torch.load`` with
-  torch's default; ``read_common`` and ``SafeCommonLoadStrategy`` (passed to
+  torch's default; ``read_common`` and ``safe_common_strategy()`` (passed to
   ``dist_checkpointing.load``) read it with ``weights_only=True`` whatever
   that default is.
 
 So a loader calls ``check_checkpoint(path)`` before handing ``path`` to
-megatron-core, and passes ``SafeCommonLoadStrategy()`` as its common strategy.
+megatron-core, and passes ``safe_common_strategy()`` as its common strategy.
 
 Integrity: ``write_checksums`` records the sha256 of every file of a finished
 save in ``checksums.json``; ``verify_checksums`` recomputes them (streamed,
@@ -144,16 +144,19 @@ def _data_file(path: str, relative: str) -> str:
 
 
 def check_byte_items(path: str, metadata) -> None:
-    """Read every pickled byte item with ``weights_only=True`` before torch unpickles it freely."""
+    """Read every pickled byte item with ``weights_only=True`` before torch unpickles it freely.
+
+    Also refuses shard file names that lead outside the checkpoint directory.
+    """
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     byte_keys = {fqn for fqn, md in metadata.state_dict_metadata.items()
                  if isinstance(md, BytesStorageMetadata)}
     storage = getattr(metadata, "storage_data", None) or {}
     for index, info in storage.items():
+        source = _data_file(path, info.relative_path)  # tensor items too: no reading elsewhere
         if getattr(index, "fqn", None) not in byte_keys:
             continue
-        source = _data_file(path, info.relative_path)
         if getattr(info, "transform_descriptors", None):
             raise UnsafeCheckpointError(f"{source}: item {index.fqn} is stored transformed "
                                         f"({info.transform_descriptors}); only plain items load")
@@ -195,7 +198,9 @@ def _common_strategy_class():
     return SafeCommonLoadStrategy
 
 
-def SafeCommonLoadStrategy():  # noqa: N802 - built lazily: megatron-core stays out of imports
+def safe_common_strategy():
+    """A ``SafeCommonLoadStrategy`` (the class is built on first use: importing this module
+    must not import megatron-core, see the flag parser)."""
     return _common_strategy_class()()
 
 

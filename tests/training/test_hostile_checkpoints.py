@@ -132,7 +132,7 @@ def test_common_pt_is_read_with_weights_only_by_megatrons_loader_too(saved, tmp_
     state["planted"] = Planted(1, marker)
     torch.save(state, common)
     with pytest.raises(safe_load.ForbiddenObjectError, match="common.pt holds objects other than"):
-        safe_load.SafeCommonLoadStrategy().load_common(path)
+        safe_load.safe_common_strategy().load_common(path)
     assert not marker.exists()
 
 
