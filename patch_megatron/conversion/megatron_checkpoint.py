@@ -64,6 +64,13 @@ def checkpoint_directory(load_dir: str, iteration: int | None = None) -> tuple[s
     except ckpt.CheckpointError as error:
         raise ConversionError(str(error)) from None
     if latest is None:
+        finished = ckpt.finished_iterations(load_dir)
+        if finished:
+            raise ConversionError(
+                f"{load_dir} holds finished checkpoints but its tracker file {ckpt.LATEST_FILE} "
+                f"is missing (deleted?), so which one is the latest is unknown; iterations saved "
+                f"there: {', '.join(map(str, finished))}. Pick one with --iteration "
+                f"(e.g. --iteration {finished[-1]})")
         partial = [n for n in os.listdir(load_dir) if n.endswith(ckpt.INCOMPLETE_SUFFIX)]
         what = (f"only interrupted saves ({', '.join(sorted(partial))})" if partial
                 else "no checkpoint")
@@ -78,20 +85,24 @@ def checkpoint_directory(load_dir: str, iteration: int | None = None) -> tuple[s
 
 def open_checkpoint(load_dir: str, iteration: int | None = None) -> Checkpoint:
     """Locate a checkpoint and read its records (no tensors yet); refuse incomplete ones."""
-    from megatron.core import dist_checkpointing
+    from patch_megatron.training import checkpointing as ckpt
 
     path, found = checkpoint_directory(load_dir, iteration)
+    parent = os.path.dirname(os.path.normpath(path))
+
+    def refuse(why: str):
+        message = ckpt.refusal(parent, path, found, why,
+                               lambda good: f"convert it with --iteration {good}")
+        return ConversionError(message)
+
+    # Everything megatron-core and torch would unpickle is checked before they read it,
+    # and the files against their checksums.
+    common, why = ckpt.inspect_checkpoint(path)
+    if why:
+        raise refuse(why)
     missing = [f for f in _REQUIRED_FILES if not os.path.isfile(os.path.join(path, f))]
     if missing:
-        raise ConversionError(f"checkpoint {path} is incomplete: {', '.join(missing)} missing. "
-                              "Use another iteration (--iteration) or re-save it")
-    try:
-        common = dist_checkpointing.load_common_state_dict(path)
-    except Exception as error:  # noqa: BLE001 - reported with the path
-        first_line = str(error).splitlines()[0] if str(error) else ""
-        raise ConversionError(f"cannot read the records of checkpoint {path} "
-                              f"({type(error).__name__}: {first_line}): it is incomplete or not "
-                              "a torch_dist checkpoint") from None
+        raise refuse(f"it is incomplete: {', '.join(missing)} missing")
     return Checkpoint(path, found, common, from_checkpoint_common(common, path))
 
 
@@ -135,9 +146,12 @@ def load_full_weights(checkpoint: Checkpoint) -> dict:
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from patch_megatron.training import safe_load
+
     model = _model_at_tp1(checkpoint.description)
     try:
-        loaded = dist_checkpointing.load({"model": _sharded_tensors(model)}, checkpoint.path)
+        loaded = dist_checkpointing.load({"model": _sharded_tensors(model)}, checkpoint.path,
+                                         common_strategy=safe_load.safe_common_strategy())
     # torch's CheckpointException derives from BaseException, hence named here.
     except (Exception, CheckpointException) as error:  # noqa: BLE001 - a missing or damaged shard
         first_line = str(error).splitlines()[0] if str(error) else ""
@@ -199,6 +213,7 @@ def save_weights_only(save_dir: str, weights: dict, description: ModelDescriptio
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
     from patch_megatron.training import checkpointing as ckpt
+    from patch_megatron.training import safe_load
 
     model = _model_at_tp1(description)
     _load_into(model, weights)
@@ -207,6 +222,7 @@ def save_weights_only(save_dir: str, weights: dict, description: ModelDescriptio
     state = {"model": _sharded_tensors(model), **records}
     dist_checkpointing.save(state, path,
                             sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+    safe_load.write_checksums(path)
     with open(os.path.join(save_dir, ckpt.LATEST_FILE), "w") as f:
         f.write("0")
     return path

@@ -12,14 +12,19 @@ kill at any moment leaves the previous ``latest`` and its directory intact.
 
 Safety: loading never unpickles arbitrary objects. Everything sharded is a
 tensor (RNG states included; the layers' empty ``_extra_state`` objects are
-left out), and the plain values in ``common.pt`` are read with
-``torch.load(weights_only=True)`` before dist_checkpointing touches them.
+left out), and before dist_checkpointing touches a checkpoint every file it
+would unpickle is checked (``safe_load``: ``.metadata`` through an allow-list,
+``common.pt`` and pickled byte items with ``weights_only=True``).
+
+Integrity: a finished save records the sha256 of its files in
+``checksums.json`` before the rename; loading recomputes them and refuses a
+damaged checkpoint, naming the file and the newest earlier iteration that
+still verifies.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import shutil
 
@@ -27,6 +32,7 @@ import numpy as np
 import torch
 
 from patch_megatron import parallel
+from patch_megatron.training import safe_load
 from patch_megatron.training.arguments import args_to_dict
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -49,14 +55,42 @@ def read_latest_iteration(load_dir: str) -> int | None:
     path = os.path.join(load_dir, LATEST_FILE)
     if not os.path.exists(path):
         return None
-    text = open(path).read().strip()
+    with open(path, "rb") as f:
+        raw = f.read(64)
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not text (it holds the bytes {raw[:16]!r}): it should "
+                              "hold an iteration number; " + _pick_iteration_hint(load_dir)) from None
     if text == "release":
         raise CheckpointError(f"{path} says 'release': release checkpoints are not supported; "
                               "point --load at a directory with iter_XXXXXXX checkpoints")
     try:
         return int(text)
     except ValueError:
-        raise CheckpointError(f"{path} holds {text!r}, not an iteration number") from None
+        raise CheckpointError(f"{path} holds {text!r}, not an iteration number; "
+                              + _pick_iteration_hint(load_dir)) from None
+
+
+def finished_iterations(load_dir: str) -> list[int]:
+    """The iterations with a finished (renamed) iter_XXXXXXX directory, oldest first."""
+    if not os.path.isdir(load_dir):
+        return []
+    found = []
+    for name in os.listdir(load_dir):
+        digits = name[len("iter_"):]
+        if name.startswith("iter_") and digits.isdigit() and os.path.isdir(os.path.join(load_dir, name)):
+            found.append(int(digits))
+    return sorted(found)
+
+
+def _pick_iteration_hint(load_dir: str) -> str:
+    found = finished_iterations(load_dir)
+    if not found:
+        return f"{load_dir} holds no finished iter_XXXXXXX directory"
+    listed = ", ".join(map(str, found[-8:])) + (" (the newest 8)" if len(found) > 8 else "")
+    return (f"iterations saved there: {listed}. To resume from one, write its number into "
+            f"{os.path.join(load_dir, LATEST_FILE)} (e.g. echo {found[-1]} > that file)")
 
 
 # ---------------------------------------------------------------------------
@@ -295,6 +329,7 @@ def save_checkpoint(save_dir, model, optimizer, scheduler, state, args, plan) ->
     dist_checkpointing.save(sharded, partial_dir, sharded_strategy=strategy)
     _barrier()
     if rank == 0:
+        safe_load.write_checksums(partial_dir)  # every rank's files are written: record them
         if os.path.exists(final):  # an older, never-latest copy of this iteration
             shutil.rmtree(final)
         os.rename(partial_dir, final)
@@ -327,27 +362,79 @@ def model_shape_of(model) -> dict:
 # ---------------------------------------------------------------------------
 # Loading.
 
-def _load_common(path: str) -> dict:
-    """The checkpoint's plain values, read with ``weights_only=True`` whatever torch's default.
+def inspect_checkpoint(path: str) -> tuple[dict | None, str | None]:
+    """``(common.pt's dict, None)`` if the checkpoint may be loaded, else ``(None, why not)``.
 
-    dist_checkpointing reads the same file again when loading; by then it is
-    known to hold only tensors and plain data.
+    An object that must not be unpickled is reported first, whatever the
+    checksums say (a planted file can come with a matching manifest); then the
+    first file that differs from the manifest; then anything else unreadable.
     """
-    common = os.path.join(path, "common.pt")
-    if not os.path.exists(common):
-        raise CheckpointError(f"{path} has no common.pt: it is incomplete or not a torch_dist "
-                              "checkpoint written by pretrain_patch_gpt.py")
     try:
-        return torch.load(common, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise CheckpointError(
-            f"{common} holds objects other than tensors and plain data; refusing to unpickle them "
-            f"(weights_only load failed: {first_line})"
-        ) from None
-    except (EOFError, RuntimeError) as error:
-        raise CheckpointError(f"{common} cannot be read ({type(error).__name__}: {error}): the "
-                              "checkpoint is damaged") from None
+        common, unreadable = safe_load.check_checkpoint(path), None
+    except safe_load.ForbiddenObjectError as error:
+        return None, str(error)
+    except safe_load.UnsafeCheckpointError as error:
+        common, unreadable = None, str(error)
+    damaged = safe_load.first_damaged_file(path)
+    if damaged or unreadable:
+        return None, damaged or unreadable
+    return common, None
+
+
+def newest_good_iteration(load_dir: str, below: int) -> int | None:
+    """The newest finished iteration before ``below`` whose files verify and are safe to load."""
+    for iteration in reversed(finished_iterations(load_dir)):
+        if iteration < below and inspect_checkpoint(iteration_dir(load_dir, iteration))[1] is None:
+            return iteration
+    return None
+
+
+def refusal(load_dir: str, path: str, iteration: int, why: str, how_to_pick) -> str:
+    """The message refusing ``path``, with the earlier iteration that still loads, if any."""
+    good = newest_good_iteration(load_dir, iteration)
+    if good is None:
+        fallback = "no earlier iteration there verifies either"
+    else:
+        fallback = f"iteration {good} ({iteration_dir(load_dir, good)}) verifies: {how_to_pick(good)}"
+    return f"refusing to load checkpoint {path}: {why}. {fallback}"
+
+
+def _resume_hint(load_dir: str):
+    latest = os.path.join(load_dir, LATEST_FILE)
+    return lambda good: f"resume from it by writing {good} into {latest}"
+
+
+def _verified_common(load_dir: str, path: str, iteration: int) -> dict:
+    """``common.pt`` of a checkpoint whose files match their checksums and are safe to unpickle.
+
+    Every rank checks what it will unpickle itself, and hashes its share of
+    the files. If any rank finds a problem, rank 0 names the first one while
+    the others wait for it (a launcher would stop rank 0 once another exits).
+    """
+    rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
+                   if torch.distributed.is_initialized() else (0, 1))
+    try:
+        common, why = safe_load.check_checkpoint(path), None
+    except safe_load.UnsafeCheckpointError as error:
+        common, why = None, str(error)
+    why = why or safe_load.first_damaged_file(path, part=rank, parts=world)
+    if not _on_any_rank(why is not None):
+        return common
+    if rank == 0:
+        why = inspect_checkpoint(path)[1] or why or "another rank could not read it"
+        message = refusal(load_dir, path, iteration, why, _resume_hint(load_dir))
+    _barrier()
+    if rank != 0:
+        raise CheckpointError(f"refusing to load checkpoint {path}: see rank 0's message")
+    raise CheckpointError(message)
+
+
+def _on_any_rank(flag: bool) -> bool:
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=parallel.device())
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _check_compatible(common: dict, model, plan, args, path: str) -> None:
@@ -360,8 +447,7 @@ def _check_compatible(common: dict, model, plan, args, path: str) -> None:
     if diffs:
         hint = ""
         if any(d.startswith("vocab_size") for d in diffs):
-            hint = (" (the padded vocabulary depends on --make-vocab-size-divisible-by x TP: pick "
-                    "a --make-vocab-size-divisible-by that pads to the same size)")
+            hint = _vocabulary_hint(common.get("args") or {}, args)
         raise CheckpointError(f"checkpoint {path} is of another model shape: " + "; ".join(diffs)
                               + hint + ". Pass the model flags the checkpoint was trained with")
     if common.get("patch_size") != plan.patch_size and not args.finetune:
@@ -370,6 +456,30 @@ def _check_compatible(common: dict, model, plan, args, path: str) -> None:
             f"has --patch-size {plan.patch_size}. To start the token stage from patch-stage weights "
             "convert it with tools/convert_patch_to_token.py, or pass --finetune to load the "
             "weights only (fresh optimizer, schedule and data position)")
+
+
+def _vocabulary_hint(saved: dict, args) -> str:
+    """Why the padded vocabularies differ: another tokenizer, or only another padding."""
+    saved_vocab, here_vocab = saved.get("vocab_size"), getattr(args, "vocab_size", None)
+    saved_tok, here_tok = saved.get("tokenizer_model"), getattr(args, "tokenizer_model", None)
+    saved_multiple = (saved.get("make_vocab_size_divisible_by"),
+                      saved.get("tensor_model_parallel_size"))
+    here_multiple = (getattr(args, "make_vocab_size_divisible_by", None),
+                     getattr(args, "tensor_model_parallel_size", None))
+    if saved_vocab is not None and here_vocab is not None and saved_vocab != here_vocab:
+        return (f" (the vocabulary sizes differ: the checkpoint was trained with {saved_vocab} "
+                f"tokens, this run has {here_vocab}; the tokenizer may differ: use the "
+                "checkpoint's tokenizer and --vocab-size)")
+    if saved_tok != here_tok and (saved_tok or here_tok):
+        return (f" (the vocabularies differ: the checkpoint was trained with --tokenizer-model "
+                f"{saved_tok}, this run uses {here_tok}; the tokenizer may differ: use the "
+                "checkpoint's)")
+    if None not in saved_multiple and saved_multiple != here_multiple:
+        return (" (the same vocabulary padded differently: the padding is "
+                "--make-vocab-size-divisible-by x TP; pick a --make-vocab-size-divisible-by that "
+                "pads to the checkpoint's size)")
+    return (" (the vocabulary sizes differ: the tokenizer may differ; use the checkpoint's "
+            "tokenizer, and a --make-vocab-size-divisible-by x TP that pads to its size)")
 
 
 def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) -> str | None:
@@ -381,13 +491,15 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
         finished = os.path.isdir(load_dir) and any(
             n.startswith("iter_") and not n.endswith(INCOMPLETE_SUFFIX) for n in os.listdir(load_dir))
         if finished:  # an iter_*.incomplete alone is a first save that was killed: start afresh
-            raise CheckpointError(f"{load_dir} holds iter_* directories but no {LATEST_FILE}: the "
-                                  "saves never completed")
+            raise CheckpointError(f"{load_dir} holds finished checkpoints but its tracker file "
+                                  f"{LATEST_FILE} is missing (deleted?), so which one to resume "
+                                  "is unknown; " + _pick_iteration_hint(load_dir))
         return None  # nothing to resume: start from scratch, as Megatron-LM does
     path = iteration_dir(load_dir, iteration)
     if not os.path.isdir(path):
-        raise CheckpointError(f"{LATEST_FILE} names iteration {iteration} but {path} is missing")
-    common = _load_common(path)
+        raise CheckpointError(f"{LATEST_FILE} names iteration {iteration} but {path} is missing; "
+                              + _pick_iteration_hint(load_dir))
+    common = _verified_common(load_dir, path, iteration)
     _check_compatible(common, model, plan, args, path)
 
     same_layout = common.get("layout") == _tp_pp(args)
@@ -405,7 +517,8 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
     sharded = _sharded_state_dict(model, optimizer, with_optimizer=with_optimizer,
                                   with_rng=with_rng, is_loading=True,
                                   optimizer_state_format=common.get("optimizer_format", "local"))
-    loaded = dist_checkpointing.load(sharded, path)
+    # common.pt again, with weights_only=True (megatron-core's own reader takes torch's default).
+    loaded = dist_checkpointing.load(sharded, path, common_strategy=safe_load.safe_common_strategy())
     missing, unexpected = model.module.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]  # not saved, see above
     if missing or unexpected:
