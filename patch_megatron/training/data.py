@@ -20,6 +20,9 @@ import torch
 from patch_megatron.training.arguments import ArgumentError
 
 VALID_STREAM_OFFSET = 1 << 40  # mock validation samples come from a far-away part of the stream
+BATCH_FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
+"""The sample fields a micro-batch carries. megatron's datasets add others (BlendedDataset
+adds ``dataset_id``, a numpy scalar); those are not the model's input and are left out."""
 
 
 class MockPatchDataset(torch.utils.data.Dataset):
@@ -149,4 +152,13 @@ class MicroBatches:
             raise StopIteration
         samples = [self.dataset[i] for i in range(first, first + self.micro_batch_size)]
         self.consumed_samples += self.micro_batch_size * self.dp_size
-        return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+        return collate(samples)
+
+
+def collate(samples) -> dict:
+    """One micro-batch of BATCH_FIELDS from samples that may carry more fields."""
+    missing = [key for key in BATCH_FIELDS if key not in samples[0]]
+    if missing:
+        raise KeyError(f"dataset samples lack {missing} (they hold {sorted(samples[0])}); "
+                       f"a training dataset must yield {list(BATCH_FIELDS)}")
+    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in BATCH_FIELDS}
