@@ -90,6 +90,7 @@ def inspect_prefix(prefix: str, vocab_size: Optional[int] = None,
                                f"damaged. {made_by}.")
     tokens = int(lengths.sum(dtype=numpy.int64))
     itemsize = numpy.dtype(dtype).itemsize
+    _check_pointers(idx_path, lengths, itemsize)
     bin_size = os.path.getsize(bin_path)
     if bin_size != tokens * itemsize:
         raise DatasetFileError(
@@ -105,6 +106,27 @@ def inspect_prefix(prefix: str, vocab_size: Optional[int] = None,
                 f"{vocab_size}; the data was made with another tokenizer. Preprocess it with "
                 f"the tokenizer you train with.")
     return PrefixInfo(prefix, dtype, int(sequences), int(documents) - 1, tokens, max_id)
+
+
+def _check_pointers(idx_path: str, lengths: numpy.ndarray, itemsize: int) -> None:
+    """Sequence i starts where sequence i-1 ends: pointers are the running byte offsets.
+
+    megatron-core reads sequence i at ``pointers[i]`` without checking, so a damaged
+    pointer silently shifts token boundaries.
+    """
+    pointers = numpy.fromfile(idx_path, dtype=numpy.int64, count=len(lengths),
+                              offset=HEADER_BYTES + len(lengths) * 4)
+    expected = numpy.zeros(len(lengths), dtype=numpy.int64)
+    numpy.cumsum(lengths[:-1], dtype=numpy.int64, out=expected[1:])
+    expected *= itemsize
+    wrong = numpy.flatnonzero(pointers != expected)
+    if len(wrong):
+        first = int(wrong[0])
+        raise DatasetFileError(
+            f"{idx_path}: damaged pointer table: sequence {first} starts at byte "
+            f"{int(pointers[first])}, but the sequence lengths put it at byte "
+            f"{int(expected[first])} ({len(wrong)} pointers wrong). Re-run preprocessing "
+            f"(tools/preprocess_data.py) to rewrite the .bin/.idx pair.")
 
 
 def _max_token_id(bin_path: str, dtype: type, tokens: int) -> int:
