@@ -80,7 +80,7 @@ def build_stage_data(args, plan, dp_size: int) -> StageData:
         if vocab is None:
             from patch_megatron.data.tokenizers import build_tokenizer_from_args, tokenizer_info
 
-            vocab = tokenizer_info(build_tokenizer_from_args(args)).vocab_size
+            vocab = tokenizer_info(_tokenizer(args, build_tokenizer_from_args)).vocab_size
         K, T = plan.patch_size, plan.seq_length
 
         def mock(num, k, first):
@@ -107,7 +107,7 @@ def _build_corpus_data(args, plan, train_samples, eval_samples, want_token_valid
     from patch_megatron.data.index_validation import DatasetFileError
     from patch_megatron.data.patch_dataset import DatasetTooSmallError
 
-    tokenizer = build_tokenizer_from_args(args)
+    tokenizer = _tokenizer(args, build_tokenizer_from_args)
 
     def build(train, evals, eval_patch_size):
         return build_stage_datasets(
@@ -126,6 +126,13 @@ def _build_corpus_data(args, plan, train_samples, eval_samples, want_token_valid
         raise ArgumentError(f"data: {error}") from None
     return StageData(train=stage.train, valid=stage.valid if eval_samples else None,
                      valid_tokens=valid_tokens, vocab_size=tokenizer_info(tokenizer).vocab_size)
+
+
+def _tokenizer(args, build_tokenizer_from_args):
+    try:
+        return build_tokenizer_from_args(args)
+    except ValueError as error:  # the tokenizer module's messages name the flag and the fix
+        raise ArgumentError(f"tokenizer: {error}") from None
 
 
 class MicroBatches:
