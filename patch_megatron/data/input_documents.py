@@ -98,8 +98,8 @@ def iter_raw_records(path: str) -> Iterator[RawRecord]:
         what = ("ends before its end-of-stream marker: it is truncated"
                 if isinstance(err, EOFError) else f"is damaged or not gzip ({err})")
         where = f" after the document at line {last}" if last else ""
-        raise ValueError(f"{path}: compressed file {what}{where}. Fetch or copy the file again, or decompress what "
-                         f"is there and pass that instead.") from None
+        raise ValueError(f"{path}: compressed file {what}{where}. Fetch or copy the file "
+                         f"again, or decompress what is there and pass that instead.") from None
 
 
 def _records(path: str, stream) -> Iterator[RawRecord]:
