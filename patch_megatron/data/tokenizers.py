@@ -79,8 +79,8 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(f"--tokenizer-model {tokenizer_model!r} cannot be loaded as a "
-                         f"{tokenizer_type} ({first_line}); pass the tokenizer the data was "
-                         f"preprocessed with.") from None
+                         f"{tokenizer_type} ({first_line}); pass a tokenizer file (or folder) of "
+                         f"that type.") from None
 
 
 def tokenizer_info(tokenizer: Any) -> TokenizerInfo:

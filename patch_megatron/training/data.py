@@ -78,9 +78,9 @@ def build_stage_data(args, plan, dp_size: int) -> StageData:
     if args.mock_data:
         vocab = args.vocab_size
         if vocab is None:
-            from patch_megatron.data.tokenizers import build_tokenizer_from_args, tokenizer_info
+            from patch_megatron.data.tokenizers import tokenizer_info
 
-            vocab = tokenizer_info(_tokenizer(args, build_tokenizer_from_args)).vocab_size
+            vocab = tokenizer_info(_tokenizer(args)).vocab_size
         K, T = plan.patch_size, plan.seq_length
 
         def mock(num, k, first):
@@ -103,11 +103,11 @@ def _build_corpus_data(args, plan, train_samples, eval_samples, want_token_valid
     λ : 1-λ by tokens, which both stages compute identically whatever their
     step counts.
     """
-    from patch_megatron.data import build_stage_datasets, build_tokenizer_from_args, tokenizer_info
+    from patch_megatron.data import build_stage_datasets, tokenizer_info
     from patch_megatron.data.index_validation import DatasetFileError
     from patch_megatron.data.patch_dataset import DatasetTooSmallError
 
-    tokenizer = _tokenizer(args, build_tokenizer_from_args)
+    tokenizer = _tokenizer(args)
 
     def build(train, evals, eval_patch_size):
         return build_stage_datasets(
@@ -128,7 +128,9 @@ def _build_corpus_data(args, plan, train_samples, eval_samples, want_token_valid
                      valid_tokens=valid_tokens, vocab_size=tokenizer_info(tokenizer).vocab_size)
 
 
-def _tokenizer(args, build_tokenizer_from_args):
+def _tokenizer(args):
+    from patch_megatron.data.tokenizers import build_tokenizer_from_args
+
     try:
         return build_tokenizer_from_args(args)
     except ValueError as error:  # the tokenizer module's messages name the flag and the fix
