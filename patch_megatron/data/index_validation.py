@@ -23,6 +23,7 @@ INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 HEADER_BYTES = len(INDEX_MAGIC) + 8 + 1 + 8 + 8
 _SCAN_CHUNK = 1 << 26  # tokens per chunk when scanning for out-of-vocabulary ids
+_POINTER_CHUNK = 1 << 22  # sequences per chunk when checking the pointer table
 
 
 class DatasetFileError(ValueError):
@@ -114,19 +115,21 @@ def _check_pointers(idx_path: str, lengths: numpy.ndarray, itemsize: int) -> Non
     megatron-core reads sequence i at ``pointers[i]`` without checking, so a damaged
     pointer silently shifts token boundaries.
     """
-    pointers = numpy.fromfile(idx_path, dtype=numpy.int64, count=len(lengths),
-                              offset=HEADER_BYTES + len(lengths) * 4)
-    expected = numpy.zeros(len(lengths), dtype=numpy.int64)
-    numpy.cumsum(lengths[:-1], dtype=numpy.int64, out=expected[1:])
-    expected *= itemsize
-    wrong = numpy.flatnonzero(pointers != expected)
-    if len(wrong):
-        first = int(wrong[0])
-        raise DatasetFileError(
-            f"{idx_path}: damaged pointer table: sequence {first} starts at byte "
-            f"{int(pointers[first])}, but the sequence lengths put it at byte "
-            f"{int(expected[first])} ({len(wrong)} pointers wrong). Re-run preprocessing "
-            f"(tools/preprocess_data.py) to rewrite the .bin/.idx pair.")
+    start_byte = 0
+    for first in range(0, len(lengths), _POINTER_CHUNK):
+        chunk = lengths[first:first + _POINTER_CHUNK].astype(numpy.int64) * itemsize
+        pointers = numpy.fromfile(idx_path, dtype=numpy.int64, count=len(chunk),
+                                  offset=HEADER_BYTES + len(lengths) * 4 + first * 8)
+        expected = start_byte + numpy.cumsum(chunk) - chunk
+        wrong = numpy.flatnonzero(pointers != expected)
+        if len(wrong):
+            at = int(wrong[0])
+            raise DatasetFileError(
+                f"{idx_path}: damaged pointer table: sequence {first + at} starts at byte "
+                f"{int(pointers[at])}, but the sequence lengths put it at byte "
+                f"{int(expected[at])}. Re-run preprocessing (tools/preprocess_data.py) to "
+                f"rewrite the .bin/.idx pair.")
+        start_byte += int(chunk.sum())
 
 
 def _max_token_id(bin_path: str, dtype: type, tokens: int) -> int:

@@ -1,5 +1,6 @@
 """Train/valid/test datasets of one training stage, through megatron-core's builder."""
 
+import errno
 import math
 import os
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ from patch_megatron.data.stream_split import (
 
 # megatron-core asks each blended dataset for this much more than its share.
 _BLEND_SURPLUS = 0.005
+# Errors of creating/writing the index cache that another --data-cache-path fixes.
+_CACHE_WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST,
+                       errno.ENOSPC, errno.EDQUOT}
 
 
 @dataclass
@@ -121,7 +125,7 @@ def build_stage_datasets(
             is_built_on_rank or (lambda: True), config).build()
     except Exception as error:  # megatron-core re-raises a cache write's OSError as Exception
         cause = error if isinstance(error, OSError) else error.__cause__
-        if not isinstance(cause, OSError):
+        if not isinstance(cause, OSError) or cause.errno not in _CACHE_WRITE_ERRORS:
             raise
         where = data_cache_path or os.path.join(prefixes[0], DEFAULT_CACHE_FOLDER)
         raise DatasetFileError(
