@@ -4,7 +4,9 @@ Example:
     python tools/merge_datasets.py --input data/a_text_document data/b_text_document \\
         --output-prefix data/ab_text_document
 
---input also accepts a directory: every PREFIX.idx/.bin pair in it, sorted by name.
+--input also accepts a directory: every PREFIX.idx/.bin pair in it, sorted by name
+(a name with a PREFIX.idx next to it is that prefix, even where training has made
+a PREFIX/ folder for megatron's index cache).
 """
 
 import argparse
@@ -20,10 +22,15 @@ from patch_megatron.data.merge import merge_prefixes  # noqa: E402
 def expand_prefixes(inputs):
     prefixes = []
     for item in inputs:
-        if os.path.isdir(item):
+        # Training leaves a folder named like the prefix (megatron's index cache,
+        # PREFIX/cache/): next to PREFIX.idx the name means the prefix.
+        if os.path.isdir(item) and not os.path.isfile(item + ".idx"):
             found = sorted(p[:-4] for p in glob.glob(os.path.join(item, "*.idx")))
             if not found:
-                raise ValueError(f"{item}: directory holds no .idx files.")
+                raise ValueError(f"{item}: a directory with no PREFIX.idx/.bin pairs in it, and "
+                                 f"no {os.path.basename(item)}.idx next to it; pass data "
+                                 f"prefixes (PREFIX for PREFIX.bin/.idx) or a directory of "
+                                 f"them.")
             prefixes.extend(found)
         else:
             prefixes.append(item[:-4] if item.endswith((".bin", ".idx")) else item)

@@ -23,6 +23,7 @@ INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 HEADER_BYTES = len(INDEX_MAGIC) + 8 + 1 + 8 + 8
 _SCAN_CHUNK = 1 << 26  # tokens per chunk when scanning for out-of-vocabulary ids
+_POINTER_CHUNK = 1 << 22  # sequences per chunk when checking the pointer table
 
 
 class DatasetFileError(ValueError):
@@ -90,6 +91,7 @@ def inspect_prefix(prefix: str, vocab_size: Optional[int] = None,
                                f"damaged. {made_by}.")
     tokens = int(lengths.sum(dtype=numpy.int64))
     itemsize = numpy.dtype(dtype).itemsize
+    _check_pointers(idx_path, lengths, itemsize)
     bin_size = os.path.getsize(bin_path)
     if bin_size != tokens * itemsize:
         raise DatasetFileError(
@@ -105,6 +107,29 @@ def inspect_prefix(prefix: str, vocab_size: Optional[int] = None,
                 f"{vocab_size}; the data was made with another tokenizer. Preprocess it with "
                 f"the tokenizer you train with.")
     return PrefixInfo(prefix, dtype, int(sequences), int(documents) - 1, tokens, max_id)
+
+
+def _check_pointers(idx_path: str, lengths: numpy.ndarray, itemsize: int) -> None:
+    """Sequence i starts where sequence i-1 ends: pointers are the running byte offsets.
+
+    megatron-core reads sequence i at ``pointers[i]`` without checking, so a damaged
+    pointer silently shifts token boundaries.
+    """
+    start_byte = 0
+    for first in range(0, len(lengths), _POINTER_CHUNK):
+        chunk = lengths[first:first + _POINTER_CHUNK].astype(numpy.int64) * itemsize
+        pointers = numpy.fromfile(idx_path, dtype=numpy.int64, count=len(chunk),
+                                  offset=HEADER_BYTES + len(lengths) * 4 + first * 8)
+        expected = start_byte + numpy.cumsum(chunk) - chunk
+        wrong = numpy.flatnonzero(pointers != expected)
+        if len(wrong):
+            at = int(wrong[0])
+            raise DatasetFileError(
+                f"{idx_path}: damaged pointer table: sequence {first + at} starts at byte "
+                f"{int(pointers[at])}, but the sequence lengths put it at byte "
+                f"{int(expected[at])}. Re-run preprocessing (tools/preprocess_data.py) to "
+                f"rewrite the .bin/.idx pair.")
+        start_byte += int(chunk.sum())
 
 
 def _max_token_id(bin_path: str, dtype: type, tokens: int) -> int:

@@ -18,6 +18,7 @@ import glob
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Sequence
 
@@ -80,9 +81,29 @@ def expand_inputs(patterns: Sequence[str]) -> List[str]:
 
 
 def iter_raw_records(path: str) -> Iterator[RawRecord]:
-    """Yield the documents of one file as undecoded bytes."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as stream:
+    """Yield the documents of one file as undecoded bytes.
+
+    A damaged or truncated ``.gz`` raises ValueError naming the file and the last
+    line read (it is not a bad record: --skip-bad-lines cannot skip it).
+    """
+    if not path.endswith(".gz"):
+        yield from _records(path, open(path, "rb"))
+        return
+    last = 0
+    try:
+        for record in _records(path, gzip.open(path, "rb")):
+            last = record.line
+            yield record
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        what = ("ends before its end-of-stream marker: it is truncated"
+                if isinstance(err, EOFError) else f"is damaged or not gzip ({err})")
+        where = f" after the document at line {last}" if last else ""
+        raise ValueError(f"{path}: compressed file {what}{where}. Fetch or copy the file "
+                         f"again, or decompress what is there and pass that instead.") from None
+
+
+def _records(path: str, stream) -> Iterator[RawRecord]:
+    with stream:
         if input_format(path) == "jsonl":
             for number, line in enumerate(stream, start=1):
                 if line.strip():

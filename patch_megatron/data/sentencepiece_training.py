@@ -20,6 +20,7 @@ line of each document as one sentence; newlines become piece 4.
 import hashlib
 import io
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -92,21 +93,38 @@ def train_sentencepiece(documents: Iterable[str], output_prefix: str, vocab_size
     # SentencePiece's own sampling RNG is unused (we sample above), but pin it anyway.
     spm.set_random_generator_seed(_stable_seed(seed))
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
-        model_type=model_type, byte_fallback=byte_fallback,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        user_defined_symbols=[NEWLINE_PIECE], normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
-        character_coverage=character_coverage, input_sentence_size=0,
-        shuffle_input_sentence=False, max_sentence_length=MAX_SENTENCE_BYTES * 4,
-        num_threads=1,  # one thread keeps the merge order, hence the files, reproducible
-        hard_vocab_limit=False, minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, byte_fallback=byte_fallback,
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            user_defined_symbols=[NEWLINE_PIECE], normalization_rule_name="identity",
+            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
+            character_coverage=character_coverage, input_sentence_size=0,
+            shuffle_input_sentence=False, max_sentence_length=MAX_SENTENCE_BYTES * 4,
+            num_threads=1,  # one thread keeps the merge order, hence the files, reproducible
+            hard_vocab_limit=False, minloglevel=2,
+        )
+    except RuntimeError as error:  # SentencePiece's C++ check, as one line with the fix
+        message = str(error).strip().splitlines()[-1]
+        required = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+        if required:
+            raise ValueError(f"--vocab-size {vocab_size} is smaller than the "
+                             f"{required.group(2)} characters and special pieces the inputs "
+                             f"need; use a larger --vocab-size or a lower "
+                             f"--character-coverage.") from None
+        raise ValueError(f"SentencePiece could not train on these inputs: {message}") from None
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    if processor.get_piece_size() != vocab_size:
+        # hard_vocab_limit=False lets SentencePiece stop early on a small corpus; the
+        # model's vocabulary must be the one asked for (it sizes the embedding).
+        raise ValueError(f"--vocab-size {vocab_size}: the inputs ({len(sentences)} lines) "
+                         f"give only {processor.get_piece_size()} pieces. Train on more "
+                         f"text, or ask for --vocab-size {processor.get_piece_size()} or "
+                         f"less. Nothing was written.")
     model_path, vocab_path = output_prefix + ".model", output_prefix + ".vocab"
     with open(model_path, "wb") as out:
         out.write(model.getvalue())
-    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
     with open(vocab_path, "w", encoding="utf-8") as out:
         for piece_id in range(processor.get_piece_size()):
             piece = processor.id_to_piece(piece_id).replace("\n", "\\n")

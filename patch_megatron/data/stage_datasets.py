@@ -1,6 +1,8 @@
 """Train/valid/test datasets of one training stage, through megatron-core's builder."""
 
+import errno
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -12,7 +14,9 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
     convert_split_vector_to_split_matrix, parse_and_normalize_split)
 from megatron.core.datasets.utils import get_blend_from_list
 
-from patch_megatron.data.index_validation import inspect_prefix
+from patch_megatron.data.index_cache import (
+    DEFAULT_CACHE_FOLDER, check_index_cache, record_fingerprints)
+from patch_megatron.data.index_validation import DatasetFileError, inspect_prefix
 from patch_megatron.data.patch_dataset import (
     PatchGPTDataset, PatchGPTDatasetConfig, raw_sequence_length)
 from patch_megatron.data.stream_split import (
@@ -20,6 +24,9 @@ from patch_megatron.data.stream_split import (
 
 # megatron-core asks each blended dataset for this much more than its share.
 _BLEND_SURPLUS = 0.005
+# Errors of creating/writing the index cache that another --data-cache-path fixes.
+_CACHE_WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST,
+                       errno.ENOSPC, errno.EDQUOT}
 
 
 @dataclass
@@ -111,9 +118,22 @@ def build_stage_datasets(
         model_positions=seq_length, patch_size=sample_patch, eval_patch_size=eval_patch_size,
         stage=stage, stream_seed=seed, stream_windows=windows,
         mid_level_dataset_surplus=_BLEND_SURPLUS)
-    train, valid, test = BlendedMegatronDatasetBuilder(
-        PatchGPTDataset, [train_samples, valid_samples, test_samples],
-        is_built_on_rank or (lambda: True), config).build()
+    check_index_cache(prefixes, data_cache_path)
+    try:
+        train, valid, test = BlendedMegatronDatasetBuilder(
+            PatchGPTDataset, [train_samples, valid_samples, test_samples],
+            is_built_on_rank or (lambda: True), config).build()
+    except Exception as error:  # megatron-core re-raises a cache write's OSError as Exception
+        cause = error if isinstance(error, OSError) else error.__cause__
+        if not isinstance(cause, OSError) or cause.errno not in _CACHE_WRITE_ERRORS:
+            raise
+        where = data_cache_path or os.path.join(prefixes[0], DEFAULT_CACHE_FOLDER)
+        raise DatasetFileError(
+            f"cannot write megatron's dataset index cache in {where} "
+            f"({cause.strerror or cause}: {cause.filename or where}); pass --data-cache-path "
+            f"with a writable folder.") from None
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        record_fingerprints(prefixes, data_cache_path)
     return StageDatasets(train, valid, test, train_samples, windows)
 
 

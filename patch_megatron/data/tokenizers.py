@@ -63,6 +63,7 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
             raise ValueError(f"{tokenizer_type} needs --tokenizer-model pointing at a SentencePiece "
                              f".model file; got {tokenizer_model!r}. Train one with "
                              f"tools/train_tokenizer.py.")
+        _check_sentencepiece_model(tokenizer_type, tokenizer_model)
     # megatron-core's builder reads these attributes; the defaults are Megatron-LM's.
     megatron_args = argparse.Namespace(
         tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model, vocab_size=vocab_size,
@@ -73,7 +74,13 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
     )
     from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer as _build
 
-    return _build(megatron_args)
+    try:
+        return _build(megatron_args)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"--tokenizer-model {tokenizer_model!r} cannot be loaded as a "
+                         f"{tokenizer_type} ({first_line}); pass a tokenizer file (or folder) of "
+                         f"that type.") from None
 
 
 def tokenizer_info(tokenizer: Any) -> TokenizerInfo:
@@ -85,6 +92,21 @@ def build_tokenizer_from_args(args: argparse.Namespace) -> Any:
     """:func:`build_tokenizer` from parsed ``add_tokenizer_args`` flags."""
     return build_tokenizer(args.tokenizer_type, args.tokenizer_model,
                            getattr(args, "vocab_size", None))
+
+
+def _check_sentencepiece_model(tokenizer_type: str, path: str) -> None:
+    """A file SentencePiece can parse; its C++ error alone does not say what to do."""
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as error:
+        hint = (" (that is the .vocab listing; pass the .model next to it)"
+                if path.endswith(".vocab") else "")
+        first_line = (str(error).strip().splitlines() or ["unreadable"])[0]
+        raise ValueError(f"--tokenizer-model {path}: not a SentencePiece model file{hint} "
+                         f"({first_line}). {tokenizer_type} needs the .model file that "
+                         f"tools/train_tokenizer.py (or SentencePiece) writes.") from None
 
 
 def _huggingface_directory(tokenizer_model: Optional[str]) -> str:

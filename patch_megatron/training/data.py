@@ -20,6 +20,9 @@ import torch
 from patch_megatron.training.arguments import ArgumentError
 
 VALID_STREAM_OFFSET = 1 << 40  # mock validation samples come from a far-away part of the stream
+BATCH_FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
+"""The sample fields a micro-batch carries. megatron's datasets add others (BlendedDataset
+adds ``dataset_id``, a numpy scalar); those are not the model's input and are left out."""
 
 
 class MockPatchDataset(torch.utils.data.Dataset):
@@ -75,9 +78,9 @@ def build_stage_data(args, plan, dp_size: int) -> StageData:
     if args.mock_data:
         vocab = args.vocab_size
         if vocab is None:
-            from patch_megatron.data.tokenizers import build_tokenizer_from_args, tokenizer_info
+            from patch_megatron.data.tokenizers import tokenizer_info
 
-            vocab = tokenizer_info(build_tokenizer_from_args(args)).vocab_size
+            vocab = tokenizer_info(_tokenizer(args)).vocab_size
         K, T = plan.patch_size, plan.seq_length
 
         def mock(num, k, first):
@@ -100,11 +103,11 @@ def _build_corpus_data(args, plan, train_samples, eval_samples, want_token_valid
     λ : 1-λ by tokens, which both stages compute identically whatever their
     step counts.
     """
-    from patch_megatron.data import build_stage_datasets, build_tokenizer_from_args, tokenizer_info
+    from patch_megatron.data import build_stage_datasets, tokenizer_info
     from patch_megatron.data.index_validation import DatasetFileError
     from patch_megatron.data.patch_dataset import DatasetTooSmallError
 
-    tokenizer = build_tokenizer_from_args(args)
+    tokenizer = _tokenizer(args)
 
     def build(train, evals, eval_patch_size):
         return build_stage_datasets(
@@ -123,6 +126,15 @@ def _build_corpus_data(args, plan, train_samples, eval_samples, want_token_valid
         raise ArgumentError(f"data: {error}") from None
     return StageData(train=stage.train, valid=stage.valid if eval_samples else None,
                      valid_tokens=valid_tokens, vocab_size=tokenizer_info(tokenizer).vocab_size)
+
+
+def _tokenizer(args):
+    from patch_megatron.data.tokenizers import build_tokenizer_from_args
+
+    try:
+        return build_tokenizer_from_args(args)
+    except ValueError as error:  # the tokenizer module's messages name the flag and the fix
+        raise ArgumentError(f"tokenizer: {error}") from None
 
 
 class MicroBatches:
@@ -149,4 +161,13 @@ class MicroBatches:
             raise StopIteration
         samples = [self.dataset[i] for i in range(first, first + self.micro_batch_size)]
         self.consumed_samples += self.micro_batch_size * self.dp_size
-        return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+        return collate(samples)
+
+
+def collate(samples) -> dict:
+    """One micro-batch of BATCH_FIELDS from samples that may carry more fields."""
+    missing = [key for key in BATCH_FIELDS if key not in samples[0]]
+    if missing:
+        raise KeyError(f"dataset samples lack {missing} (they hold {sorted(samples[0])}); "
+                       f"a training dataset must yield {list(BATCH_FIELDS)}")
+    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in BATCH_FIELDS}

@@ -60,3 +60,21 @@ def test_token_id_beyond_vocabulary(prefix_copy, sp_tokenizer):
         f.write(struct.pack("<H", 5000))
     with pytest.raises(DatasetFileError, match="token id 5000 >= .* 1024"):
         inspect_prefix(prefix_copy, sp_tokenizer.vocab_size)
+
+
+@pytest.mark.parametrize("chunk", [None, 7])  # 7: the table is checked in several chunks
+@pytest.mark.parametrize("sequence, bit", [(3, 0x10), (0, 0x02), (10, 0x01), (-1, 0x80)])
+def test_flipped_bit_in_pointer_table(prefix_copy, monkeypatch, sequence, bit, chunk):
+    from patch_megatron.data import index_validation
+
+    if chunk:
+        monkeypatch.setattr(index_validation, "_POINTER_CHUNK", chunk)
+        inspect_prefix(prefix_copy)  # the good table passes in chunks too
+    data = bytearray(open(prefix_copy + ".idx", "rb").read())
+    count, = struct.unpack_from("<Q", data, 18)
+    at = 34 + count * 4 + (sequence % count) * 8  # low byte of that sequence's pointer
+    data[at] ^= bit
+    open(prefix_copy + ".idx", "wb").write(bytes(data))
+    with pytest.raises(DatasetFileError, match=r"c\.idx: damaged pointer table: sequence "
+                                               rf"{sequence % count} .*Re-run preprocessing"):
+        inspect_prefix(prefix_copy)

@@ -42,3 +42,23 @@ def test_merge_rejects_mixed_dtypes_and_missing_inputs(tool_loader, tmp_path, ca
                   str(tmp_path / "m")]) == 1
     assert "index file not found" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "m.bin")
+
+
+def test_prefix_that_was_trained_on_merges(tool_loader, tmp_path, capsys, builtin_data_prefix):
+    import shutil
+
+    for name in ("a", "b"):
+        for suffix in (".bin", ".idx"):
+            shutil.copy(builtin_data_prefix + suffix, tmp_path / f"{name}{suffix}")
+    # What training leaves next to a prefix: megatron's index cache in PREFIX/cache/.
+    os.makedirs(tmp_path / "a" / "cache" / "PatchGPTDataset_indices")
+    merge = tool_loader("merge_datasets").main
+    assert merge(["--input", str(tmp_path / "a"), str(tmp_path / "b"),
+                  "--output-prefix", str(tmp_path / "ab")]) == 0
+    assert "merged 2 datasets" in capsys.readouterr().out
+    assert os.path.getsize(tmp_path / "ab.bin") == 2 * os.path.getsize(tmp_path / "a.bin")
+    os.makedirs(tmp_path / "empty")
+    assert merge(["--input", str(tmp_path / "empty"), "--output-prefix",
+                  str(tmp_path / "m")]) == 1
+    assert "a directory with no PREFIX.idx/.bin pairs in it, and no empty.idx next to it" in \
+        capsys.readouterr().err

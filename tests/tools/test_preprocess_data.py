@@ -213,3 +213,40 @@ def test_huggingface_tokenizer_json(tmp_path, tool_loader, capsys):
     expected = [i for t in TEXTS[:2] for i in hf.encode(t, add_special_tokens=False).ids + [eos]]
     assert numpy.fromfile(tmp_path / "h_text_document.bin", dtype=numpy.uint16).tolist() \
         == expected
+
+
+@pytest.mark.parametrize("content", [b"a text file, not a model\n", bytes(range(256)) * 8])
+def test_bad_tokenizer_model_is_one_line(tmp_path, tool_loader, capsys, content):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in TEXTS])
+    model = tmp_path / "tok.model"
+    model.write_bytes(content)
+    code, _, err = run(tool_loader, capsys, "--input", source, "--output-prefix",
+                       tmp_path / "out", "--tokenizer-type", "GPTSentencePieceTokenizer",
+                       "--tokenizer-model", model, "--workers", 1)
+    assert code == 1
+    assert err.strip() == (f"error: --tokenizer-model {model}: not a SentencePiece model file "
+                           f"(INTERNAL: could not parse ModelProto from {model}). "
+                           f"GPTSentencePieceTokenizer needs the .model file that "
+                           f"tools/train_tokenizer.py (or SentencePiece) writes.")
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "tok.model"]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_truncated_gzip_input(tmp_path, tool_loader, capsys, sentencepiece_model,
+                              builtin_corpus, workers):
+    whole = gzip.compress(open(builtin_corpus.path, "rb").read())
+    source = tmp_path / "cut.jsonl.gz"
+    source.write_bytes(whole[:len(whole) // 2])
+    argv = ["--input", source, "--output-prefix", tmp_path / "o", "--tokenizer-type",
+            "GPTSentencePieceTokenizer", "--tokenizer-model", sentencepiece_model,
+            "--workers", workers]
+    for extra in ([], ["--skip-bad-lines"]):  # not a bad record: never skipped
+        code, _, err = run(tool_loader, capsys, *argv, *extra)
+        assert code == 1
+        assert f"error: {source}: compressed file ends before its end-of-stream marker: it is " \
+               f"truncated after the document at line " in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert sorted(os.listdir(tmp_path)) == ["cut.jsonl.gz"]
+    source.write_bytes(b"not gzip at all" * 10)
+    code, _, err = run(tool_loader, capsys, *argv)
+    assert code == 1 and "compressed file is damaged or not gzip" in err

@@ -54,3 +54,38 @@ def test_bad_line_is_an_error_unless_skipped(tool_loader, tmp_path, small_corpus
     assert not (tmp_path / "x.model").exists()
     assert train(tool_loader, "--input", bad, "--vocab-size", 600, "--skip-bad-lines",
                  "--output-prefix", tmp_path / "x") == 0
+
+
+def test_vocab_size_the_corpus_cannot_give_is_refused(tool_loader, tmp_path, small_corpus,
+                                                      capsys):
+    assert train(tool_loader, "--input", small_corpus, "--vocab-size", 32000,
+                 "--output-prefix", tmp_path / "x") == 1
+    err = capsys.readouterr().err
+    pieces = int(err.split("give only ")[1].split()[0])
+    assert 600 < pieces < 32000, err
+    assert f"ask for --vocab-size {pieces} or less" in err
+    assert not (tmp_path / "x.model").exists() and not (tmp_path / "x.vocab").exists()
+    # What the message offers works, and gives exactly that size.
+    assert train(tool_loader, "--input", small_corpus, "--vocab-size", pieces,
+                 "--output-prefix", tmp_path / "x") == 0
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "x.model"))
+    assert sp.get_piece_size() == pieces
+
+
+def test_vocab_size_below_the_characters_is_one_line(tool_loader, tmp_path, capsys):
+    (tmp_path / "chars.txt").write_text("".join(chr(0x4e00 + i) for i in range(400)))
+    assert train(tool_loader, "--input", tmp_path / "chars.txt", "--vocab-size", 340,
+                 "--character-coverage", 1.0, "--output-prefix", tmp_path / "x") == 1
+    err = capsys.readouterr().err
+    assert "--vocab-size 340 is smaller than the" in err and "--character-coverage" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_truncated_gzip_input(tool_loader, tmp_path, small_corpus, capsys):
+    whole = gzip.compress(small_corpus.read_bytes())
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[:len(whole) // 2])
+    assert train(tool_loader, "--input", tmp_path / "cut.jsonl.gz", "--vocab-size", 600,
+                 "--output-prefix", tmp_path / "x") == 1
+    assert "cut.jsonl.gz: compressed file ends before its end-of-stream marker" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "x.model").exists()
