@@ -409,3 +409,99 @@ def test_incompatible_or_unsafe_checkpoints_get_clear_errors(reference, tmp_path
     assert rc == 3 and "refusing to unpickle" in err
     rc, err = results["optimizer"]
     assert rc == 3 and "a run without --use-distributed-optimizer" in err and "--no-load-optim" in err
+
+
+def _another_runs_checkpoints(save):
+    """A --save as another run left it: iterations 4 and 8 (the guards only read the names)."""
+    for iteration in (4, 8):
+        os.makedirs(os.path.join(save, f"iter_{iteration:07d}"))
+        with open(os.path.join(save, f"iter_{iteration:07d}", "common.pt"), "w") as f:
+            f.write(f"iteration {iteration}")
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("8")
+    return sorted(os.listdir(save))
+
+
+def _one_line_error(result, code=2):
+    assert result.returncode == code, result.stderr[-2000:]
+    # (megatron's checkpoint writer may add its own "Local process ... encountered an error")
+    errors = [line for line in result.stderr.splitlines()
+              if line.startswith("pretrain_patch_gpt.py: error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return errors[0]
+
+
+def test_a_run_from_scratch_never_writes_over_another_runs_checkpoints(tmp_path):
+    save = str(tmp_path / "ckpt")
+    before = _another_runs_checkpoints(save)
+    short = ["--save", save, "--save-interval", "2", "--train-iters", "2", "--eval-iters", "0"]
+    for load in ([], ["--load", str(tmp_path / "cktp")]):  # absent, and a typo
+        error = _one_line_error(run(short + load))
+        assert f"--save {save} already holds checkpoints, and this run starts from scratch" in error
+        assert f"pass --load {save} to resume" in error and "--overwrite-save" in error
+        assert sorted(os.listdir(save)) == before and latest(save) == 8
+    over = run(short + ["--overwrite-save"])
+    assert over.returncode == 0, over.stderr[-2000:]
+    assert latest(save) == 2
+
+
+def test_a_second_run_on_a_locked_save_is_refused(tmp_path):
+    import fcntl
+
+    save = str(tmp_path / "ckpt")
+    os.makedirs(save)
+    with open(os.path.join(save, ".lock"), "w") as held:  # as the first run's rank 0 holds it
+        held.write("pid 12345 on elsewhere\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        error = _one_line_error(run(["--save", save, "--save-interval", "2"]))
+    assert f"--save {save} is in use by another run (pid 12345 on elsewhere holds" in error
+    assert "choose another --save" in error
+    assert sorted(os.listdir(save)) == [".lock"]
+
+
+def _mount_tmpfs(path, options):
+    os.makedirs(path, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", path],
+                             capture_output=True).returncode == 0
+    return mounted
+
+
+def test_unusable_save_directories_are_refused_before_training(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    error = _one_line_error(run(["--save", str(a_file)]))
+    assert f"--save {a_file} is a file, not a directory" in error
+    read_only = str(tmp_path / "read_only")
+    if os.geteuid() != 0:
+        os.makedirs(read_only)
+        os.chmod(read_only, 0o555)
+    elif not _mount_tmpfs(read_only, "size=1m,ro"):
+        pytest.skip("root cannot be kept from writing without a read-only mount")
+    try:
+        error = _one_line_error(run(["--save", read_only]))
+        assert f"--save {read_only} is not writable" in error and "iteration" not in error
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", read_only])
+
+
+def test_a_full_disk_is_found_before_training_and_at_save_time(tmp_path):
+    small, roomy = str(tmp_path / "small"), str(tmp_path / "roomy")
+    # One checkpoint of this model is ~1.6 MB: 1 MB holds none, 4 MB holds two.
+    if not (_mount_tmpfs(small, "size=1m") and _mount_tmpfs(roomy, "size=4m")):
+        pytest.skip("needs small filesystems (tmpfs mounts)")
+    try:
+        result = run(["--save", small])
+        error = _one_line_error(result)
+        assert f"--save {small} has " in error and "one checkpoint needs about" in error
+        assert " iteration " not in result.stdout  # not one step was taken
+        result = run(["--save", roomy, "--save-interval", "2"])
+        error = _one_line_error(result, code=3)
+        assert (f"no space left on device while saving to --save {roomy}: the last good checkpoint "
+                "(iteration 4) stays latest") in error
+        assert latest(roomy) == 4 and sorted(os.listdir(roomy)) == [
+            ".lock", "iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
+    finally:
+        for path in (small, roomy):
+            subprocess.run(["umount", path], capture_output=True)

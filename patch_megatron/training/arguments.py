@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--overwrite-save", action="store_true",
+                   help="this project's flag (not Megatron-LM's): let a run that loaded no "
+                        "checkpoint write into a --save that already holds checkpoints, replacing "
+                        "them; without it such a run is refused before training")
     g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only: iteration, optimizer, schedule and data position reset")
