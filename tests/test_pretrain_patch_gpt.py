@@ -301,28 +301,45 @@ def test_sigterm_with_exit_signal_handler_saves_and_exits_zero(tmp_path):
 
 
 def test_nan_loss_stops_without_saving_or_is_skipped(tmp_path):
-    # lr 1e30 (from iteration 2, after one warmup step) blows the weights up within a few steps.
+    # lr 1e30 (from iteration 2, after one warmup step) blows the weights up within a few steps:
+    # first the gradients turn NaN/Inf (the loss still finite), then the loss.
     diverge = ["--lr", "1e30", "--clip-grad", "0", "--eval-iters", "0", "--train-iters", "6"]
+    non_finite = r"the (?:training loss is nan|gradients hold NaN/Inf)"
     stop = run(diverge)
     assert stop.returncode == 4, stop.stderr[-2000:]
-    nan_at = int(re.search(r"error: iteration (\d+): the training loss is nan; stopping without "
-                           r"saving", stop.stderr).group(1))
+    nan_at = int(re.search(rf"error: iteration (\d+): {non_finite}; stopping without saving",
+                           stop.stderr).group(1))
     assert 2 < nan_at <= 6
     assert set(losses(stop.stdout)) == set(range(1, nan_at))  # it stopped right there
-    skip = run(diverge + ["--nan-action", "skip"])
+    # Skipping: no step with a NaN/Inf loss or gradient is applied, so the weights stay finite
+    # and the run ends well, its last checkpoint finite too.
+    skipped_save = str(tmp_path / "skipped")
+    skip = run(diverge + ["--nan-action", "skip", "--save", skipped_save])
     assert skip.returncode == 0, skip.stderr[-2000:]
-    assert f"WARNING: iteration {nan_at}: the training loss is nan; update skipped" in skip.stdout
+    assert re.search(rf"WARNING: iteration {nan_at}: {non_finite}; update skipped", skip.stdout)
     assert re.search(r"iteration\s+6/.*number of skipped iterations:\s+[1-9]", skip.stdout)
+    weights = checkpoint_tensors(os.path.join(skipped_save, "iter_0000006"))
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
     # Saving every step: the first step whose weights are not finite is never written.
     save = str(tmp_path / "ckpt")
     guarded = run(diverge + ["--save", save, "--save-interval", "1"])
     assert guarded.returncode in (3, 4), guarded.stderr[-2000:]
-    bad_at = int(re.search(r"error: iteration (\d+): the (?:weights hold NaN/Inf|training loss "
-                           r"is nan)", guarded.stderr).group(1))
+    bad_at = int(re.search(rf"error: iteration (\d+): the (?:weights hold NaN/Inf|training loss "
+                           rf"is nan|gradients hold NaN/Inf)", guarded.stderr).group(1))
     assert latest(save) == bad_at - 1
     assert not any(n.startswith(f"iter_{bad_at:07d}") for n in os.listdir(save))
     common = torch.load(os.path.join(save, f"iter_{bad_at - 1:07d}", "common.pt"), weights_only=True)
     assert common["iteration"] == bad_at - 1
+
+
+def test_a_run_never_ends_well_with_non_finite_weights(tmp_path):
+    # lr 3e38: the first real update (finite gradients) takes the weights past float32's range.
+    result = run(["--lr", "3e38", "--clip-grad", "0", "--eval-iters", "0", "--train-iters", "4",
+                  "--nan-action", "skip"])
+    assert result.returncode == 4, result.stderr[-2000:]
+    assert re.search(r"error: iteration 4: the weights hold NaN/Inf at the end of training "
+                     r"\(nothing was saved\); rerun or resume with a lower --lr", result.stderr)
+    assert "Traceback" not in result.stderr and "stage finished" not in result.stdout
 
 
 def test_patch_stage_on_the_real_data_pipeline(builtin_data_prefix, sentencepiece_model, tmp_path):

@@ -360,6 +360,8 @@ def _check_patch_and_length(a) -> None:
 
 
 def _check_optimizer(a) -> None:
+    _require(math.isfinite(a.lr) and math.isfinite(a.min_lr),
+             f"--lr and --min-lr must be finite numbers (got lr {a.lr}, min-lr {a.min_lr})")
     _require(a.lr > 0 and 0 <= a.min_lr <= a.lr,
              f"need --lr > 0 and 0 <= --min-lr <= --lr (got lr {a.lr}, min-lr {a.min_lr})")
     _require(not (a.lr_warmup_fraction is not None and a.lr_warmup_iters),
