@@ -13,12 +13,18 @@ import shutil
 import sys
 import time
 
+from patch_megatron import parent_death
+
+# dist_checkpointing's spawned helpers import this file as __mp_main__: they die with the run.
+parent_death.die_with_parent_if_spawned(__name__)
+
 
 def main(argv=None) -> int:
     from patch_megatron.model.spec import silence_fallback_warnings
     from patch_megatron.training.arguments import ArgumentError, check_world_size, parse_args
 
     silence_fallback_warnings()  # the log names the layers and Adam in use instead
+    parent_death.install()  # checkpoint writers forked from here die with this process
 
     # Every flag is checked before any process group starts.
     try:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -522,3 +523,64 @@ def test_a_full_disk_is_found_before_training_and_at_save_time(tmp_path):
     finally:
         for path in (small, roomy):
             subprocess.run(["umount", path], capture_output=True)
+
+
+def _children(pid):
+    """{child pid: its command line} of ``pid``, from /proc."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    found[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return found
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
+def test_a_run_killed_mid_save_leaves_no_child_processes(tmp_path):
+    save = str(tmp_path / "ckpt")
+    process = subprocess.Popen(
+        command(["--save", save, "--save-interval", "1", "--train-iters", "2000", "--eval-iters",
+                 "0", "--log-interval", "100"]),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment(), cwd=REPO)
+    seen, writer_seen = {}, False
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            children = _children(process.pid)
+            for pid in list(children):
+                children.update(_children(pid))  # grandchildren too
+            seen.update(children)
+            # A forked checkpoint writer runs the parent's command line; the helpers do not.
+            if any(SCRIPT in line and "multiprocessing" not in line for line in children.values()) \
+                    and any("multiprocessing" in line for line in seen.values()):
+                writer_seen = True
+                break
+            time.sleep(0.005)
+        assert writer_seen, f"no checkpoint writer seen: {seen}"
+    finally:
+        process.kill()  # SIGKILL: no handler, no cleanup in the run
+        process.wait(timeout=30)
+    survivors = {}
+    for _ in range(100):  # the kernel's death signals and the tracker's EOF take a moment
+        survivors = {pid: line for pid, line in seen.items() if _alive(pid)}
+        if not survivors:
+            break
+        time.sleep(0.1)
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)  # do not leave them to the next test
+    assert not survivors, survivors
