@@ -138,6 +138,8 @@ def _train_loop(args, plan, dp_size, rank, world_size, on_cpu, print_rank0, conf
         try:
             path = checkpointing.save_checkpoint(args.save, model, optimizer, scheduler,
                                                  train_state, args, plan)
+        except checkpointing.CheckpointError:  # our own refusal (NaN/Inf weights), as it is
+            raise
         except (Exception, CheckpointException) as error:
             # Judged before the half-written copy is removed: it is what filled the disk.
             full = save_dir.no_space_message(error, args.save, checkpoint_bytes,
