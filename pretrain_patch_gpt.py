@@ -9,8 +9,14 @@ for the stage conventions). Everything is wired here, in ``main``.
 """
 
 import os
+import shutil
 import sys
 import time
+
+from patch_megatron import parent_death
+
+# dist_checkpointing's spawned helpers import this file as __mp_main__: they die with the run.
+parent_death.die_with_parent_if_spawned(__name__)
 
 
 def main(argv=None) -> int:
@@ -18,6 +24,7 @@ def main(argv=None) -> int:
     from patch_megatron.training.arguments import ArgumentError, check_world_size, parse_args
 
     silence_fallback_warnings()  # the log names the layers and Adam in use instead
+    parent_death.install()  # checkpoint writers forked from here die with this process
 
     # Every flag is checked before any process group starts.
     try:
@@ -70,7 +77,7 @@ def _train(args, plan, dp_size, rank, world_size, on_cpu, print_rank0) -> int:
     from megatron.core import parallel_state
 
     from patch_megatron.model import spec
-    from patch_megatron.training import build, checkpointing, data, loop, metrics
+    from patch_megatron.training import build, checkpointing, data, loop, metrics, save_dir
     from patch_megatron.training.arguments import ArgumentError
 
     try:
@@ -87,6 +94,7 @@ def _train(args, plan, dp_size, rank, world_size, on_cpu, print_rank0) -> int:
     with_te = config.transformer_impl == "transformer_engine" and not args.est  # EST: local layers
     print_rank0(f"> layers: {spec.implementation_name(with_te)}; Adam: {spec.adam_name()}")
 
+    loaded = False
     if args.load:
         try:
             message = checkpointing.load_checkpoint(args.load, model, optimizer, scheduler, state,
@@ -94,17 +102,54 @@ def _train(args, plan, dp_size, rank, world_size, on_cpu, print_rank0) -> int:
         except checkpointing.CheckpointError as error:
             print(f"pretrain_patch_gpt.py: error: {error}", file=sys.stderr)
             return 3
+        loaded = message is not None
         print_rank0(f"> {message or f'no checkpoint in {args.load}: starting from scratch'}")
+    save_lock, checkpoint_bytes = None, 0
+    if args.save:
+        checkpoint_bytes = save_dir.checkpoint_bytes(model, args)  # a collective: on every rank
+        try:  # before the first step: writable, room for a checkpoint, ours alone, not another run's
+            save_lock = save_dir.prepare(args, checkpoint_bytes, loaded)
+        except save_dir.SaveDirError as error:
+            print(f"pretrain_patch_gpt.py: error: {error}", file=sys.stderr)
+            return 2
+    try:
+        return _train_loop(args, plan, dp_size, rank, world_size, on_cpu, print_rank0, config,
+                           model, optimizer, scheduler, stage_data, state, checkpoint_bytes)
+    finally:
+        if save_lock is not None:
+            save_lock.release()
+
+
+def _train_loop(args, plan, dp_size, rank, world_size, on_cpu, print_rank0, config, model,
+                optimizer, scheduler, stage_data, state, checkpoint_bytes) -> int:
+    from megatron.core import parallel_state
+
+    from patch_megatron.training import checkpointing, data, loop, metrics, save_dir
 
     dp_rank = parallel_state.get_data_parallel_rank()
 
     def make_batches(dataset, consumed_samples=0):
         return data.MicroBatches(dataset, args.micro_batch_size, dp_rank, dp_size, consumed_samples)
 
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
     def save(train_state):
         started = time.monotonic()
-        path = checkpointing.save_checkpoint(args.save, model, optimizer, scheduler, train_state,
-                                             args, plan)
+        try:
+            path = checkpointing.save_checkpoint(args.save, model, optimizer, scheduler,
+                                                 train_state, args, plan)
+        except checkpointing.CheckpointError:  # our own refusal (NaN/Inf weights), as it is
+            raise
+        except (Exception, CheckpointException) as error:
+            # Judged before the half-written copy is removed: it is what filled the disk.
+            full = save_dir.no_space_message(error, args.save, checkpoint_bytes,
+                                             checkpointing.read_latest_iteration(args.save))
+            if full is None:
+                raise
+            if rank == 0:  # give its space back; it never became latest
+                shutil.rmtree(checkpointing.iteration_dir(args.save, train_state.iteration)
+                              + checkpointing.INCOMPLETE_SUFFIX, ignore_errors=True)
+            raise checkpointing.CheckpointError(full) from None
         print_rank0(f"> saved {path} in {time.monotonic() - started:.1f} s")
 
     run = loop.Run(

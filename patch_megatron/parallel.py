@@ -25,11 +25,13 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def initialize(config: ParallelConfig, seed: int, timeout_minutes: int = 10) -> None:
+def initialize(config: ParallelConfig, seed: int, timeout_minutes: float = 10) -> None:
     """Start torch.distributed from torchrun's variables and build megatron's groups.
 
     Works for a single process without torchrun too (world size 1). CPU mode
     uses gloo; the GPU path uses NCCL and one device per local rank.
+    ``timeout_minutes`` (--distributed-timeout-minutes) bounds a collective's
+    wait in every group: the world's and each of megatron's (TP, PP, DP, ...).
     """
     from datetime import timedelta
 
@@ -62,6 +64,8 @@ def initialize(config: ParallelConfig, seed: int, timeout_minutes: int = 10) -> 
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=config.tensor_model_parallel_size,
             pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+            # Without it megatron gives its groups its own default (30 minutes).
+            distributed_timeout_minutes=timeout_minutes,
         )
     set_seed(seed)
 

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -301,28 +302,45 @@ def test_sigterm_with_exit_signal_handler_saves_and_exits_zero(tmp_path):
 
 
 def test_nan_loss_stops_without_saving_or_is_skipped(tmp_path):
-    # lr 1e30 (from iteration 2, after one warmup step) blows the weights up within a few steps.
+    # lr 1e30 (from iteration 2, after one warmup step) blows the weights up within a few steps:
+    # first the gradients turn NaN/Inf (the loss still finite), then the loss.
     diverge = ["--lr", "1e30", "--clip-grad", "0", "--eval-iters", "0", "--train-iters", "6"]
+    non_finite = r"the (?:training loss is nan|gradients hold NaN/Inf)"
     stop = run(diverge)
     assert stop.returncode == 4, stop.stderr[-2000:]
-    nan_at = int(re.search(r"error: iteration (\d+): the training loss is nan; stopping without "
-                           r"saving", stop.stderr).group(1))
+    nan_at = int(re.search(rf"error: iteration (\d+): {non_finite}; stopping without saving",
+                           stop.stderr).group(1))
     assert 2 < nan_at <= 6
     assert set(losses(stop.stdout)) == set(range(1, nan_at))  # it stopped right there
-    skip = run(diverge + ["--nan-action", "skip"])
+    # Skipping: no step with a NaN/Inf loss or gradient is applied, so the weights stay finite
+    # and the run ends well, its last checkpoint finite too.
+    skipped_save = str(tmp_path / "skipped")
+    skip = run(diverge + ["--nan-action", "skip", "--save", skipped_save])
     assert skip.returncode == 0, skip.stderr[-2000:]
-    assert f"WARNING: iteration {nan_at}: the training loss is nan; update skipped" in skip.stdout
+    assert re.search(rf"WARNING: iteration {nan_at}: {non_finite}; update skipped", skip.stdout)
     assert re.search(r"iteration\s+6/.*number of skipped iterations:\s+[1-9]", skip.stdout)
+    weights = checkpoint_tensors(os.path.join(skipped_save, "iter_0000006"))
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
     # Saving every step: the first step whose weights are not finite is never written.
     save = str(tmp_path / "ckpt")
     guarded = run(diverge + ["--save", save, "--save-interval", "1"])
     assert guarded.returncode in (3, 4), guarded.stderr[-2000:]
-    bad_at = int(re.search(r"error: iteration (\d+): the (?:weights hold NaN/Inf|training loss "
-                           r"is nan)", guarded.stderr).group(1))
+    bad_at = int(re.search(rf"error: iteration (\d+): the (?:weights hold NaN/Inf|training loss "
+                           rf"is nan|gradients hold NaN/Inf)", guarded.stderr).group(1))
     assert latest(save) == bad_at - 1
     assert not any(n.startswith(f"iter_{bad_at:07d}") for n in os.listdir(save))
     common = torch.load(os.path.join(save, f"iter_{bad_at - 1:07d}", "common.pt"), weights_only=True)
     assert common["iteration"] == bad_at - 1
+
+
+def test_a_run_never_ends_well_with_non_finite_weights(tmp_path):
+    # lr 3e38: the first real update (finite gradients) takes the weights past float32's range.
+    result = run(["--lr", "3e38", "--clip-grad", "0", "--eval-iters", "0", "--train-iters", "4",
+                  "--nan-action", "skip"])
+    assert result.returncode == 4, result.stderr[-2000:]
+    assert re.search(r"error: iteration 4: the weights hold NaN/Inf at the end of training "
+                     r"\(nothing was saved\); rerun or resume with a lower --lr", result.stderr)
+    assert "Traceback" not in result.stderr and "stage finished" not in result.stdout
 
 
 def test_patch_stage_on_the_real_data_pipeline(builtin_data_prefix, sentencepiece_model, tmp_path):
@@ -409,3 +427,160 @@ def test_incompatible_or_unsafe_checkpoints_get_clear_errors(reference, tmp_path
     assert rc == 3 and "refusing to unpickle" in err
     rc, err = results["optimizer"]
     assert rc == 3 and "a run without --use-distributed-optimizer" in err and "--no-load-optim" in err
+
+
+def _another_runs_checkpoints(save):
+    """A --save as another run left it: iterations 4 and 8 (the guards only read the names)."""
+    for iteration in (4, 8):
+        os.makedirs(os.path.join(save, f"iter_{iteration:07d}"))
+        with open(os.path.join(save, f"iter_{iteration:07d}", "common.pt"), "w") as f:
+            f.write(f"iteration {iteration}")
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("8")
+    return sorted(os.listdir(save))
+
+
+def _one_line_error(result, code=2):
+    assert result.returncode == code, result.stderr[-2000:]
+    # (megatron's checkpoint writer may add its own "Local process ... encountered an error")
+    errors = [line for line in result.stderr.splitlines()
+              if line.startswith("pretrain_patch_gpt.py: error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return errors[0]
+
+
+def test_a_run_from_scratch_never_writes_over_another_runs_checkpoints(tmp_path):
+    save = str(tmp_path / "ckpt")
+    before = _another_runs_checkpoints(save)
+    short = ["--save", save, "--save-interval", "2", "--train-iters", "2", "--eval-iters", "0"]
+    for load in ([], ["--load", str(tmp_path / "cktp")]):  # absent, and a typo
+        error = _one_line_error(run(short + load))
+        assert f"--save {save} already holds checkpoints, and this run starts from scratch" in error
+        assert f"pass --load {save} to resume" in error and "--overwrite-save" in error
+        assert sorted(os.listdir(save)) == before and latest(save) == 8
+    over = run(short + ["--overwrite-save"])
+    assert over.returncode == 0, over.stderr[-2000:]
+    assert latest(save) == 2
+
+
+def test_a_second_run_on_a_locked_save_is_refused(tmp_path):
+    import fcntl
+
+    save = str(tmp_path / "ckpt")
+    os.makedirs(save)
+    with open(os.path.join(save, ".lock"), "w") as held:  # as the first run's rank 0 holds it
+        held.write("pid 12345 on elsewhere\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        error = _one_line_error(run(["--save", save, "--save-interval", "2"]))
+    assert f"--save {save} is in use by another run (pid 12345 on elsewhere holds" in error
+    assert "choose another --save" in error
+    assert sorted(os.listdir(save)) == [".lock"]
+
+
+def _mount_tmpfs(path, options):
+    os.makedirs(path, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", path],
+                             capture_output=True).returncode == 0
+    return mounted
+
+
+def test_unusable_save_directories_are_refused_before_training(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    error = _one_line_error(run(["--save", str(a_file)]))
+    assert f"--save {a_file} is a file, not a directory" in error
+    read_only = str(tmp_path / "read_only")
+    if os.geteuid() != 0:
+        os.makedirs(read_only)
+        os.chmod(read_only, 0o555)
+    elif not _mount_tmpfs(read_only, "size=1m,ro"):
+        pytest.skip("root cannot be kept from writing without a read-only mount")
+    try:
+        error = _one_line_error(run(["--save", read_only]))
+        assert f"--save {read_only} is not writable" in error and "iteration" not in error
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", read_only])
+
+
+def test_a_full_disk_is_found_before_training_and_at_save_time(tmp_path):
+    small, roomy = str(tmp_path / "small"), str(tmp_path / "roomy")
+    # One checkpoint of this model is ~1.6 MB: 1 MB holds none, 4 MB holds two.
+    if not (_mount_tmpfs(small, "size=1m") and _mount_tmpfs(roomy, "size=4m")):
+        pytest.skip("needs small filesystems (tmpfs mounts)")
+    try:
+        result = run(["--save", small])
+        error = _one_line_error(result)
+        assert f"--save {small} has " in error and "one checkpoint needs about" in error
+        assert " iteration " not in result.stdout  # not one step was taken
+        result = run(["--save", roomy, "--save-interval", "2"])
+        error = _one_line_error(result, code=3)
+        assert (f"no space left on device while saving to --save {roomy}: the last good checkpoint "
+                "(iteration 4) stays latest") in error
+        assert latest(roomy) == 4 and sorted(os.listdir(roomy)) == [
+            ".lock", "iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
+    finally:
+        for path in (small, roomy):
+            subprocess.run(["umount", path], capture_output=True)
+
+
+def _children(pid):
+    """{child pid: its command line} of ``pid``, from /proc."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    found[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return found
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
+def test_a_run_killed_mid_save_leaves_no_child_processes(tmp_path):
+    save = str(tmp_path / "ckpt")
+    process = subprocess.Popen(
+        command(["--save", save, "--save-interval", "1", "--train-iters", "2000", "--eval-iters",
+                 "0", "--log-interval", "100"]),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment(), cwd=REPO)
+    seen, writer_seen = {}, False
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            children = _children(process.pid)
+            for pid in list(children):
+                children.update(_children(pid))  # grandchildren too
+            seen.update(children)
+            # A forked checkpoint writer runs the parent's command line; the helpers do not.
+            if any(SCRIPT in line and "multiprocessing" not in line for line in children.values()) \
+                    and any("multiprocessing" in line for line in seen.values()):
+                writer_seen = True
+                break
+            time.sleep(0.005)
+        assert writer_seen, f"no checkpoint writer seen: {seen}"
+    finally:
+        process.kill()  # SIGKILL: no handler, no cleanup in the run
+        process.wait(timeout=30)
+    survivors = {}
+    for _ in range(100):  # the kernel's death signals and the tracker's EOF take a moment
+        survivors = {pid: line for pid, line in seen.items() if _alive(pid)}
+        if not survivors:
+            break
+        time.sleep(0.1)
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)  # do not leave them to the next test
+    assert not survivors, survivors

@@ -40,6 +40,13 @@ def main(argv=None) -> int:
     silence_fallback_warnings()
     args = build_parser().parse_args(argv)
     from patch_megatron.conversion import ConversionError
+    from patch_megatron.conversion.output_dir import refuse_overlap
+
+    try:
+        refuse_overlap(args.hf_dir, "--hf-dir", args.save, "--save")
+    except ConversionError as error:
+        print(f"convert_from_hf.py: error: {error}", file=sys.stderr)
+        return 2
     from patch_megatron.conversion.hf_import import ImportOptions, import_from_hf
     from patch_megatron.conversion.model_description import DTYPES
 

@@ -43,6 +43,13 @@ def main(argv=None) -> int:
     silence_fallback_warnings()
     args = build_parser().parse_args(argv)
     from patch_megatron.conversion import ConversionError
+    from patch_megatron.conversion.output_dir import refuse_overlap
+
+    try:
+        refuse_overlap(args.load, "--load", args.save, "--save")
+    except ConversionError as error:
+        print(f"convert_patch_to_token.py: error: {error}", file=sys.stderr)
+        return 2
     from patch_megatron.conversion.handoff import HandoffOptions, convert_patch_to_token
 
     options = HandoffOptions(

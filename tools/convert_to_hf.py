@@ -47,6 +47,13 @@ def main(argv=None) -> int:
     silence_fallback_warnings()
     args = build_parser().parse_args(argv)
     from patch_megatron.conversion import ConversionError
+    from patch_megatron.conversion.output_dir import refuse_overlap
+
+    try:
+        refuse_overlap(args.load, "--load", args.output, "--output")
+    except ConversionError as error:
+        print(f"convert_to_hf.py: error: {error}", file=sys.stderr)
+        return 2
     from patch_megatron.conversion.hf_export import ExportOptions, export_to_hf
     from patch_megatron.conversion.model_description import DTYPES
 

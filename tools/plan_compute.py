@@ -11,6 +11,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -22,29 +23,41 @@ from patch_megatron.planning.plan import DEFAULT_EST_FLOPS_FACTOR, PlanInputs, P
 from patch_megatron.planning.report import to_json, to_text  # noqa: E402
 
 
+def finite_float(text: str) -> float:
+    """A float flag that is a real number: inf and nan have no plan (argparse prints the error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number: give a real value, "
+                                         "e.g. 1e21")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     budget = p.add_argument_group("budget (any of)")
-    budget.add_argument("--compute", type=float, help="training FLOP budget, e.g. 1e21")
+    budget.add_argument("--compute", type=finite_float, help="training FLOP budget, e.g. 1e21")
     budget.add_argument("--gpus", type=int, help="number of GPUs")
-    budget.add_argument("--hours", type=float, help="wall-clock hours on --gpus (budget = GPUs × hours × peak × MFU)")
+    budget.add_argument("--hours", type=finite_float, help="wall-clock hours on --gpus (budget = GPUs × hours × peak × MFU)")
     budget.add_argument("--gpu", default="H100", help="H100, H200, A100, or a bf16 peak in TFLOP/s (default H100)")
-    budget.add_argument("--mfu", type=float, help="model FLOPs utilisation in (0, 1]; default: our measured MFU, "
+    budget.add_argument("--mfu", type=finite_float, help="model FLOPs utilisation in (0, 1]; default: our measured MFU, "
                                                   "else an assumed 0.40 (stated in the output)")
-    budget.add_argument("--params", type=float, help="fixed model size, total parameters incl. embeddings")
-    budget.add_argument("--tokens", type=float, help="fixed number of training tokens")
+    budget.add_argument("--params", type=finite_float, help="fixed model size, total parameters incl. embeddings")
+    budget.add_argument("--tokens", type=finite_float, help="fixed number of training tokens")
     patch = p.add_argument_group("patch-level training and EST")
     patch.add_argument("--patch-size", type=int, default=4, help="K (1 = token-only; default 4)")
-    patch.add_argument("--patch-fraction", type=float, default=2 / 3, help="λ in [0, 1) (default 2/3)")
+    patch.add_argument("--patch-fraction", type=finite_float, default=2 / 3, help="λ in [0, 1) (default 2/3)")
     patch.add_argument("--est", action="store_true", help="plan with Evolving Subnetwork Training")
-    patch.add_argument("--est-flops-factor", type=float, default=DEFAULT_EST_FLOPS_FACTOR,
+    patch.add_argument("--est-flops-factor", type=finite_float, default=DEFAULT_EST_FLOPS_FACTOR,
                        help=f"EST's expected FLOPs relative to full training (default {DEFAULT_EST_FLOPS_FACTOR})")
     fit = p.add_argument_group("Chinchilla")
     fit.add_argument("--sizing", choices=("rule", "fit"), default="rule",
                      help="rule: ~20 tokens/parameter (default); fit: minimise the loss fit at the budget")
     fit.add_argument("--loss-fit", choices=sorted(chinchilla.LOSS_FITS), default=chinchilla.DEFAULT_LOSS_FIT,
                      help=f"parametric loss fit for predicted loss (default {chinchilla.DEFAULT_LOSS_FIT})")
-    fit.add_argument("--tokens-per-param", type=float, default=chinchilla.TOKENS_PER_PARAMETER)
+    fit.add_argument("--tokens-per-param", type=finite_float, default=chinchilla.TOKENS_PER_PARAMETER)
     run = p.add_argument_group("run")
     run.add_argument("--seq-length", type=int, default=2048, help="T, model positions per sample (default 2048)")
     run.add_argument("--vocab-size", type=int, default=32000, help="tokenizer vocabulary (default 32000, LLaMA-2)")

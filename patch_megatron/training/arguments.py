@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--overwrite-save", action="store_true",
+                   help="this project's flag (not Megatron-LM's): let a run that loaded no "
+                        "checkpoint write into a --save that already holds checkpoints, replacing "
+                        "them; without it such a run is refused before training")
     g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only: iteration, optimizer, schedule and data position reset")
@@ -356,6 +360,8 @@ def _check_patch_and_length(a) -> None:
 
 
 def _check_optimizer(a) -> None:
+    _require(math.isfinite(a.lr) and math.isfinite(a.min_lr),
+             f"--lr and --min-lr must be finite numbers (got lr {a.lr}, min-lr {a.min_lr})")
     _require(a.lr > 0 and 0 <= a.min_lr <= a.lr,
              f"need --lr > 0 and 0 <= --min-lr <= --lr (got lr {a.lr}, min-lr {a.min_lr})")
     _require(not (a.lr_warmup_fraction is not None and a.lr_warmup_iters),

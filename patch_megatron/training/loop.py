@@ -19,7 +19,8 @@ from patch_megatron import parallel
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss was NaN/Inf and --nan-action is stop."""
+    """The loss, the gradients or the learning rate was NaN/Inf and --nan-action is stop;
+    or the weights are NaN/Inf when the run ends."""
 
 
 @dataclass
@@ -79,6 +80,7 @@ class StepResult:
     loss: float
     grad_norm: float | None
     skipped: bool
+    reason: str | None = None  # why a finite-loss step was skipped (non-finite grads or lr)
 
 
 def train_step(model, optimizer, scheduler, data_iterator, num_microbatches, args, iteration):
@@ -105,10 +107,63 @@ def train_step(model, optimizer, scheduler, data_iterator, num_microbatches, arg
                 "drop such steps"
             )
         return StepResult(loss, None, skipped=True)
+    # megatron's optimizer skips a step itself only on fp16's found_inf; a NaN/Inf gradient in
+    # fp32/bf16, or a NaN/Inf learning rate, would be applied and poison the weights.
+    problem = non_finite_step(model, optimizer)
+    if problem is not None:
+        message = f"iteration {iteration}: {problem}"
+        if args.nan_action == "stop":
+            raise NonFiniteLossError(
+                message + "; stopping without saving (the weights of this step are not written). "
+                "Resume from the last checkpoint with a lower --lr, or pass --nan-action skip to "
+                "drop such steps"
+            )
+        return StepResult(loss, None, skipped=True, reason=problem)
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=1)
     return StepResult(loss, grad_norm, skipped=not update_successful)
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return flag
+    tensor = torch.tensor([float(flag)], device=parallel.device())
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def non_finite_step(model, optimizer) -> str | None:
+    """What makes this step non-finite (on any rank), or None.
+
+    The gradients are checked in the DDP grad buffers after megatron's data-parallel
+    reduction: a NaN/Inf in a rank's unreduced part also makes the reduced sum NaN/Inf,
+    so any rank's local check is enough. One pass over the gradients, one flag reduction.
+    """
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    # megatron's DDP keeps its grad buffers in lists (a plain Module's .buffers is a method)
+    buffers = [b for name in ("buffers", "expert_parallel_buffers")
+               if isinstance(getattr(model, name, None), list) for b in getattr(model, name)]
+    if buffers:
+        local = torch.stack([torch.isfinite(b.grad_data).all() for b in buffers]).all()
+    else:  # no grad buffers (a stand-in model): the parameters' gradients
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        local = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else \
+            torch.tensor(True)
+    bad_grads = _any_rank(not bool(local.item()))
+    bad_lr = not all(math.isfinite(float(lr)) for lr in lrs)
+    if bad_grads:
+        return "the gradients hold NaN/Inf"
+    if bad_lr:
+        return f"the learning rate is {lrs[0]}"
+    return None
+
+
+def weights_are_finite(model) -> bool:
+    """Collective: True when every rank's weights are finite."""
+    local = torch.stack([torch.isfinite(p).all() for p in model.module.parameters()]).all()
+    return not _any_rank(not bool(local.item()))
 
 
 # ---------------------------------------------------------------------------
@@ -210,6 +265,16 @@ def validate(run: Run, iteration: int) -> None:
     run.tensorboard.scalars({f"valid/{k}": v for k, v in results.items()}, iteration)
 
 
+def refuse_non_finite_end(run: Run, state: TrainState) -> None:
+    """A run never ends as a success with NaN/Inf weights, saved or not."""
+    if not weights_are_finite(run.model):
+        kept = (f"the last good checkpoint in {run.args.save} stays latest" if run.args.save
+                else "nothing was saved")
+        raise NonFiniteLossError(
+            f"iteration {state.iteration}: the weights hold NaN/Inf at the end of training ({kept}); "
+            "rerun or resume with a lower --lr or a --clip-grad > 0")
+
+
 def train(run: Run, state: TrainState) -> str:
     """Train this stage from ``state`` to its last step (or an exit condition); say why it ended."""
     from patch_megatron import flops
@@ -250,6 +315,10 @@ def train(run: Run, state: TrainState) -> str:
                 state.nan_iters += 1
                 run.print(f"WARNING: iteration {state.iteration}: the training loss is {step.loss}; "
                           "update skipped (--nan-action skip)")
+            elif step.reason is not None:
+                state.nan_iters += 1
+                run.print(f"WARNING: iteration {state.iteration}: {step.reason}; "
+                          "update skipped (--nan-action skip)")
 
         if state.iteration % args.log_interval == 0:
             synchronize(device)  # the interval's time must include its queued GPU work
@@ -287,11 +356,13 @@ def train(run: Run, state: TrainState) -> str:
         if reason is not None:
             # As in Megatron-LM, an early exit (signal, time, --exit-interval) saves and stops
             # without a final evaluation: a SIGTERM'd job has little time left.
+            refuse_non_finite_end(run, state)
             if args.save and last_saved != state.iteration:
                 run.save(state)
             if est:
                 run.print(est.summary())
             return f"{reason} at iteration {state.iteration}"
+    refuse_non_finite_end(run, state)
     if args.save and last_saved != state.iteration:
         run.save(state)
     # As in Megatron-LM, the finished run is evaluated once more (after its last save), so its

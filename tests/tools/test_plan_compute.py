@@ -60,6 +60,22 @@ def test_bad_inputs_exit_with_a_clear_error(capsys, argv, message):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["--compute", "inf"], "--compute"),
+    (["--compute", "nan"], "--compute"),
+    (["--gpus", "8", "--hours", "inf"], "--hours"),
+    (["--compute", "1e20", "--mfu", "nan"], "--mfu"),
+    (["--params=-inf"], "--params"),
+])
+def test_infinite_or_nan_numbers_exit_with_a_one_line_error(capsys, argv, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        plan_compute.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {flag}: " in err and "is not a finite number" in err
+    assert "Traceback" not in err
+
+
 def _pretrain_commands(out):
     return [c for c in out["commands"] if c["script"] == "pretrain_patch_gpt.py"]
 

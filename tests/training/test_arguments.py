@@ -150,3 +150,14 @@ def test_parsing_and_checking_flags_does_not_load_megatron():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("flags", ["--lr inf", "--lr nan", "--min-lr nan"])
+def test_a_non_finite_learning_rate_is_refused(flags):
+    with pytest.raises(ArgumentError, match="--lr and --min-lr must be finite numbers"):
+        parse("--global-batch-size 8 --train-iters 10", flags)
+
+
+def test_overwrite_save_is_off_unless_asked_for():
+    assert parse("--global-batch-size 8 --train-iters 10").overwrite_save is False
+    assert parse("--global-batch-size 8 --train-iters 10 --overwrite-save").overwrite_save is True

@@ -34,7 +34,8 @@ def fake_run(train_iters, *, eval_interval=2, eval_iters=1, save_interval=None, 
                      data_start_token=0)
     scheduler = types.SimpleNamespace(optimizer=types.SimpleNamespace(param_groups=[{"lr": 1e-3}]))
     run = loop.Run(
-        args=args, plan=plan, model=None, optimizer=None, scheduler=scheduler,
+        args=args, plan=plan, model=types.SimpleNamespace(module=torch.nn.Linear(2, 2)),
+        optimizer=None, scheduler=scheduler,
         data=types.SimpleNamespace(train=[], valid=[] if valid else None, valid_tokens=None),
         make_batches=lambda dataset, consumed=0: iter(()), num_microbatches=1,
         shape=ModelShape(num_layers=2, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2,
@@ -200,3 +201,32 @@ def test_real_run_ends_with_a_validation_and_logs_peak_memory(tmp_path):
     peaks = [float(v) for v in re.findall(r"iteration\s+\d+/\s+6 \|.* peak RSS of the process "
                                           r"\(MiB\): ([\d.]+) \|", result.stdout)]
     assert len(peaks) == 3 and peaks == sorted(peaks) and peaks[0] > 100  # a running peak, MiB
+
+
+def _model_with_grads(value):
+    linear = torch.nn.Linear(2, 2)
+    for p in linear.parameters():
+        p.grad = torch.full_like(p, value)
+    return linear
+
+
+@pytest.mark.parametrize("grad, lr, problem", [
+    (0.5, 1e-3, None),
+    (float("nan"), 1e-3, "the gradients hold NaN/Inf"),
+    (float("inf"), 1e-3, "the gradients hold NaN/Inf"),
+    (0.5, float("inf"), "the learning rate is inf"),
+    (0.5, float("nan"), "the learning rate is nan"),
+])
+def test_a_step_with_non_finite_gradients_or_learning_rate_is_named(grad, lr, problem):
+    optimizer = types.SimpleNamespace(param_groups=[{"lr": lr}])
+    assert loop.non_finite_step(_model_with_grads(grad), optimizer) == problem
+
+
+def test_a_run_ending_with_non_finite_weights_fails_and_does_not_save(stand_ins):
+    run, events = fake_run(3, save_interval=2)
+    with torch.no_grad():
+        run.model.module.weight[0, 0] = float("nan")
+    with pytest.raises(loop.NonFiniteLossError, match="iteration 3: the weights hold NaN/Inf at "
+                       "the end of training \\(the last good checkpoint in ckpt stays latest\\)"):
+        loop.train(run, loop.TrainState())
+    assert [e for e in events if e[0] == "save"] == [("save", 2)]  # not the final one
