@@ -16,12 +16,13 @@ import argparse
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from patch_megatron import parallel  # noqa: E402
 
 # The paper's 370M (docs/method.md §1) at 16384 tokens per micro-batch: 8 x 2048 tokens in the token
 # stage, 2 x 4 x 2048 at K=4; activations, logits and optimizer state fit an 80 GB H100 in bf16.
@@ -61,15 +62,9 @@ def mean(values):
     return sum(values) / len(values) if values else float("nan")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(args, K):
     # A free rendezvous port: the default one may be held by another run on this machine.
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(free_port())}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(parallel.free_port())}
     out = subprocess.run(stage_command(args, K), capture_output=True, text=True, env=env)
     if out.returncode:
         sys.exit(out.stdout[-2000:] + out.stderr[-2000:])

@@ -53,7 +53,7 @@ def initialize(config: ParallelConfig, seed: int, timeout_minutes: float = 10) -
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             # One process without torchrun: any free port, so runs side by side do not collide.
-            os.environ["MASTER_PORT"] = str(_free_port()) if world_size == 1 else "29500"
+            os.environ["MASTER_PORT"] = str(free_port()) if world_size == 1 else "29500"
         torch.distributed.init_process_group(
             backend="gloo" if on_cpu else "nccl",
             rank=rank,
@@ -87,7 +87,7 @@ def destroy() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as probe:

@@ -1,11 +1,12 @@
 """Run test code under megatron's parallel state: in-process (world of one) or on 2 gloo ranks."""
 
 import os
-import socket
 import tempfile
 
 import torch
 import torch.multiprocessing as mp
+
+from repo_tools import free_port
 
 
 def init_world_of_one(seed=1234):
@@ -19,12 +20,6 @@ def init_world_of_one(seed=1234):
         parallel.initialize(parallel.ParallelConfig(cpu=True), seed=seed)
     else:
         parallel.set_seed(seed)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank, world_size, port, fn, args, result_dir):

@@ -7,6 +7,8 @@ A plain module (not conftest.py): several test folders have a conftest, so
 import importlib.util
 import os
 
+from patch_megatron.parallel import free_port  # noqa: F401  (the tests' one too)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -22,3 +24,12 @@ def load_module(path, name=None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def child_environment(**extra):
+    """The environment for a training or tool subprocess: one thread, no warnings, and a
+    rendezvous port of its own. The port is always fresh because a one-process world set up
+    in the test process (conversion tests) leaves its MASTER_PORT in os.environ, in use."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()))
+    env.update(extra)
+    return env

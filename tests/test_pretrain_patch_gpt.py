@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,8 @@ import time
 
 import pytest
 import torch
+
+from repo_tools import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "pretrain_patch_gpt.py")
@@ -29,12 +30,6 @@ FLAGS = (
     "--log-interval 1 --eval-interval 4 --eval-iters 1 --cpu"
 ).split()
 LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?patch loss: (\S+) \|")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command(extra, nproc=1):
@@ -127,7 +122,7 @@ def test_patch_stage_trains_logs_evaluates_and_saves(reference):
     assert all(float(v) > 0 for e in evals for v in e[1:])
     # Megatron-LM's layout, nothing half-written, and only tensors or plain data inside.
     assert latest(save) == 8
-    assert sorted(os.listdir(save)) == ["iter_0000002", "iter_0000004", "iter_0000006",
+    assert sorted(os.listdir(save)) == [".lock", "iter_0000002", "iter_0000004", "iter_0000006",
                                         "iter_0000008", "latest_checkpointed_iteration.txt"]
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata

@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
 
 from patch_megatron.conversion.errors import ConversionError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_world_of_one() -> None:
@@ -32,6 +25,6 @@ def ensure_world_of_one() -> None:
         raise ConversionError("conversion runs in one process: run the tools with plain python, "
                               "not torchrun")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(_free_port())
+    os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(parallel.free_port())
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     parallel.initialize(parallel.ParallelConfig(cpu=True), seed=0)

@@ -108,8 +108,9 @@ def train_step(model, optimizer, scheduler, data_iterator, num_microbatches, arg
             )
         return StepResult(loss, None, skipped=True)
     # megatron's optimizer skips a step itself only on fp16's found_inf; a NaN/Inf gradient in
-    # fp32/bf16, or a NaN/Inf learning rate, would be applied and poison the weights.
-    problem = non_finite_step(model, optimizer)
+    # fp32/bf16, or a NaN/Inf learning rate, would be applied and poison the weights. In fp16 an
+    # overflowing gradient is the loss scaler's business (it skips the step and lowers the scale).
+    problem = non_finite_step(model, optimizer, check_gradients=not args.fp16)
     if problem is not None:
         message = f"iteration {iteration}: {problem}"
         if args.nan_action == "stop":
@@ -134,7 +135,7 @@ def _any_rank(flag: bool) -> bool:
     return bool(tensor.item())
 
 
-def non_finite_step(model, optimizer) -> str | None:
+def non_finite_step(model, optimizer, check_gradients: bool = True) -> str | None:
     """What makes this step non-finite (on any rank), or None.
 
     The gradients are checked in the DDP grad buffers after megatron's data-parallel
@@ -142,22 +143,21 @@ def non_finite_step(model, optimizer) -> str | None:
     so any rank's local check is enough. One pass over the gradients, one flag reduction.
     """
     lrs = [group["lr"] for group in optimizer.param_groups]
+    if check_gradients and _any_rank(not _gradients_are_finite(model)):
+        return "the gradients hold NaN/Inf"
+    if not all(math.isfinite(float(lr)) for lr in lrs):
+        return f"the learning rate is {lrs[0]}"
+    return None
+
+
+def _gradients_are_finite(model) -> bool:
     # megatron's DDP keeps its grad buffers in lists (a plain Module's .buffers is a method)
     buffers = [b for name in ("buffers", "expert_parallel_buffers")
                if isinstance(getattr(model, name, None), list) for b in getattr(model, name)]
     if buffers:
-        local = torch.stack([torch.isfinite(b.grad_data).all() for b in buffers]).all()
-    else:  # no grad buffers (a stand-in model): the parameters' gradients
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        local = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else \
-            torch.tensor(True)
-    bad_grads = _any_rank(not bool(local.item()))
-    bad_lr = not all(math.isfinite(float(lr)) for lr in lrs)
-    if bad_grads:
-        return "the gradients hold NaN/Inf"
-    if bad_lr:
-        return f"the learning rate is {lrs[0]}"
-    return None
+        return bool(torch.stack([torch.isfinite(b.grad_data).all() for b in buffers]).all())
+    grads = [p.grad for p in model.parameters() if p.grad is not None]  # a stand-in model
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
 
 def weights_are_finite(model) -> bool:

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from two_stage import _free_port, our_model, run_tool, sample_tokens
+from two_stage import our_model, run_tool, sample_tokens
 
 pytest.importorskip("transformers")
 
@@ -149,7 +149,7 @@ def test_quickstart_sized_export_works_as_a_hugging_face_user_uses_it(tokenizer_
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from repo_tools import REPO_ROOT as REPO, load_module
+    from repo_tools import REPO_ROOT as REPO, child_environment, load_module
 
     quickstart = load_module(os.path.join(REPO, "examples", "quickstart.py"))
     save = str(tmp_path / "ckpt")
@@ -159,8 +159,7 @@ def test_quickstart_sized_export_works_as_a_hugging_face_user_uses_it(tokenizer_
                "--micro-batch-size", "2", "--lr", "1e-3", "--eval-iters", "0", "--cpu",
                "--save", save]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-                                     MASTER_PORT=str(_free_port())))
+                            env=child_environment())
     assert result.returncode == 0, result.stderr[-3000:]
     out = _export(save, str(tmp_path / "hf"), "--tokenizer-model", tokenizer_model)
 

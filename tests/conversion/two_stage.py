@@ -9,13 +9,12 @@ SentencePiece model whose size is the runs' vocabulary.
 
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import torch
 
-from repo_tools import load_tool
+from repo_tools import child_environment, free_port, load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAPE_FLAGS = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --group-query-attention "
@@ -29,17 +28,11 @@ TRAIN_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \| consumed samples:\s+(\d+) 
                         r"learning rate: (\S+) \|.*?(?:patch|lm) loss: (\S+) \|")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_training(extra, nproc):
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={_free_port()}", os.path.join(REPO, "pretrain_patch_gpt.py"),
+               f"--master-port={free_port()}", os.path.join(REPO, "pretrain_patch_gpt.py"),
                *SHAPE_FLAGS, *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = child_environment()
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

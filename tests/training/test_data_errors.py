@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+from repo_tools import child_environment
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 8 "
          "--micro-batch-size 2 --global-batch-size 4 --train-iters 2 --patch-size 4 "
@@ -12,7 +14,7 @@ FLAGS = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 8
 
 
 def run(extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = child_environment()
     return subprocess.run([sys.executable, os.path.join(REPO, "pretrain_patch_gpt.py"), *FLAGS,
                            *extra], capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=240)

@@ -18,7 +18,7 @@ import textwrap
 import pytest
 import torch
 
-from repo_tools import REPO_ROOT, load_tool
+from repo_tools import REPO_ROOT, child_environment, load_tool
 from patch_megatron.training import checkpointing, safe_load
 
 FLAGS = (
@@ -42,7 +42,7 @@ class Planted:
 
 
 def environment():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return child_environment()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ one at DP=2 through torch.distributed.run.
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 from patch_megatron.training.data import BATCH_FIELDS, MicroBatches
+from repo_tools import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 8 "
@@ -80,21 +80,15 @@ def prefixes(builtin_corpus, sentencepiece_model, tmp_path_factory):
     return made, sentencepiece_model
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train(model, extra, nproc=1):
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                     f"--master-port={_free_port()}"]
+                     f"--master-port={free_port()}"]
     command = launcher + [os.path.join(REPO, "pretrain_patch_gpt.py"), *FLAGS,
                           "--tokenizer-model", model, *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               MASTER_PORT=str(_free_port()))
+               MASTER_PORT=str(free_port()))
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
