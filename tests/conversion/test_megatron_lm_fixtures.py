@@ -14,6 +14,7 @@ import json
 import math
 import os
 
+import numpy
 import pytest
 import torch
 
@@ -57,6 +58,11 @@ _sharded_cache = {}
 
 
 def load_sharded(name, tmp_path_factory):
+    # The fixtures' pickled items (RNG states, _extra_state, optimizer records) were written
+    # under numpy 2 and name its module numpy._core, which numpy 1.x cannot import: a
+    # Megatron-LM checkpoint saved with numpy 2 does not unpickle under numpy 1.
+    if int(numpy.__version__.split(".")[0]) < 2:
+        pytest.skip("the fixtures' pickled items need numpy 2 (they were saved under it)")
     if name not in _sharded_cache:
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
