@@ -15,7 +15,6 @@ memory on a GPU, the process's peak RSS on CPU (which includes the libraries).
 import argparse
 import math
 import os
-import re
 import subprocess
 import sys
 
@@ -23,6 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from patch_megatron import parallel  # noqa: E402
+from patch_megatron.training import log_reading  # noqa: E402
 
 # The paper's 370M (docs/method.md §1) at 16384 tokens per micro-batch: 8 x 2048 tokens in the token
 # stage, 2 x 4 x 2048 at K=4; activations, logits and optimizer state fit an 80 GB H100 in bf16.
@@ -32,11 +32,11 @@ GPU_DEFAULTS = dict(num_layers=24, hidden_size=1024, ffn_hidden_size=2752, num_a
 CPU_DEFAULTS = dict(num_layers=4, hidden_size=256, ffn_hidden_size=704, num_attention_heads=4,
                     seq_length=128, vocab_size=32000, micro_batch_tokens=8192, bf16=False)
 
-RATES = {"tokens/s": r"tokens per second: ([\d.]+)", "TFLOP/s": r"\(TFLOP/s\): ([\d.]+)",
-         "MFU %": r"MFU: ([\d.]+)%"}
+# Column -> the log line's field (patch_megatron.training.log_reading parses the lines).
+RATES = {"tokens/s": "tokens per second", "TFLOP/s": "throughput per device (TFLOP/s)",
+         "MFU %": "MFU"}
 # The first memory field the loop logs on each device: what the "peak MiB" column shows.
-PEAK_MEMORY = {"GPU": r"peak allocated GPU memory \(MiB\): ([\d.]+)",
-               "CPU": r"peak RSS of the process \(MiB\): ([\d.]+)"}
+PEAK_MEMORY = {"GPU": "peak allocated GPU memory (MiB)", "CPU": "peak RSS of the process (MiB)"}
 PEAK_MEMORY_MEANING = {"GPU": "torch.cuda.max_memory_allocated", "CPU": "peak RSS of the process"}
 
 
@@ -69,10 +69,11 @@ def run(args, K):
     if out.returncode:
         sys.exit(out.stdout[-2000:] + out.stderr[-2000:])
     device = "GPU" if "GPU (NCCL)" in out.stdout else "CPU"
-    lines = [l for l in out.stdout.splitlines() if "tokens per second" in l]
-    result = {name: mean([float(m.group(1)) for l in lines[1:] if (m := re.search(pattern, l))])
-              for name, pattern in RATES.items()}  # lines[0] is the warm-up interval
-    peaks = [float(m.group(1)) for l in lines if (m := re.search(PEAK_MEMORY[device], l))]
+    lines = [f for _, f in sorted(log_reading.training_lines(out.stdout).items())
+             if "tokens per second" in f]
+    result = {name: mean([float(f[field].rstrip("%")) for f in lines[1:] if field in f])
+              for name, field in RATES.items()}  # lines[0] is the warm-up interval
+    peaks = [float(f[PEAK_MEMORY[device]]) for f in lines if PEAK_MEMORY[device] in f]
     result["peak MiB"] = max(peaks, default=float("nan"))  # a running peak: the last is the max
     return device, result
 

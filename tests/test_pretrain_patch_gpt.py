@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 
+from patch_megatron.training import log_reading
 from repo_tools import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +30,6 @@ FLAGS = (
     "--patch-size 4 --patch-data-fraction 0.667 --lr 3e-3 --lr-warmup-iters 1 "
     "--log-interval 1 --eval-interval 4 --eval-iters 1 --cpu"
 ).split()
-LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?patch loss: (\S+) \|")
 
 
 def command(extra, nproc=1):
@@ -52,7 +52,7 @@ def run(extra, nproc=1, timeout=240):
 
 
 def losses(stdout):
-    return {int(it): loss for it, loss in LOSS.findall(stdout)}
+    return log_reading.losses(stdout)
 
 
 def latest(save_dir):

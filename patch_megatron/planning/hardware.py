@@ -2,7 +2,8 @@
 
 The presets (H100, H200, A100) are the SXM parts the planner sizes runs for.
 The training loop instead reads the name CUDA reports for the device it runs
-on, where the PCIe and NVL boards of the same name have lower clocks.
+on, where the PCIe and NVL boards of the same name have lower clocks. Both
+tables live in ``patch_megatron.flops`` (``peak_tflops_of_gpu``).
 """
 
 from __future__ import annotations
@@ -46,27 +47,6 @@ class HardwareBudget:
     def hours_for(self, flops: float) -> float:
         """Wall-clock hours this allocation needs for ``flops``."""
         return flops / self.sustained_flops_per_second / 3600.0
-
-
-# Dense bf16 peaks (TFLOP/s, data-sheet figures halved to remove 2:4 sparsity) of boards whose
-# CUDA name contains a preset's name but which run slower than the SXM part: matching "H100"
-# alone would give an H100 PCIe card 989 and understate its MFU by a quarter. Checked first.
-BOARD_VARIANT_PEAK_BF16_TFLOPS = {
-    "H100 PCIE": 756.0,  # 1513 sparse
-    "H100 NVL": 835.0,  # 1671 sparse
-    "H200 NVL": 835.0,  # 1671 sparse
-}
-
-
-def device_peak_tflops(device_name: str) -> Optional[float]:
-    """Dense bf16 peak of a GPU from its CUDA name (``torch.cuda.get_device_name()``), e.g.
-    "NVIDIA H100 80GB HBM3" -> 989; None for a GPU this table does not know."""
-    name = device_name.upper()
-    for table in (BOARD_VARIANT_PEAK_BF16_TFLOPS, GPU_PEAK_BF16_TFLOPS):
-        for gpu, peak in table.items():
-            if gpu in name:
-                return peak
-    return None
 
 
 def resolve_peak(gpu: str) -> tuple[str, float]:

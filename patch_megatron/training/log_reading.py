@@ -1,4 +1,4 @@
-"""Figures read back from a run's console log (the quickstart and the benchmarks).
+"""Figures read back from a run's console log (the quickstart, the benchmarks, the tests).
 
 The loop's log lines are Megatron-LM's format; these helpers are the one place
 that parses them, so a format change breaks one module and its test.
@@ -7,10 +7,34 @@ that parses them, so a format change breaks one module and its test.
 from __future__ import annotations
 
 import re
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 _VALIDATION = re.compile(r"validation (\w+) stage at iteration (\d+) \| (.*)")
 _TOKENS_PER_SECOND = re.compile(r"tokens per second: ([\d.]+)")
+_TRAINING = re.compile(r"iteration\s+(\d+)/\s*\d+ \|(.*)")
+
+
+def training_lines(log_text: str) -> Dict[int, Dict[str, str]]:
+    """iteration -> that training line's fields, ``name -> value`` as printed.
+
+    A line reads ``[time] iteration  4/  8 | consumed samples: 16 | ... | patch loss: 4.1E+00 |``;
+    values stay strings, so a caller can compare them digit for digit.
+    """
+    lines = {}
+    for match in _TRAINING.finditer(log_text):
+        fields = {}
+        for part in match.group(2).split(" | "):
+            name, sep, value = part.strip(" |").partition(": ")
+            if sep:
+                fields[name.strip()] = value.strip()
+        lines[int(match.group(1))] = fields
+    return lines
+
+
+def losses(log_text: str) -> Dict[int, str]:
+    """iteration -> training loss as printed (``patch loss`` or ``lm loss``)."""
+    return {i: f.get("patch loss", f.get("lm loss")) for i, f in training_lines(log_text).items()
+            if "patch loss" in f or "lm loss" in f}
 
 
 def validation_curve(log_text: str) -> List[Tuple[int, float]]:

@@ -25,19 +25,17 @@ def model_shape(config) -> flops.ModelShape:
     )
 
 
-def device_peak_tflops(args, on_cpu: bool) -> float | None:
+def mfu_peak_tflops(args, on_cpu: bool) -> float | None:
     """The per-device peak for MFU: --peak-tflops, else a known GPU's bf16/fp16 peak, else none.
 
     The known peaks are tensor-core bf16/fp16 figures, so an fp32 run on a GPU gets no MFU
     rather than one measured against a peak its matmuls cannot reach.
     """
-    from patch_megatron.planning.hardware import device_peak_tflops as peak_of_device_name
-
     if args.peak_tflops is not None:
         return args.peak_tflops
     if on_cpu or not torch.cuda.is_available() or not (args.bf16 or args.fp16):
         return None
-    return peak_of_device_name(torch.cuda.get_device_name())
+    return flops.peak_tflops_of_gpu(torch.cuda.get_device_name())
 
 
 def step_flops(plan, shape, kept: flops.KeptFractions = flops.FULL_MODEL) -> float:

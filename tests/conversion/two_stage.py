@@ -8,12 +8,12 @@ SentencePiece model whose size is the runs' vocabulary.
 """
 
 import os
-import re
 import subprocess
 import sys
 
 import torch
 
+from patch_megatron.training import log_reading
 from repo_tools import child_environment, free_port, load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,8 +24,6 @@ SHAPE_FLAGS = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --group-
                "--patch-data-fraction 0.5 --train-tokens 768").split()
 PATCH_FLAGS = "--patch-size 4 --global-batch-size 4 --lr 1e-3".split()  # 3 iterations
 TOKEN_FLAGS = "--patch-size 1 --global-batch-size 8 --lr 5e-4 --exit-interval 2".split()
-TRAIN_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \| consumed samples:\s+(\d+) \|.*?"
-                        r"learning rate: (\S+) \|.*?(?:patch|lm) loss: (\S+) \|")
 
 
 def run_training(extra, nproc):
@@ -41,7 +39,9 @@ def run_training(extra, nproc):
 
 def train_lines(stdout):
     """iteration -> (consumed samples, lr, loss) from the Megatron-style log."""
-    return {int(i): (int(c), float(lr), float(loss)) for i, c, lr, loss in TRAIN_LINE.findall(stdout)}
+    return {i: (int(f["consumed samples"]), float(f["learning rate"]),
+                float(f.get("patch loss", f.get("lm loss"))))
+            for i, f in log_reading.training_lines(stdout).items()}
 
 
 def run_tool(name, argv):

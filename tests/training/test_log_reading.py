@@ -34,3 +34,29 @@ def test_tokens_per_second_skips_the_warm_up_interval():
     assert tokens_per_second(log) == pytest.approx(400.0)
     assert tokens_per_second(training(stage, 2, 10.0)) == pytest.approx(10.0)  # only one: kept
     assert tokens_per_second("no training lines") != tokens_per_second("no training lines")  # NaN
+
+
+def test_training_lines_keep_every_field_as_printed():
+    from patch_megatron.training.log_reading import losses, training_lines
+
+    log = ("[2026-12-02 04:46:56] iteration      280/     651 | consumed samples:         1120 | "
+           "learning rate: 1.000000E-03 | patch loss: 6.367303E+00 | MFU: 41.2% |\n"
+           " validation patch stage at iteration 280 | patch loss value: 6.3E+00 |\n"
+           "[2026-12-02 04:46:58] iteration      300/     651 | consumed samples:         1200 | "
+           "lm loss: 5.000000E+00 | peak RSS of the process (MiB): 512.1 |\n")
+    lines = training_lines(log)
+    assert sorted(lines) == [280, 300]
+    assert lines[280] == {"consumed samples": "1120", "learning rate": "1.000000E-03",
+                          "patch loss": "6.367303E+00", "MFU": "41.2%"}
+    assert lines[300]["peak RSS of the process (MiB)"] == "512.1"
+    assert losses(log) == {280: "6.367303E+00", 300: "5.000000E+00"}
+
+
+def test_training_lines_read_the_loops_own_line():
+    from patch_megatron.training.log_reading import losses, training_lines
+
+    line = training(plan("patch", 4), 3, 1234.5)
+    fields = training_lines(line)[3]
+    assert fields["tokens per second"] == "1234.5"
+    assert fields["peak RSS of the process (MiB)"] == "900.0"
+    assert float(losses(line)[3]) == 5.0

@@ -166,10 +166,10 @@ def test_mfu_peak_of_the_device(monkeypatch, device_name, precision, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
     args = types.SimpleNamespace(peak_tflops=None, bf16=precision == "bf16", fp16=precision == "fp16")
-    assert metrics.device_peak_tflops(args, on_cpu=False) == expected
-    assert metrics.device_peak_tflops(args, on_cpu=True) is None
+    assert metrics.mfu_peak_tflops(args, on_cpu=False) == expected
+    assert metrics.mfu_peak_tflops(args, on_cpu=True) is None
     args.peak_tflops = 500.0  # --peak-tflops always wins
-    assert metrics.device_peak_tflops(args, on_cpu=False) == 500.0
+    assert metrics.mfu_peak_tflops(args, on_cpu=False) == 500.0
 
 
 # ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import numpy
 import pytest
 import torch
 
+from patch_megatron.training import log_reading
 from patch_megatron.training.data import BATCH_FIELDS, MicroBatches
 from repo_tools import free_port
 
@@ -25,7 +26,6 @@ FLAGS = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 8
          "--lr 3e-3 --lr-warmup-iters 1 --log-interval 1 --eval-interval 2 --eval-iters 1 "
          "--split 80,10,10 --cpu --tokenizer-type GPTSentencePieceTokenizer").split()
 PATCH = "--patch-size 4 --patch-data-fraction 0.667".split()
-LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?(?:patch|lm) loss: (\S+) \|")
 VALID = re.compile(r"validation .*? at iteration (\d+)")
 
 
@@ -92,7 +92,7 @@ def train(model, extra, nproc=1):
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    losses = {int(i): float(v) for i, v in LOSS.findall(result.stdout)}
+    losses = {i: float(v) for i, v in log_reading.losses(result.stdout).items()}
     assert sorted(losses) == [1, 2, 3], result.stdout[-3000:]
     assert sorted(set(map(int, VALID.findall(result.stdout)))) == [2, 3]  # evaluated too
     return losses
