@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from patch_megatron.planning import chinchilla  # noqa: E402
 from patch_megatron.planning.commands import CommandOptions, build_commands  # noqa: E402
-from patch_megatron.planning.plan import DEFAULT_EST_FLOPS_FACTOR, PlanInputs, PlanningError, make_plan  # noqa: E402
+from patch_megatron.planning.plan import DEFAULT_EST_FLOPS_FACTOR, PlanInputs, PlanningError, compute_plan  # noqa: E402
 from patch_megatron.planning.report import to_json, to_text  # noqa: E402
 
 
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                              tokenizer_model=args.tokenizer_model, run_dir=args.run_dir,
                              split=args.split, seed=args.seed)
     try:
-        plan = make_plan(inputs)
+        plan = compute_plan(inputs)
     except PlanningError as err:
         print(f"plan_compute: error: {err}", file=sys.stderr)
         return 2

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         patch_data_fraction=args.patch_data_fraction, global_batch_size=args.global_batch_size,
         save=os.path.abspath(args.save), passthrough=tuple(passthrough), launch=launch)
     try:
-        plan = two_stage.make_plan(config)
+        plan = two_stage.plan_two_stage(config)
         steps = two_stage.next_steps(plan, REPO)
     except two_stage.TwoStageError as error:
         print(f"pretrain_two_stage.py: error: {error}", file=sys.stderr)

@@ -9,6 +9,6 @@ Modules:
     report      -- readable table and JSON
 """
 
-from patch_megatron.planning.plan import Plan, PlanInputs, PlanningError, make_plan
+from patch_megatron.planning.plan import ComputePlan, PlanInputs, PlanningError, compute_plan
 
-__all__ = ["Plan", "PlanInputs", "PlanningError", "make_plan"]
+__all__ = ["ComputePlan", "PlanInputs", "PlanningError", "compute_plan"]

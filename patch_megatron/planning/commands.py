@@ -24,7 +24,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Optional
 
-from patch_megatron.planning.plan import Plan, StageRun
+from patch_megatron.planning.plan import ComputePlan, PlannedStage
 
 PRETRAIN_SCRIPT = "pretrain_patch_gpt.py"
 CONVERTER_SCRIPT = "tools/convert_patch_to_token.py"
@@ -75,7 +75,7 @@ def _fmt(value: float) -> str:
     return repr(float(value)) if value not in (0, 0.0) else "0.0"
 
 
-def stage_args(plan: Plan, stage: StageRun, options: CommandOptions, save: str, load: Optional[str]) -> list[str]:
+def stage_args(plan: ComputePlan, stage: PlannedStage, options: CommandOptions, save: str, load: Optional[str]) -> list[str]:
     shape = plan.shape
     t = plan.inputs.seq_length
     args = [
@@ -118,7 +118,7 @@ def stage_args(plan: Plan, stage: StageRun, options: CommandOptions, save: str, 
     return args
 
 
-def build_commands(plan: Plan, options: CommandOptions = CommandOptions()) -> list[Command]:
+def build_commands(plan: ComputePlan, options: CommandOptions = CommandOptions()) -> list[Command]:
     """Commands in the order to run them."""
     launcher = _launcher(plan.inputs.gpus)
     run_dir = options.run_dir.rstrip("/")

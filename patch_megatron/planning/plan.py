@@ -73,7 +73,7 @@ class PlanInputs:
 
 
 @dataclass
-class StageRun:
+class PlannedStage:
     name: str  # "patch", "token" or "token-only"
     patch_size: int
     tokens: float  # what the stage trains on (whole steps)
@@ -84,7 +84,7 @@ class StageRun:
 
 
 @dataclass
-class Plan:
+class ComputePlan:
     inputs: PlanInputs
     shape: ShapeChoice
     parameters: int
@@ -110,7 +110,7 @@ class Plan:
     data_parallel_size: Optional[int]
     global_batch_size: int  # B: token-stage samples per step (the patch stage runs B/K)
     total_iters: int  # N: steps of both stages together, at B·T tokens each
-    stages: list[StageRun]
+    stages: list[PlannedStage]
     assumptions: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -235,7 +235,7 @@ def _warmup(iters: int) -> int:
 
 
 def _stage_runs(plan_tokens: float, choice: ShapeChoice, inputs: PlanInputs, dp: Optional[int],
-                fpt_token: float, fpt_patch: float, warnings: list[str]) -> tuple[int, int, list[StageRun]]:
+                fpt_token: float, fpt_patch: float, warnings: list[str]) -> tuple[int, int, list[PlannedStage]]:
     """Returns (B, N, stages): B token-stage samples per step and N steps of the
     whole run at B·T tokens per step. The patch stage runs floor(λ·N) steps of
     B/K samples of K·T tokens, the token stage the remaining steps of B samples.
@@ -255,13 +255,13 @@ def _stage_runs(plan_tokens: float, choice: ShapeChoice, inputs: PlanInputs, dp:
         patch_iters = math.floor(inputs.patch_fraction * total_iters)
         token_iters = total_iters - patch_iters
         runs = [
-            StageRun("patch", k, patch_iters * tokens_per_step, token_batch // k, patch_iters, 0,
+            PlannedStage("patch", k, patch_iters * tokens_per_step, token_batch // k, patch_iters, 0,
                      patch_iters * tokens_per_step * fpt_patch),
-            StageRun("token", 1, token_iters * tokens_per_step, token_batch, token_iters, 0,
+            PlannedStage("token", 1, token_iters * tokens_per_step, token_batch, token_iters, 0,
                      token_iters * tokens_per_step * fpt_token),
         ]
     else:
-        runs = [StageRun("token-only", 1, total_iters * tokens_per_step, token_batch, total_iters, 0,
+        runs = [PlannedStage("token-only", 1, total_iters * tokens_per_step, token_batch, total_iters, 0,
                          total_iters * tokens_per_step * fpt_token)]
     for run in runs:
         run.warmup_iters = _warmup(run.train_iters)
@@ -272,7 +272,7 @@ def _stage_runs(plan_tokens: float, choice: ShapeChoice, inputs: PlanInputs, dp:
     return token_batch, total_iters, runs
 
 
-def make_plan(inputs: PlanInputs) -> Plan:
+def compute_plan(inputs: PlanInputs) -> ComputePlan:
     validate(inputs)
     fit = chinchilla.LOSS_FITS[inputs.loss_fit]
     warnings: list[str] = []
@@ -346,7 +346,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
         warnings.append(f"the plan sits at the {'small' if choice is SHAPE_TABLE[0] else 'large'} "
                         "end of the shape table; the optimum may lie beyond it")
 
-    return Plan(
+    return ComputePlan(
         inputs=inputs,
         shape=choice,
         parameters=n,

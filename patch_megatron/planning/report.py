@@ -6,7 +6,7 @@ import dataclasses
 import json
 
 from patch_megatron.planning.commands import Command
-from patch_megatron.planning.plan import Plan
+from patch_megatron.planning.plan import ComputePlan
 
 
 def _si(x: float, unit: str = "") -> str:
@@ -16,7 +16,7 @@ def _si(x: float, unit: str = "") -> str:
     return f"{x:.3g}{unit}"
 
 
-def _hours(plan: Plan, flops: float) -> str:
+def _hours(plan: ComputePlan, flops: float) -> str:
     hours = plan.hours(flops)
     if hours is None:
         return ""
@@ -24,7 +24,7 @@ def _hours(plan: Plan, flops: float) -> str:
     return f"  ({hours:,.1f} h on {hw.gpus}×{hw.gpu_name} at {hw.mfu:.0%} MFU; {hours * hw.gpus:,.0f} GPU-h)"
 
 
-def to_dict(plan: Plan, commands: list[Command]) -> dict:
+def to_dict(plan: ComputePlan, commands: list[Command]) -> dict:
     shape = dataclasses.asdict(plan.shape)
     result = {
         "inputs": dataclasses.asdict(plan.inputs),
@@ -75,11 +75,11 @@ def to_dict(plan: Plan, commands: list[Command]) -> dict:
     return result
 
 
-def to_json(plan: Plan, commands: list[Command]) -> str:
+def to_json(plan: ComputePlan, commands: list[Command]) -> str:
     return json.dumps(to_dict(plan, commands), indent=2)
 
 
-def to_text(plan: Plan, commands: list[Command]) -> str:
+def to_text(plan: ComputePlan, commands: list[Command]) -> str:
     s = plan.shape
     inputs = plan.inputs
     ref = plan.chinchilla_reference

@@ -144,7 +144,7 @@ class RunConfig:
 # The plan.
 
 @dataclass(frozen=True)
-class StageRun:
+class StageJob:
     name: str  # "patch" or "token"
     plan: StagePlan  # what pretrain_patch_gpt.py's parser derived from the argv
     save_dir: str
@@ -159,8 +159,8 @@ class StageRun:
 @dataclass(frozen=True)
 class TwoStagePlan:
     config: RunConfig
-    patch: StageRun
-    token: StageRun
+    patch: StageJob
+    token: StageJob
     tensor_parallel_size: int
     pipeline_parallel_size: int
     data_parallel_size: int
@@ -265,7 +265,7 @@ def _parse_stage(config: RunConfig, name: str, load: str):
                             f"pretrain_patch_gpt.py: {error}") from None
 
 
-def _data_parallel_size(config: RunConfig, args, stages: list[StageRun]) -> int:
+def _data_parallel_size(config: RunConfig, args, stages: list[StageJob]) -> int:
     """pretrain_patch_gpt.py's world-size check, made here before anything starts."""
     world = config.launch.world_size
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -308,7 +308,7 @@ def _model_shape(args, vocab_size: int) -> flops.ModelShape:
     return model_shape(model_config(args, vocab_size))
 
 
-def make_plan(config: RunConfig) -> TwoStagePlan:
+def plan_two_stage(config: RunConfig) -> TwoStagePlan:
     """Both stages' plans from the real parser; raises TwoStageError naming the fix."""
     _check_config(config)
     parsed = {
@@ -325,7 +325,7 @@ def make_plan(config: RunConfig) -> TwoStagePlan:
         if shape is not None:
             stage_flops = plan.train_iters * flops.training_flops_per_iteration(
                 shape, plan.seq_length, plan.global_batch_size, plan.patch_size)
-        stages.append(StageRun(name, plan, config.stage_dir(name), stage_args.micro_batch_size,
+        stages.append(StageJob(name, plan, config.stage_dir(name), stage_args.micro_batch_size,
                                stage_flops))
     dp = _data_parallel_size(config, args, stages)
     return TwoStagePlan(config, *stages, args.tensor_model_parallel_size,
@@ -364,7 +364,7 @@ def _refuse_other_plan(where: str, saved: dict, expected: dict) -> None:
                             "(nothing is overwritten)")
 
 
-def _stage_flags(stage: StageRun, config: RunConfig) -> dict:
+def _stage_flags(stage: StageJob, config: RunConfig) -> dict:
     """The flags that fix a stage's plan: a checkpoint to continue from must have the same."""
     return {"patch_size": stage.plan.patch_size,
             "patch_data_fraction": float(config.patch_data_fraction),
@@ -373,7 +373,7 @@ def _stage_flags(stage: StageRun, config: RunConfig) -> dict:
             "seq_length": stage.plan.seq_length}
 
 
-def _training_progress(stage: StageRun, config: RunConfig) -> int | None:
+def _training_progress(stage: StageJob, config: RunConfig) -> int | None:
     """The stage's saved iteration after checking it belongs to this plan."""
     iteration = saved_iteration(stage.save_dir)
     if iteration is None:
@@ -437,7 +437,7 @@ def next_steps(plan: TwoStagePlan, repo: str, python: str = sys.executable) -> l
     return steps
 
 
-def _training_step(stage: StageRun, done: int | None, command: list[str]) -> Step:
+def _training_step(stage: StageJob, done: int | None, command: list[str]) -> Step:
     planned = stage.plan.train_iters
     name = f"{stage.name} stage"
     if done == planned:

@@ -6,7 +6,7 @@ import pytest
 
 from patch_megatron.flops import flops_per_token, pad_vocab_size
 from patch_megatron.planning.commands import build_commands
-from patch_megatron.planning.plan import PlanInputs, PlanningError, make_plan
+from patch_megatron.planning.plan import PlanInputs, PlanningError, compute_plan
 from patch_megatron.planning.shapes import SHAPE_TABLE
 
 
@@ -16,7 +16,7 @@ def _exact_fpt(plan):
 
 
 def test_compute_budget_is_spent_with_exact_architecture_flops():
-    plan = make_plan(PlanInputs(compute=1.21e20))
+    plan = compute_plan(PlanInputs(compute=1.21e20))
     assert plan.token_only_compute == pytest.approx(1.21e20, rel=1e-12)
     assert plan.tokens * _exact_fpt(plan) == pytest.approx(1.21e20, rel=1e-12)
     # Our per-token FLOPs exceed 6N at T=2048 (attention) for this size.
@@ -25,7 +25,7 @@ def test_compute_budget_is_spent_with_exact_architecture_flops():
 
 @pytest.mark.parametrize("compute", [1.92e19, 1.21e20, 1.23e22])
 def test_rule_sizing_picks_the_table_shape_closest_to_20_tokens_per_parameter(compute):
-    plan = make_plan(PlanInputs(compute=compute))
+    plan = compute_plan(PlanInputs(compute=compute))
     ratios = {}
     for c in SHAPE_TABLE:
         vocab = pad_vocab_size(32000, tensor_model_parallel_size=c.tensor_model_parallel_size)
@@ -35,7 +35,7 @@ def test_rule_sizing_picks_the_table_shape_closest_to_20_tokens_per_parameter(co
 
 
 def test_approach_1_budget_gives_the_400m_class_model():
-    plan = make_plan(PlanInputs(compute=1.92e19))
+    plan = compute_plan(PlanInputs(compute=1.92e19))
     assert plan.shape.name == "370M"
     assert plan.chinchilla_reference["rule_parameters"] == pytest.approx(400e6, rel=0.01)
     assert plan.chinchilla_reference["rule_tokens"] == pytest.approx(8.0e9, rel=0.01)
@@ -44,22 +44,22 @@ def test_approach_1_budget_gives_the_400m_class_model():
 def test_fit_sizing_follows_the_fit():
     # The original Approach-3 fit asks for far more data per parameter than the refit.
     # At 1e24 FLOPs the fits' optima (41B vs 96B parameters) fall on different table shapes.
-    hoffmann = make_plan(PlanInputs(compute=1e24, sizing="fit", loss_fit="hoffmann2022"))
-    refit = make_plan(PlanInputs(compute=1e24, sizing="fit", loss_fit="besiroglu2024"))
+    hoffmann = compute_plan(PlanInputs(compute=1e24, sizing="fit", loss_fit="hoffmann2022"))
+    refit = compute_plan(PlanInputs(compute=1e24, sizing="fit", loss_fit="besiroglu2024"))
     assert hoffmann.tokens_per_parameter > 2 * refit.tokens_per_parameter
     assert 10 < refit.tokens_per_parameter < 40
     # The chosen shape is no worse under the fit than its table neighbours.
     for plan, fit_name in ((hoffmann, "hoffmann2022"), (refit, "besiroglu2024")):
         i = SHAPE_TABLE.index(plan.shape)
         for neighbour in (SHAPE_TABLE[i - 1], SHAPE_TABLE[i + 1]):
-            other = make_plan(PlanInputs(compute=1e24, parameters=neighbour.parameters(32000),
+            other = compute_plan(PlanInputs(compute=1e24, parameters=neighbour.parameters(32000),
                                          loss_fit=fit_name))
             assert other.shape == neighbour
             assert plan.predicted_loss <= other.predicted_loss
 
 
 def test_patch_cost_factor_and_stages():
-    plan = make_plan(PlanInputs(compute=1e21, patch_size=4, patch_fraction=2 / 3))
+    plan = compute_plan(PlanInputs(compute=1e21, patch_size=4, patch_fraction=2 / 3))
     assert plan.patch_cost_factor == pytest.approx(2 / 3 / 4 + 1 / 3)  # 0.5
     assert plan.patch_compute == pytest.approx(0.5 * plan.token_only_compute)
     assert plan.more_data_tokens == pytest.approx(2 * plan.tokens)
@@ -83,44 +83,44 @@ def test_patch_cost_factor_and_stages():
 
 @pytest.mark.parametrize("k, lam", [(1, 0.5), (4, 0.0)])
 def test_no_patch_stage_is_token_only(k, lam):
-    plan = make_plan(PlanInputs(compute=1e20, patch_size=k, patch_fraction=lam))
+    plan = compute_plan(PlanInputs(compute=1e20, patch_size=k, patch_fraction=lam))
     assert [s.name for s in plan.stages] == ["token-only"]
     assert plan.planned_compute == pytest.approx(plan.token_only_compute)
     assert [c.name for c in build_commands(plan)] == ["token-only"]
 
 
 def test_est_factor_multiplies_the_planned_compute():
-    base = make_plan(PlanInputs(compute=1e21))
-    est = make_plan(PlanInputs(compute=1e21, est=True, est_flops_factor=0.75))
+    base = compute_plan(PlanInputs(compute=1e21))
+    est = compute_plan(PlanInputs(compute=1e21, est=True, est_flops_factor=0.75))
     assert est.planned_compute == pytest.approx(0.75 * base.planned_compute)
     assert any("EST" in a for a in est.assumptions)
 
 
 def test_gpu_hours_budget():
-    plan = make_plan(PlanInputs(gpus=64, hours=24, gpu="A100", mfu=0.5))
+    plan = compute_plan(PlanInputs(gpus=64, hours=24, gpu="A100", mfu=0.5))
     assert plan.token_only_compute == pytest.approx(64 * 24 * 3600 * 312e12 * 0.5)
     assert plan.hours(plan.token_only_compute) == pytest.approx(24)
     assert plan.data_parallel_size * plan.shape.tensor_model_parallel_size == 64
-    custom = make_plan(PlanInputs(gpus=8, hours=10, gpu="500"))
+    custom = compute_plan(PlanInputs(gpus=8, hours=10, gpu="500"))
     assert custom.token_only_compute == pytest.approx(8 * 10 * 3600 * 500e12 * 0.40)
     assert any("assumed" in a for a in custom.assumptions)
 
 
 def test_fixed_size_and_fixed_tokens():
-    by_size = make_plan(PlanInputs(parameters=1.3e9))
+    by_size = compute_plan(PlanInputs(parameters=1.3e9))
     assert by_size.shape.name == "1.3B"
     assert by_size.tokens == pytest.approx(20 * by_size.parameters)
-    by_tokens = make_plan(PlanInputs(tokens=2.6e10))
+    by_tokens = compute_plan(PlanInputs(tokens=2.6e10))
     assert by_tokens.shape.name == "1.3B"
     assert by_tokens.tokens == 2.6e10
-    both = make_plan(PlanInputs(parameters=370e6, tokens=360e9))
+    both = compute_plan(PlanInputs(parameters=370e6, tokens=360e9))
     assert both.token_only_compute == pytest.approx(360e9 * _exact_fpt(both))
-    sized = make_plan(PlanInputs(compute=1e21, parameters=1.3e9))
+    sized = compute_plan(PlanInputs(compute=1e21, parameters=1.3e9))
     assert sized.shape.name == "1.3B" and sized.token_only_compute == pytest.approx(1e21)
 
 
 def test_batch_divides_over_data_parallel_ranks():
-    plan = make_plan(PlanInputs(gpus=24, hours=100, micro_batch_size=2))
+    plan = compute_plan(PlanInputs(gpus=24, hours=100, micro_batch_size=2))
     dp = plan.data_parallel_size
     assert plan.global_batch_size % (4 * 2 * dp) == 0
     for stage in plan.stages:
@@ -145,4 +145,4 @@ def test_batch_divides_over_data_parallel_ranks():
 ])
 def test_bad_inputs_have_clear_errors(kwargs, message):
     with pytest.raises(PlanningError, match=message):
-        make_plan(PlanInputs(**kwargs))
+        compute_plan(PlanInputs(**kwargs))

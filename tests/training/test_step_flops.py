@@ -9,7 +9,7 @@ import pytest
 
 from patch_megatron.flops import ModelShape, training_flops_per_iteration
 from patch_megatron.planning.commands import build_commands
-from patch_megatron.planning.plan import PlanInputs, make_plan
+from patch_megatron.planning.plan import PlanInputs, compute_plan
 from patch_megatron.training import build, metrics
 from patch_megatron.training.arguments import parse_args
 
@@ -56,7 +56,7 @@ def test_patch_stage_step_costs_one_kth_of_the_token_stage_per_token():
 
 @pytest.mark.parametrize("parameters", [370e6, 22e9], ids=["370M (MHA)", "22B (GQA, TP=4, PP=2)"])
 def test_loop_counts_what_the_planner_planned_for_its_own_commands(parameters):
-    plan = make_plan(PlanInputs(parameters=parameters, tokens=20 * parameters, patch_size=4))
+    plan = compute_plan(PlanInputs(parameters=parameters, tokens=20 * parameters, patch_size=4))
     assert (plan.shape.num_query_groups != plan.shape.num_attention_heads) == (parameters > 1e9)
     commands = [c for c in build_commands(plan) if c.script == "pretrain_patch_gpt.py"]
     assert [c.name for c in commands] == ["patch stage", "token stage"]

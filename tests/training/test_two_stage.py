@@ -26,7 +26,7 @@ def config(tmp_path, *, tokens=3 * STEP_TOKENS * 10, K=4, lam=TWO_THIRDS, B=8, e
 
 
 def test_plan_splits_the_budget_with_equal_tokens_per_step(tmp_path):
-    plan = two_stage.make_plan(config(tmp_path, extra=("--lr-warmup-iters", "3")))
+    plan = two_stage.plan_two_stage(config(tmp_path, extra=("--lr-warmup-iters", "3")))
     patch, token = plan.patch.plan, plan.token.plan
     assert (patch.name, patch.patch_size, patch.global_batch_size) == ("patch", 4, 2)  # B/K
     assert (token.name, token.patch_size, token.global_batch_size) == ("token", 1, 8)
@@ -41,7 +41,7 @@ def test_plan_splits_the_budget_with_equal_tokens_per_step(tmp_path):
 
 
 def test_cost_ratio_is_one_half_at_k4_two_thirds_from_the_real_flops(tmp_path):
-    plan = two_stage.make_plan(config(tmp_path))
+    plan = two_stage.plan_two_stage(config(tmp_path))
     shape = flops.ModelShape(num_layers=2, hidden_size=32, ffn_hidden_size=64,
                              num_attention_heads=4, vocab_size=128)  # 100 padded to 128
     assert plan.shape == shape
@@ -52,12 +52,12 @@ def test_cost_ratio_is_one_half_at_k4_two_thirds_from_the_real_flops(tmp_path):
     assert plan.token_only_flops == pytest.approx(30 * per_token_step)
     assert plan.cost_ratio == pytest.approx(0.5, abs=1e-12)
     assert plan.paper_cost_ratio == pytest.approx(0.5)
-    other = two_stage.make_plan(config(tmp_path, K=2, lam=0.5, tokens=2 * STEP_TOKENS * 10))
+    other = two_stage.plan_two_stage(config(tmp_path, K=2, lam=0.5, tokens=2 * STEP_TOKENS * 10))
     assert other.cost_ratio == pytest.approx(0.75, abs=1e-12)
 
 
 def test_plan_numbers_are_what_the_real_parser_derives_from_the_commands(tmp_path):
-    plan = two_stage.make_plan(config(tmp_path, extra=("--lr-warmup-fraction", "0.1")))
+    plan = two_stage.plan_two_stage(config(tmp_path, extra=("--lr-warmup-fraction", "0.1")))
     steps = two_stage.next_steps(plan, repo="REPO", python="python")
     patch_cmd, convert_cmd, token_cmd = (step.command for step in steps)
     for command, stage in ((patch_cmd, plan.patch), (token_cmd, plan.token)):
@@ -92,15 +92,15 @@ def test_plan_numbers_are_what_the_real_parser_derives_from_the_commands(tmp_pat
 ])
 def test_bad_plans_are_refused_with_the_fix(tmp_path, changes, message):
     with pytest.raises(two_stage.TwoStageError) as error:
-        two_stage.make_plan(config(tmp_path, **changes))
+        two_stage.plan_two_stage(config(tmp_path, **changes))
     assert message in str(error.value)
     assert not os.path.exists(tmp_path / "run")  # nothing was written
 
 
 def test_batch_fix_names_the_multiple_to_use(tmp_path):
     with pytest.raises(two_stage.TwoStageError, match=r"multiple of K x 4 = 16"):
-        two_stage.make_plan(config(tmp_path, launch=two_stage.Launch(nproc_per_node=2)))
-    plan = two_stage.make_plan(config(tmp_path, B=16, tokens=3 * 128 * 10,
+        two_stage.plan_two_stage(config(tmp_path, launch=two_stage.Launch(nproc_per_node=2)))
+    plan = two_stage.plan_two_stage(config(tmp_path, B=16, tokens=3 * 128 * 10,
                                       launch=two_stage.Launch(nproc_per_node=2)))
     assert plan.data_parallel_size == 2 and plan.patch.plan.global_batch_size == 4
 
@@ -154,7 +154,7 @@ def load_of(step):
 
 
 def test_fresh_run_starts_every_step_and_each_stage_loads_its_own_directory(tmp_path):
-    plan = two_stage.make_plan(config(tmp_path))
+    plan = two_stage.plan_two_stage(config(tmp_path))
     steps = two_stage.next_steps(plan, "REPO")
     assert actions(steps) == ["run", "run", "run"]
     assert load_of(steps[0]) == plan.patch.save_dir  # resumes itself when re-run
@@ -163,7 +163,7 @@ def test_fresh_run_starts_every_step_and_each_stage_loads_its_own_directory(tmp_
 
 
 def test_rerun_resumes_skips_and_continues_from_the_right_directory(tmp_path):
-    plan = two_stage.make_plan(config(tmp_path))
+    plan = two_stage.plan_two_stage(config(tmp_path))
     run = tmp_path / "run"
     fake_checkpoint(run / "patch", 12, stage_records(plan, plan.patch))
     steps = two_stage.next_steps(plan, "REPO")
@@ -184,7 +184,7 @@ def test_rerun_resumes_skips_and_continues_from_the_right_directory(tmp_path):
 
 
 def test_other_nodes_wait_for_node_rank_0s_handoff(tmp_path):
-    plan = two_stage.make_plan(config(tmp_path, B=16, tokens=3 * 128 * 10,
+    plan = two_stage.plan_two_stage(config(tmp_path, B=16, tokens=3 * 128 * 10,
                                       launch=two_stage.Launch(nnodes=2, node_rank=1)))
     steps = two_stage.next_steps(plan, "REPO")
     assert actions(steps) == ["run", "wait", "run"]
@@ -204,7 +204,7 @@ def test_other_nodes_wait_for_node_rank_0s_handoff(tmp_path):
      "token_init belongs to another plan (iteration 16 there, 20 now)"),
 ])
 def test_checkpoints_of_another_run_are_refused_and_kept(tmp_path, setup, message):
-    plan = two_stage.make_plan(config(tmp_path))
+    plan = two_stage.plan_two_stage(config(tmp_path))
     setup(tmp_path / "run", plan)
     before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
     with pytest.raises(two_stage.TwoStageError) as error:
