@@ -118,7 +118,7 @@ def build_stage_datasets(
         model_positions=seq_length, patch_size=sample_patch, eval_patch_size=eval_patch_size,
         stage=stage, stream_seed=seed, stream_windows=windows,
         mid_level_dataset_surplus=_BLEND_SURPLUS)
-    check_index_cache(prefixes, data_cache_path)
+    _check_index_cache_on_rank_0(prefixes, data_cache_path)
     try:
         train, valid, test = BlendedMegatronDatasetBuilder(
             PatchGPTDataset, [train_samples, valid_samples, test_samples],
@@ -135,6 +135,28 @@ def build_stage_datasets(
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         record_fingerprints(prefixes, data_cache_path)
     return StageDatasets(train, valid, test, train_samples, windows)
+
+
+def _check_index_cache_on_rank_0(prefixes, data_cache_path) -> None:
+    """Rank 0 checks the cache, every rank learns the verdict.
+
+    megatron-core's builder writes missing cache files on rank 0 while the other ranks
+    wait at a barrier, then they read them: a check on another rank before that barrier
+    would race rank 0's writes (and see half-written files). Every rank calls this.
+    """
+    distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    problem = None
+    if not distributed or torch.distributed.get_rank() == 0:
+        try:
+            check_index_cache(prefixes, data_cache_path)
+        except DatasetFileError as error:
+            problem = str(error)
+    if distributed:
+        verdict = [problem]
+        torch.distributed.broadcast_object_list(verdict, src=0)
+        problem = verdict[0]
+    if problem is not None:
+        raise DatasetFileError(problem)
 
 
 def _parse_blend(data_path: Sequence[str]):
