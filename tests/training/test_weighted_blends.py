@@ -7,7 +7,6 @@ one at DP=2 through torch.distributed.run.
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ import torch
 
 from patch_megatron.training import log_reading
 from patch_megatron.training.data import BATCH_FIELDS, MicroBatches
-from repo_tools import free_port
+from repo_tools import child_environment, free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 8 "
@@ -26,7 +25,6 @@ FLAGS = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 8
          "--lr 3e-3 --lr-warmup-iters 1 --log-interval 1 --eval-interval 2 --eval-iters 1 "
          "--split 80,10,10 --cpu --tokenizer-type GPTSentencePieceTokenizer").split()
 PATCH = "--patch-size 4 --patch-data-fraction 0.667".split()
-VALID = re.compile(r"validation .*? at iteration (\d+)")
 
 
 class BlendedLikeDataset(torch.utils.data.Dataset):
@@ -87,14 +85,14 @@ def train(model, extra, nproc=1):
                      f"--master-port={free_port()}"]
     command = launcher + [os.path.join(REPO, "pretrain_patch_gpt.py"), *FLAGS,
                           "--tokenizer-model", model, *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               MASTER_PORT=str(free_port()))
+    env = child_environment()
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     losses = {i: float(v) for i, v in log_reading.losses(result.stdout).items()}
     assert sorted(losses) == [1, 2, 3], result.stdout[-3000:]
-    assert sorted(set(map(int, VALID.findall(result.stdout)))) == [2, 3]  # evaluated too
+    evaluated = log_reading.validation_curve(result.stdout)
+    assert sorted({i for i, _ in evaluated}) == [2, 3]  # evaluated too
     return losses
 
 
