@@ -25,14 +25,24 @@ _installed = False
 _forking_pid = [0]
 
 
+_prctl = []  # libc's prctl, looked up before any fork: a forked child must not import or dlopen
+
+
+def _libc_prctl():
+    if not _prctl:
+        import ctypes
+
+        _prctl.append(ctypes.CDLL(None, use_errno=True).prctl)
+    return _prctl[0]
+
+
 def die_with_parent(parent_pid: int | None = None) -> None:
     """Ask the kernel to SIGKILL this process when its parent exits (Linux; elsewhere nothing)."""
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # In a child forked from a threaded parent only this thread runs: an import or dlopen
+    # here could wait forever on a lock another parent thread held at the fork (seen in CI).
+    _libc_prctl()(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     # The parent may have died before the request: then nobody will send the signal.
     if (parent_pid is not None and os.getppid() != parent_pid) or os.getppid() == 1:
         os._exit(1)
@@ -44,6 +54,8 @@ def install() -> None:
     if _installed or not hasattr(os, "register_at_fork"):
         return
     _installed = True
+    if sys.platform.startswith("linux"):
+        _libc_prctl()  # resolved now, in the parent
     os.register_at_fork(before=lambda: _forking_pid.__setitem__(0, os.getpid()),
                         after_in_child=lambda: die_with_parent(_forking_pid[0]))
 
