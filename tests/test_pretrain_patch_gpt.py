@@ -120,7 +120,7 @@ def test_patch_stage_trains_logs_evaluates_and_saves(reference):
                        r"token nll \(K=1\) value: (\S+) \| token ppl \(K=1\) value: (\S+)", stdout)
     assert [e[0] for e in evals] == ["4", "8"]
     assert all(float(v) > 0 for e in evals for v in e[1:])
-    # Megatron-LM's layout, nothing half-written, and only tensors or plain data inside.
+    # Megatron-LM's layout, nothing half-written, and pickled only what Megatron-LM pickles.
     assert latest(save) == 8
     assert sorted(os.listdir(save)) == [".lock", "iter_0000002", "iter_0000004", "iter_0000006",
                                         "iter_0000008", "latest_checkpointed_iteration.txt"]
@@ -128,16 +128,20 @@ def test_patch_stage_trains_logs_evaluates_and_saves(reference):
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     metadata = FileSystemReader(os.path.join(save, "iter_0000008")).read_metadata()
-    pickled = [k for k, v in metadata.state_dict_metadata.items()
-               if isinstance(v, BytesStorageMetadata)]
-    assert pickled == []
+    pickled = {k.split("/")[0] for k, v in metadata.state_dict_metadata.items()
+               if isinstance(v, BytesStorageMetadata)}
+    assert pickled == {"rng_state"} | {f"decoder.layers.{m}._extra_state" for m in (
+        "self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")}
     assert any(k.startswith("optimizer.") for k in metadata.state_dict_metadata)
-    assert any(k.startswith("rng_state.") for k in metadata.state_dict_metadata)
-    common = torch.load(os.path.join(save, "iter_0000008", "common.pt"), weights_only=True)
-    assert common["patch_size"] == 4 and common["stage"] == "patch"
-    assert common["iteration"] == 8 and common["consumed_train_samples"] == 32
-    assert common["args"]["patch_size"] == 4
-    assert common["opt_param_scheduler"]["num_steps"] == 8
+    from patch_megatron.training import safe_load
+    from patch_megatron.training.checkpoint_record import read_record
+
+    common = safe_load.read_common(os.path.join(save, "iter_0000008"))
+    record = read_record(common, save)
+    assert record.patch_size == 4 and record.stage == "patch" and record.schema_version == 2
+    assert record.iteration == 8 and record.consumed_train_samples == 32
+    assert common["args"].consumed_train_samples == 32 and common["args"].patch_size == 4
+    assert record.flags["patch_size"] == 4
 
 
 @pytest.mark.parametrize("layout", [
@@ -195,8 +199,10 @@ def test_bf16_distributed_optimizer_keeps_fp32_master_weights_and_resumes_exactl
     assert dtypes["decoder.layers.self_attention.linear_qkv.weight"] == torch.bfloat16
     master = [k for k in dtypes if k.startswith("optimizer.") and k.endswith(".param")]
     assert master and all(dtypes[k] == torch.float32 for k in master), master
-    common = torch.load(os.path.join(save, "iter_0000008", "common.pt"), weights_only=True)
-    assert common["optimizer_format"] == "dp_reshardable"
+    from patch_megatron.training import safe_load
+
+    common = safe_load.read_common(os.path.join(save, "iter_0000008"))
+    assert common["content_metadata"]["distrib_optim_sharding_type"] == "dp_reshardable"
     # The same layout continues bit for bit: losses, bf16 weights, fp32 master weights, Adam moments.
     load = checkpoint_at(save, 4, str(tmp_path / "dp2"))
     result = run(BF16_DISTRIBUTED + ["--load", load, "--save", load, "--save-interval", "4"], nproc=2)

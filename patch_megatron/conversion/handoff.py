@@ -11,7 +11,7 @@ token stage the stream after the patch stage's share.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from patch_megatron.conversion import megatron_checkpoint, vocab
 from patch_megatron.conversion.errors import ConversionError
@@ -29,36 +29,35 @@ class HandoffOptions:
     force: bool = False
 
 
-def data_position(common: dict) -> dict:
+def data_position(record) -> dict:
     """Where the patch stage's reading of the training stream stopped."""
-    args = common.get("args") or {}
-    if "consumed_train_samples" not in common or not args.get("seq_length"):
-        raise ConversionError("the checkpoint records no data position (consumed samples and "
-                              "sequence length): it is incomplete or was not written by "
-                              "pretrain_patch_gpt.py")
-    K, T = common["patch_size"], args["seq_length"]
-    samples = int(common["consumed_train_samples"])
+    if record.seq_length is None:
+        raise ConversionError("the checkpoint records no sequence length, so its data position is "
+                              "unknown: it is incomplete or was not written by pretrain_patch_gpt.py")
+    K, T = record.patch_size, record.seq_length
+    samples = record.consumed_train_samples
+    flags = record.flags
     return {
         "stage": "patch",
         "patch_size": K,
         "seq_length": T,
         "tokens_per_sample": K * T,
-        "iteration": int(common.get("iteration", 0)),
+        "iteration": record.iteration,
         "consumed_samples": samples,
         "consumed_tokens": samples * K * T,
-        "patch_data_fraction": args.get("patch_data_fraction"),
-        "train_tokens": args.get("train_tokens"),
-        "global_batch_size": args.get("global_batch_size"),
-        "seed": args.get("seed"),
-        "data_path": args.get("data_path"),
-        "split": args.get("split"),
-        "mock_data": args.get("mock_data"),
+        "patch_data_fraction": flags.get("patch_data_fraction"),
+        "train_tokens": flags.get("train_tokens"),
+        "global_batch_size": record.global_batch_size,
+        "seed": flags.get("seed"),
+        "data_path": flags.get("data_path"),
+        "split": flags.get("split"),
+        "mock_data": flags.get("mock_data"),
     }
 
 
 def refuse_token_level(checkpoint, force: bool) -> None:
     if checkpoint.description.patch_size == 1 and not force:
-        converted = " (already converted)" if checkpoint.common.get("weights_only") else ""
+        converted = " (already converted)" if checkpoint.record.weights_only else ""
         raise ConversionError(
             f"{checkpoint.path} is already token-level (patch size 1){converted}: there is no "
             "patch stage to hand over. Load it directly with pretrain_patch_gpt.py --load, or pass "
@@ -70,18 +69,18 @@ def convert_patch_to_token(options: HandoffOptions) -> tuple[str, dict]:
     check_target(options.save, options.force)
     checkpoint = megatron_checkpoint.open_checkpoint(options.load, options.iteration)
     refuse_token_level(checkpoint, options.force)
-    position = (checkpoint.common.get("data_position") if checkpoint.common.get("weights_only")
-                else data_position(checkpoint.common))
+    record = checkpoint.record
+    position = record.data_position if record.weights_only else data_position(record)
     args = dict(checkpoint.args)
-    layout = checkpoint.common.get("layout") or {}
-    tp = options.target_tensor_parallel_size or layout.get("tensor_model_parallel_size", 1)
-    pp = options.target_pipeline_parallel_size or layout.get("pipeline_model_parallel_size", 1)
+    source_tp, source_pp = record.layout
+    tp = options.target_tensor_parallel_size or source_tp
+    pp = options.target_pipeline_parallel_size or source_pp
 
     description = checkpoint.description
     source_padded = description.padded_vocab_size
-    divisible_by = args.get("make_vocab_size_divisible_by", 128)
+    divisible_by = record.make_vocab_size_divisible_by
     weights = megatron_checkpoint.load_full_weights(checkpoint)
-    if tp != layout.get("tensor_model_parallel_size", 1):
+    if tp != source_tp:
         # Megatron pads the vocabulary to a multiple of divisible_by x TP: at another TP the
         # token stage expects another row count, so the rows are re-padded for it.
         true_vocab = vocab.resolve_vocab_size(source_padded, options.vocab_size, None, args)
@@ -90,22 +89,19 @@ def convert_patch_to_token(options: HandoffOptions) -> tuple[str, dict]:
             weights = vocab.repad(weights, true_vocab, padded)
             description = description.with_vocab(padded, true_vocab)
     try:
-        from dataclasses import replace
-
         replace(description.model_config(patch_size=1), tensor_model_parallel_size=tp,
                 pipeline_model_parallel_size=pp).validate()
     except ValueError as error:
         raise ConversionError(f"the model cannot be laid out at TP={tp}, PP={pp}: {error}") from None
 
-    args.update(patch_size=1, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                load=None, save=None, finetune=False)
-    records = megatron_checkpoint.weights_only_records(
-        description, args, {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
+    args.update(load=None, save=None, finetune=False)
+    new_record = megatron_checkpoint.weights_only_record(
+        description, args, tp, pp,
         data_position=position,
         converted_from={"tool": "tools/convert_patch_to_token.py", "path": checkpoint.path,
                         "iteration": checkpoint.iteration,
                         "patch_size": checkpoint.description.patch_size},
     )
     with publish_directory(options.save, options.force) as staging:
-        megatron_checkpoint.save_weights_only(staging, weights, description, records)
+        megatron_checkpoint.save_weights_only(staging, weights, description, new_record)
     return megatron_checkpoint.checkpoint_directory(options.save)[0], position

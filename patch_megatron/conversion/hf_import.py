@@ -91,12 +91,11 @@ def import_from_hf(options: ImportOptions) -> tuple[str, list[str]]:
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
         "bf16": description.dtype == torch.bfloat16, "fp16": description.dtype == torch.float16,
     }
-    records = megatron_checkpoint.weights_only_records(
-        description, args,
-        {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
+    record = megatron_checkpoint.weights_only_record(
+        description, args, tp, pp,
         converted_from={"tool": "tools/convert_from_hf.py", "format": "huggingface-llama",
                         "vocab_size": true_vocab},
     )
     with publish_directory(options.save, options.force) as staging:
-        megatron_checkpoint.save_weights_only(staging, weights, description, records)
+        megatron_checkpoint.save_weights_only(staging, weights, description, record)
     return megatron_checkpoint.checkpoint_directory(options.save)[0], flags

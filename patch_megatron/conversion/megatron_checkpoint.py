@@ -1,8 +1,10 @@
 """Our megatron checkpoints (torch_dist, Megatron-LM layout) as full weights, and back.
 
-The layout and the common records are those of
-``patch_megatron.training.checkpointing`` (``SAVE/iter_XXXXXXX/``,
-``latest_checkpointed_iteration.txt``, ``model_shape``/``args``/``patch_size``).
+The layout is that of ``patch_megatron.training.checkpointing``
+(``SAVE/iter_XXXXXXX/``, ``latest_checkpointed_iteration.txt``) and the
+non-tensor records are ``patch_megatron.training.checkpoint_record``'s, so
+checkpoints of pretrain_patch_gpt.py, of these converters and of Megatron-LM
+all read the same way.
 Reading builds the model once at TP=1/PP=1 on CPU and lets megatron-core's
 ``dist_checkpointing.load`` assemble every tensor from whatever TP/PP layout
 wrote it. Writing does the reverse from a TP=1/PP=1 model; torch_dist
@@ -18,7 +20,14 @@ from dataclasses import dataclass
 import torch
 
 from patch_megatron.conversion.errors import ConversionError
-from patch_megatron.conversion.model_description import ModelDescription, from_checkpoint_common
+from patch_megatron.conversion.model_description import ModelDescription, from_record
+from patch_megatron.training.checkpoint_record import (
+    CheckpointRecord,
+    RecordError,
+    content_metadata,
+    read_record,
+    to_common,
+)
 
 # Files every complete torch_dist checkpoint directory holds.
 _REQUIRED_FILES = ("metadata.json", "common.pt", ".metadata")
@@ -28,12 +37,13 @@ _REQUIRED_FILES = ("metadata.json", "common.pt", ".metadata")
 class Checkpoint:
     path: str  # the iter_XXXXXXX directory
     iteration: int
-    common: dict  # the non-tensor records
+    record: CheckpointRecord  # what common.pt says about the checkpoint
     description: ModelDescription
 
     @property
     def args(self) -> dict:
-        return self.common.get("args") or {}
+        """The flags the checkpoint's run was given (Megatron-LM's names)."""
+        return self.record.flags
 
 
 def _iteration_of(directory: str) -> int | None:
@@ -103,7 +113,11 @@ def open_checkpoint(load_dir: str, iteration: int | None = None) -> Checkpoint:
     missing = [f for f in _REQUIRED_FILES if not os.path.isfile(os.path.join(path, f))]
     if missing:
         raise refuse(f"it is incomplete: {', '.join(missing)} missing")
-    return Checkpoint(path, found, common, from_checkpoint_common(common, path))
+    try:
+        record = read_record(common, path)
+    except RecordError as error:
+        raise ConversionError(str(error)) from None
+    return Checkpoint(path, found, record, from_record(record, path))
 
 
 def _model_at_tp1(description: ModelDescription):
@@ -116,15 +130,18 @@ def _model_at_tp1(description: ModelDescription):
                        post_process=True, cpu=True)
 
 
-def _sharded_tensors(model) -> dict:
-    """The model's sharded tensors without the layers' ``_extra_state`` objects.
+def _sharded_tensors(model, *, is_loading: bool = True) -> dict:
+    """The model's sharded state; on loading without the layers' ``_extra_state`` objects.
 
-    pretrain_patch_gpt.py leaves those out (they are empty for megatron's local
-    layers and would be stored pickled), so reading and writing do the same.
+    As in pretrain_patch_gpt.py's checkpoints: they are written (Megatron-LM
+    asks for them; they are empty for megatron's local layers) but never read.
     """
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    return {key: value for key, value in model.sharded_state_dict().items()
+    state = model.sharded_state_dict()
+    if not is_loading:
+        return state
+    return {key: value for key, value in state.items()
             if not (isinstance(value, ShardedObject) and key.endswith("_extra_state"))}
 
 
@@ -163,10 +180,8 @@ def load_full_weights(checkpoint: Checkpoint) -> dict:
 
 
 def model_shape_record(description: ModelDescription) -> dict:
-    """The ``model_shape`` record pretrain_patch_gpt.py compares against its own model."""
-    from patch_megatron.training.checkpointing import SHAPE_KEYS
-
-    record = {
+    """The model-shape record pretrain_patch_gpt.py compares against its own model."""
+    return {
         "num_layers": description.num_layers,
         "hidden_size": description.hidden_size,
         "ffn_hidden_size": description.ffn_hidden_size,
@@ -175,37 +190,33 @@ def model_shape_record(description: ModelDescription) -> dict:
         "vocab_size": description.padded_vocab_size,
         "untie_embeddings_and_output_weights": description.untie_embeddings_and_output_weights,
     }
-    return {key: record[key] for key in SHAPE_KEYS}
 
 
-def weights_only_records(description: ModelDescription, args: dict, layout: dict,
-                         **extra) -> dict:
-    """Common records of a weights-only token-level checkpoint at iteration 0.
+def weights_only_record(description: ModelDescription, flags: dict, tensor_parallel_size: int,
+                        pipeline_parallel_size: int, **extra) -> CheckpointRecord:
+    """The record of a weights-only token-level checkpoint at iteration 0.
 
-    No optimizer, scheduler or RNG state: a run loading it starts its own.
-    ``weights_only`` tells pretrain_patch_gpt.py to load the weights alone.
+    No optimizer, scheduler or RNG state: a run loading it starts its own
+    (Megatron-LM too: its args say ``no_save_optim``/``no_save_rng``).
     """
-    from patch_megatron.training.checkpointing import CHECKPOINT_VERSION
-
-    return {
-        "checkpoint_version": CHECKPOINT_VERSION,
-        "iteration": 0,
-        "consumed_train_samples": 0,
-        "skipped_iters": 0,
-        "nan_iters": 0,
-        "patch_size": 1,
-        "stage": "token",
-        "weights_only": True,
-        "model_shape": model_shape_record(description),
-        "layout": layout,
-        "args": args,
+    return CheckpointRecord(
+        iteration=0,
+        patch_size=1,
+        model_shape=model_shape_record(description),
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        flags={**flags, "patch_size": 1, "tensor_model_parallel_size": tensor_parallel_size,
+               "pipeline_model_parallel_size": pipeline_parallel_size},
+        optimizer_format=None,
+        has_rng=False,
+        weights_only=True,
         **extra,
-    }
+    )
 
 
 def save_weights_only(save_dir: str, weights: dict, description: ModelDescription,
-                      records: dict) -> str:
-    """Write ``weights`` as ``save_dir/iter_0000000`` with ``records``; latest = 0.
+                      record: CheckpointRecord) -> str:
+    """Write ``weights`` as ``save_dir/iter_0000000`` with ``record``; latest = 0.
 
     ``save_dir`` is expected to be a fresh staging directory (see output_dir).
     """
@@ -219,9 +230,10 @@ def save_weights_only(save_dir: str, weights: dict, description: ModelDescriptio
     _load_into(model, weights)
     path = ckpt.iteration_dir(save_dir, 0)
     os.makedirs(path)
-    state = {"model": _sharded_tensors(model), **records}
+    state = {"model": _sharded_tensors(model, is_loading=False), **to_common(record)}
     dist_checkpointing.save(state, path,
-                            sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+                            sharded_strategy=get_default_save_sharded_strategy("torch_dist"),
+                            content_metadata=content_metadata(record))
     safe_load.write_checksums(path)
     with open(os.path.join(save_dir, ckpt.LATEST_FILE), "w") as f:
         f.write("0")

@@ -1,8 +1,7 @@
 """What a converter needs to know about a model, whatever format it comes from.
 
-Built from a megatron checkpoint's common state (its ``model_shape``, ``args``
-and ``patch_size`` records, written by ``patch_megatron.training.checkpointing``)
-or from a Hugging Face ``config.json``; turned into the model config that
+Built from a megatron checkpoint's record (``patch_megatron.training.checkpoint_record``:
+ours or Megatron-LM's) or from a Hugging Face ``config.json``; turned into the model config that
 builds a TP=1/PP=1 model to load or save the weights.
 """
 
@@ -64,22 +63,12 @@ class ModelDescription:
         )
 
 
-def _checkpoint_dtype(args: dict) -> torch.dtype:
-    if args.get("bf16"):
-        return torch.bfloat16
-    if args.get("fp16"):
-        return torch.float16
-    return torch.float32
-
-
-def from_checkpoint_common(common: dict, path: str) -> ModelDescription:
-    """The description recorded in a checkpoint written by pretrain_patch_gpt.py or a converter."""
-    shape, args = common.get("model_shape"), common.get("args")
-    if not isinstance(shape, dict) or not isinstance(args, dict) or "patch_size" not in common:
-        raise ConversionError(
-            f"{path} has no model shape / args / patch size records: it was not written by "
-            "pretrain_patch_gpt.py or these converters, so its architecture is unknown")
-    max_positions = args.get("max_position_embeddings") or args.get("seq_length")
+def from_record(record, path: str) -> ModelDescription:
+    """The description of a checkpoint from its ``CheckpointRecord``."""
+    shape = record.model_shape
+    if record.max_position_embeddings is None:
+        raise ConversionError(f"{path} records neither --max-position-embeddings nor --seq-length: "
+                              "its position count is unknown")
     return ModelDescription(
         num_layers=shape["num_layers"],
         hidden_size=shape["hidden_size"],
@@ -87,10 +76,10 @@ def from_checkpoint_common(common: dict, path: str) -> ModelDescription:
         num_attention_heads=shape["num_attention_heads"],
         num_query_groups=shape.get("num_query_groups") or shape["num_attention_heads"],
         padded_vocab_size=shape["vocab_size"],
-        max_position_embeddings=max_positions,
-        rotary_base=args.get("rotary_base", 10000),
-        norm_epsilon=args.get("norm_epsilon", 1e-5),
+        max_position_embeddings=record.max_position_embeddings,
+        rotary_base=record.rotary_base,
+        norm_epsilon=record.norm_epsilon,
         untie_embeddings_and_output_weights=shape["untie_embeddings_and_output_weights"],
-        patch_size=common["patch_size"],
-        dtype=_checkpoint_dtype(args),
+        patch_size=record.patch_size,
+        dtype=record.params_dtype,
     )

@@ -512,12 +512,6 @@ def num_microbatches(args, dp: int) -> int:
     return args.stage.global_batch_size // (args.micro_batch_size * dp)
 
 
-def args_to_dict(args) -> dict:
-    """The flags as plain values (what a checkpoint stores: loadable with weights_only)."""
-    return {k: v for k, v in vars(args).items()
-            if isinstance(v, (int, float, str, bool, type(None), list))}
-
-
 def padded_vocab_size(vocab_size: int, args) -> int:
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
     return int(math.ceil(vocab_size / multiple) * multiple)

@@ -1,20 +1,24 @@
-"""Checkpoints in Megatron-LM's layout, written with megatron-core's dist_checkpointing.
+"""Checkpoints in Megatron-LM's layout and format, written with megatron-core's dist_checkpointing.
 
 Layout: ``SAVE/iter_0000100/`` (torch_dist) and ``SAVE/latest_checkpointed_iteration.txt``.
 A checkpoint holds the model and optimizer (sharded, so it loads at another
-TP/PP), the LR schedule, every rank's RNG state, the data position (consumed
-samples), the flags and the patch size.
+TP/PP), the LR schedule, the RNG states, the data position (consumed
+samples), the flags and the patch size. Its entries are those Megatron-LM's
+``save_checkpoint`` writes (``checkpoint_record`` has the non-tensor ones), so
+Megatron-LM's ``pretrain_gpt.py --load`` resumes it and this module loads
+Megatron-LM's checkpoints.
 
 Atomicity: everything is written to ``iter_0000100.incomplete/``; only when
 every rank has finished does rank 0 rename it to ``iter_0000100/`` and then
 replace the ``latest`` file (write to a temporary name, fsync, rename). A
 kill at any moment leaves the previous ``latest`` and its directory intact.
 
-Safety: loading never unpickles arbitrary objects. Everything sharded is a
-tensor (RNG states included; the layers' empty ``_extra_state`` objects are
-left out), and before dist_checkpointing touches a checkpoint every file it
-would unpickle is checked (``safe_load``: ``.metadata`` through an allow-list,
-``common.pt`` and pickled byte items with ``weights_only=True``).
+Safety: loading never unpickles arbitrary objects. Before dist_checkpointing
+touches a checkpoint every file it would unpickle is checked (``safe_load``:
+``.metadata`` through an allow-list, ``common.pt`` and the pickled byte items,
+Megatron-LM's ``rng_state`` among them, with ``weights_only=True``). The
+layers' ``_extra_state`` objects are written (Megatron-LM asks for them) but
+never read.
 
 Integrity: a finished save records the sha256 of its files in
 ``checksums.json`` before the rename; loading recomputes them and refuses a
@@ -33,14 +37,21 @@ import torch
 
 from patch_megatron import parallel
 from patch_megatron.training import safe_load
-from patch_megatron.training.arguments import args_to_dict
+from patch_megatron.training.checkpoint_record import (
+    DISTRIBUTED_OPTIMIZER,
+    LOCAL_OPTIMIZER,
+    SHAPE_KEYS,
+    CheckpointRecord,
+    RecordError,
+    content_metadata,
+    describe,
+    plain_flags,
+    read_record,
+    to_common,
+)
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 INCOMPLETE_SUFFIX = ".incomplete"
-CHECKPOINT_VERSION = 3.0
-# What must match between a checkpoint and the model loading it.
-SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-              "num_query_groups", "vocab_size", "untie_embeddings_and_output_weights")
 
 
 class CheckpointError(RuntimeError):
@@ -94,82 +105,77 @@ def _pick_iteration_hint(load_dir: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# RNG: one shard per rank, restored only into the same layout.
+# RNG: Megatron-LM's ``rng_state`` object, one per (pipeline, tensor) rank.
 
 def _layout():
     from megatron.core import parallel_state as ps
 
-    return ((ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
-             ps.get_data_parallel_world_size()),
-            (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-             ps.get_data_parallel_rank()))
+    return ((ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+            (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+            ps.get_data_parallel_rank())
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    """Every RNG state of this rank as plain tensors (nothing that needs unpickling)."""
+def _on_cuda() -> bool:
+    return torch.cuda.is_available() and parallel.device().type == "cuda"
+
+
+def _rng_state() -> dict:
+    """This rank's RNG states, as Megatron-LM's ``get_rng_state`` collects them.
+
+    Data-parallel ranks are seeded alike (``parallel.set_seed``, as in
+    Megatron-LM) and draw alike, so the state of data-parallel rank 0 stands
+    for all of them. Without CUDA the "CUDA" state is the CPU generator's, as
+    Megatron-LM's own CPU runs write it.
+    """
     from megatron.core import tensor_parallel
 
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    tensors = {
-        "torch": torch.get_rng_state(),
-        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
-        "numpy_misc": torch.tensor([np_pos, np_has_gauss, np_gauss], dtype=torch.float64),
-        "python_state": torch.tensor(py_state, dtype=torch.int64),
-        "python_misc": torch.tensor([py_version, py_gauss is not None, py_gauss or 0.0],
-                                    dtype=torch.float64),
-    }
-    for name, tracker_state in tensor_parallel.get_cuda_rng_tracker().get_states().items():
-        tensors[f"tracker.{name}"] = tracker_state.cpu()
-    if torch.cuda.is_available() and parallel.device().type == "cuda":
-        tensors["cuda"] = torch.cuda.get_rng_state()
-    return tensors
-
-
-def _set_rng_tensors(tensors: dict[str, torch.Tensor]) -> None:
-    from megatron.core import tensor_parallel
-
-    torch.set_rng_state(tensors["torch"])
-    pos, has_gauss, gauss = tensors["numpy_misc"].tolist()
-    np.random.set_state(("MT19937", tensors["numpy_keys"].numpy().astype(np.uint32), int(pos),
-                         int(has_gauss), gauss))
-    version, has_py_gauss, py_gauss = tensors["python_misc"].tolist()
-    random.setstate((int(version), tuple(tensors["python_state"].tolist()),
-                     py_gauss if has_py_gauss else None))
-    tracker = {name[len("tracker."):]: t for name, t in tensors.items() if name.startswith("tracker.")}
-    tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
-    if "cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["cuda"])
-
-
-def _rng_sharded_tensors() -> dict:
-    """One shard per (pipeline, tensor, data) rank, stored as tensors of a [pp, tp, dp, n] grid."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    (pp, tp, dp), (pp_rank, tp_rank, dp_rank) = _layout()
     return {
-        name: ShardedTensor.from_rank_offsets(
-            f"rng_state.{name}", t.contiguous()[None, None, None],
-            (0, pp_rank, pp), (1, tp_rank, tp), (2, dp_rank, dp), replica_id=0,
-        )
-        for name, t in _rng_tensors().items()
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state() if _on_cuda() else torch.get_rng_state(),
+        "rng_tracker_states": {name: state.cpu() for name, state in
+                               tensor_parallel.get_cuda_rng_tracker().get_states().items()},
     }
+
+
+def _set_rng_state(rng: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(rng["random_rng_state"])
+    np.random.set_state(rng["np_rng_state"])
+    torch.set_rng_state(rng["torch_rng_state"])
+    cuda_state = rng["cuda_rng_state"]
+    if _on_cuda() and cuda_state.numel() == torch.cuda.get_rng_state().numel():
+        torch.cuda.set_rng_state(cuda_state)  # (a CPU run's state does not fit a GPU's generator)
+    tensor_parallel.get_cuda_rng_tracker().set_states(rng["rng_tracker_states"])
+
+
+def _rng_sharded_object():
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    (pp, tp), (pp_rank, tp_rank), dp_rank = _layout()
+    return ShardedObject("rng_state", [_rng_state()], (pp, tp), (pp_rank, tp_rank),
+                         replica_id=dp_rank)
 
 
 # ---------------------------------------------------------------------------
 # The sharded state dict: the same builder for saving and loading.
 
-def _model_sharded_state_dict(model) -> dict:
-    """The model's sharded tensors, without the layers' ``_extra_state`` objects.
+def _model_sharded_state_dict(model, metadata: dict, *, is_loading: bool) -> dict:
+    """The model's sharded state; on loading, without the layers' ``_extra_state`` objects.
 
     Those are None for megatron's local layers (Transformer Engine keeps FP8
-    scaling metadata there, which this project does not use), and
-    dist_checkpointing would store them as pickled bytes that loading must
-    unpickle: leaving them out keeps every checkpoint loadable without it.
+    scaling metadata there, which this project does not use). They are saved,
+    because Megatron-LM's loader asks for them, but not read back: loading
+    them would mean unpickling bytes for nothing.
     """
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    return {key: value for key, value in model.module.sharded_state_dict().items()
+    state = model.module.sharded_state_dict(metadata=metadata)
+    if not is_loading:
+        return state
+    return {key: value for key, value in state.items()
             if not (isinstance(value, ShardedObject) and key.endswith("_extra_state"))}
 
 
@@ -183,48 +189,52 @@ def optimizer_format(args) -> str:
     cannot be loaded back with torch's Adam, which is what runs without apex or
     TE, so it is not offered.)
     """
-    return "dp_reshardable" if args.use_distributed_optimizer else "local"
+    return DISTRIBUTED_OPTIMIZER if args.use_distributed_optimizer else LOCAL_OPTIMIZER
 
 
-def _check_optimizer_state_loads(common: dict, args, path: str) -> None:
-    saved = common.get("optimizer_format", "local")
-    here = optimizer_format(args)
+def _check_optimizer_state_loads(record: CheckpointRecord, args, path: str) -> None:
+    saved, here = record.optimizer_format, optimizer_format(args)
     fix = ("Resume with the saved flags, or pass --no-load-optim to keep the weights, schedule and "
            "data position and start the Adam moments afresh")
+    flag = {LOCAL_OPTIMIZER: "without --use-distributed-optimizer",
+            DISTRIBUTED_OPTIMIZER: "with --use-distributed-optimizer"}
+    if saved not in flag:
+        raise CheckpointError(
+            f"checkpoint {path} holds distributed-optimizer state in Megatron-LM's {saved!r} "
+            f"format, which this project does not read (it reads {DISTRIBUTED_OPTIMIZER!r}, what "
+            f"megatron-core 0.13+ writes by default). {fix}")
     if saved != here:
-        flag = {"local": "without --use-distributed-optimizer",
-                "dp_reshardable": "with --use-distributed-optimizer"}
         raise CheckpointError(f"checkpoint {path} holds the optimizer state of a run {flag[saved]}; "
                               f"this run is {flag[here]}. {fix}")
-    saved_layout = common.get("layout")
-    here_layout = _tp_pp(args)
-    if saved == "dp_reshardable" and saved_layout != here_layout:
+    here_layout = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    if saved == DISTRIBUTED_OPTIMIZER and record.layout != here_layout:
         raise CheckpointError(
             f"checkpoint {path} holds distributed-optimizer state sharded for TP "
-            f"{saved_layout['tensor_model_parallel_size']} x PP "
-            f"{saved_layout['pipeline_model_parallel_size']}; this run is TP "
-            f"{here_layout['tensor_model_parallel_size']} x PP "
-            f"{here_layout['pipeline_model_parallel_size']} and that state cannot be resharded "
-            f"(another data-parallel size can). {fix}")
+            f"{record.layout[0]} x PP {record.layout[1]}; this run is TP {here_layout[0]} x PP "
+            f"{here_layout[1]} and that state cannot be resharded (another data-parallel size "
+            f"can). {fix}")
 
 
-def _tp_pp(args) -> dict:
-    return {"tensor_model_parallel_size": args.tensor_model_parallel_size,
-            "pipeline_model_parallel_size": args.pipeline_model_parallel_size}
+def _sharding_metadata(content: dict | None, optimizer_state_format: str | None) -> dict:
+    """What megatron-core's sharded_state_dict methods are told (Megatron-LM passes the same)."""
+    from megatron.core import parallel_state
+
+    metadata = dict(content or {})
+    if optimizer_state_format not in (None, LOCAL_OPTIMIZER):
+        metadata["distrib_optim_sharding_type"] = optimizer_state_format
+    metadata["dp_cp_group"] = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return metadata
 
 
-def _sharded_state_dict(model, optimizer, *, with_optimizer: bool, with_rng: bool, is_loading: bool,
-                        optimizer_state_format: str = "local"):
-    model_sd = _model_sharded_state_dict(model)
+def _sharded_state_dict(model, optimizer, metadata: dict, *, with_optimizer: bool, with_rng: bool,
+                        is_loading: bool):
+    model_sd = _model_sharded_state_dict(model, metadata, is_loading=is_loading)
     state = {"model": model_sd}
     if with_optimizer:
-        metadata = None
-        if optimizer_state_format != "local":
-            metadata = {"distrib_optim_sharding_type": optimizer_state_format}
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                           metadata=metadata)
     if with_rng:
-        state["rng_state"] = _rng_sharded_tensors()
+        state["rng_state"] = _rng_sharded_object()
     return state
 
 
@@ -294,6 +304,24 @@ def _refuse_non_finite_weights(model, iteration: int) -> None:
                               "(the last good checkpoint stays latest)")
 
 
+def record_of_run(model, scheduler, state, args, plan) -> CheckpointRecord:
+    """What a checkpoint of this run at ``state`` says about itself."""
+    return CheckpointRecord(
+        iteration=state.iteration,
+        patch_size=plan.patch_size,
+        model_shape=model_shape_of(model),
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        flags=plain_flags(args),
+        consumed_train_samples=state.consumed_samples,
+        skipped_iters=state.skipped_iters,
+        nan_iters=state.nan_iters,
+        optimizer_format=optimizer_format(args),
+        scheduler=scheduler.state_dict(),
+        flops_so_far=getattr(state, "flops_so_far", 0.0),
+    )
+
+
 def save_checkpoint(save_dir, model, optimizer, scheduler, state, args, plan) -> str:
     """Write iteration ``state.iteration`` atomically; returns its directory."""
     from megatron.core import dist_checkpointing
@@ -309,24 +337,14 @@ def save_checkpoint(save_dir, model, optimizer, scheduler, state, args, plan) ->
         shutil.rmtree(partial_dir, ignore_errors=True)  # left over from a killed save
         os.makedirs(partial_dir)
     _barrier()
-    sharded = _sharded_state_dict(model, optimizer, with_optimizer=True, with_rng=True,
-                                  is_loading=False, optimizer_state_format=optimizer_format(args))
-    sharded.update({
-        "checkpoint_version": CHECKPOINT_VERSION,
-        "iteration": state.iteration,
-        "consumed_train_samples": state.consumed_samples,
-        "skipped_iters": state.skipped_iters,
-        "nan_iters": state.nan_iters,
-        "opt_param_scheduler": scheduler.state_dict(),
-        "patch_size": plan.patch_size,
-        "stage": plan.name,
-        "model_shape": model_shape_of(model),
-        "layout": _tp_pp(args),
-        "optimizer_format": optimizer_format(args),
-        "args": args_to_dict(args),
-    })
+    record = record_of_run(model, scheduler, state, args, plan)
+    content = content_metadata(record)
+    sharded = _sharded_state_dict(model, optimizer, _sharding_metadata(content, None),
+                                  with_optimizer=True, with_rng=True, is_loading=False)
+    sharded.update(to_common(record))
     strategy = get_default_save_sharded_strategy("torch_dist")
-    dist_checkpointing.save(sharded, partial_dir, sharded_strategy=strategy)
+    dist_checkpointing.save(sharded, partial_dir, sharded_strategy=strategy,
+                            content_metadata=content)
     _barrier()
     if rank == 0:
         safe_load.write_checksums(partial_dir)  # every rank's files are written: record them
@@ -437,22 +455,26 @@ def _on_any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
-def _check_compatible(common: dict, model, plan, args, path: str) -> None:
-    saved_shape = common.get("model_shape")
-    if saved_shape is None:
-        raise CheckpointError(f"{path} has no model shape record: not written by pretrain_patch_gpt.py")
+def _check_compatible(record: CheckpointRecord, model, plan, args, path: str) -> None:
     here = model_shape_of(model)
+    saved_shape = record.model_shape
     diffs = [f"{k}: checkpoint {saved_shape.get(k)} vs run {here[k]}" for k in SHAPE_KEYS
              if saved_shape.get(k) != here[k]]
     if diffs:
         hint = ""
         if any(d.startswith("vocab_size") for d in diffs):
-            hint = _vocabulary_hint(common.get("args") or {}, args)
-        raise CheckpointError(f"checkpoint {path} is of another model shape: " + "; ".join(diffs)
-                              + hint + ". Pass the model flags the checkpoint was trained with")
-    if common.get("patch_size") != plan.patch_size and not args.finetune:
+            hint = _vocabulary_hint(record.flags, args)
+        raise CheckpointError(f"checkpoint {path} ({describe(record)}) is of another model shape: "
+                              + "; ".join(diffs) + hint
+                              + ". Pass the model flags the checkpoint was trained with")
+    if record.patch_size != plan.patch_size and not args.finetune and not record.weights_only:
+        if record.source == "megatron-lm":
+            raise CheckpointError(
+                f"checkpoint {path} is a Megatron-LM (token-level) checkpoint and this run is a "
+                f"patch stage (--patch-size {plan.patch_size}): pass --finetune to start the "
+                "patch stage from its weights (fresh optimizer, schedule and data position)")
         raise CheckpointError(
-            f"checkpoint {path} was trained with patch size {common.get('patch_size')} but this run "
+            f"checkpoint {path} was trained with patch size {record.patch_size} but this run "
             f"has --patch-size {plan.patch_size}. To start the token stage from patch-stage weights "
             "convert it with tools/convert_patch_to_token.py, or pass --finetune to load the "
             "weights only (fresh optimizer, schedule and data position)")
@@ -483,7 +505,11 @@ def _vocabulary_hint(saved: dict, args) -> str:
 
 
 def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) -> str | None:
-    """Load the latest checkpoint under ``load_dir`` into the run; returns what was loaded."""
+    """Load the latest checkpoint under ``load_dir`` into the run; returns what was loaded.
+
+    Our own checkpoints of either schema and Megatron-LM's load alike: the
+    record (``checkpoint_record``) says what the checkpoint holds.
+    """
     from megatron.core import dist_checkpointing
 
     iteration = read_latest_iteration(load_dir)
@@ -500,27 +526,31 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
         raise CheckpointError(f"{LATEST_FILE} names iteration {iteration} but {path} is missing; "
                               + _pick_iteration_hint(load_dir))
     common = _verified_common(load_dir, path, iteration)
-    _check_compatible(common, model, plan, args, path)
+    try:
+        record = read_record(common, path)
+    except RecordError as error:
+        raise CheckpointError(str(error)) from None
+    _check_compatible(record, model, plan, args, path)
 
-    same_layout = common.get("layout") == _tp_pp(args)
-    # The data-parallel size also shapes the RNG shards.
-    saved_dp = common.get("args", {}).get("data_parallel_size")
-    # A handoff checkpoint (tools/convert_patch_to_token.py) holds weights only, by design.
-    converted = bool(common.get("weights_only"))
-    weights_only = args.finetune or converted
-    with_optimizer = not weights_only and not args.no_load_optim
-    with_rng = not weights_only and not args.no_load_rng and same_layout and \
-        saved_dp == args.data_parallel_size
+    # Converters' checkpoints hold weights only, by design.
+    weights_only = args.finetune or record.weights_only
+    with_optimizer = (not weights_only and not args.no_load_optim
+                      and record.optimizer_format is not None)
+    # As in Megatron-LM: RNG states are per (pipeline, tensor) rank, so only the same TP x PP.
+    same_layout = record.layout == (args.tensor_model_parallel_size,
+                                    args.pipeline_model_parallel_size)
+    with_rng = not weights_only and not args.no_load_rng and same_layout and record.has_rng
     if with_optimizer:
-        _check_optimizer_state_loads(common, args, path)
+        _check_optimizer_state_loads(record, args, path)
         _allocate_adam_state(optimizer)
-    sharded = _sharded_state_dict(model, optimizer, with_optimizer=with_optimizer,
-                                  with_rng=with_rng, is_loading=True,
-                                  optimizer_state_format=common.get("optimizer_format", "local"))
+    metadata = _sharding_metadata(common.get("content_metadata"),
+                                  record.optimizer_format if with_optimizer else None)
+    sharded = _sharded_state_dict(model, optimizer, metadata, with_optimizer=with_optimizer,
+                                  with_rng=with_rng, is_loading=True)
     # common.pt again, with weights_only=True (megatron-core's own reader takes torch's default).
     loaded = dist_checkpointing.load(sharded, path, common_strategy=safe_load.safe_common_strategy())
     missing, unexpected = model.module.load_state_dict(loaded["model"], strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]  # not saved, see above
+    missing = [k for k in missing if not k.endswith("_extra_state")]  # not read, see above
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing}, "
                               f"unexpected {unexpected}")
@@ -533,16 +563,28 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
         # initialisation when it was built; without this its first step would put them back.
         optimizer.reload_model_params()
     if with_rng:
-        _set_rng_tensors({name: t[0, 0, 0] for name, t in loaded["rng_state"].items()})
+        states = loaded["rng_state"]
+        # One entry, or one per data-parallel rank (Megatron-LM's --data-parallel-random-init).
+        dp_rank = _layout()[2]
+        _set_rng_state(states[dp_rank] if len(states) > 1 else states[0])
     if not weights_only:
-        scheduler.load_state_dict(common["opt_param_scheduler"])
-        state.iteration = common["iteration"]
-        state.consumed_samples = common["consumed_train_samples"]
-        state.skipped_iters = common.get("skipped_iters", 0)
-        state.nan_iters = common.get("nan_iters", 0)
-    notes = []
+        if record.scheduler is not None:
+            scheduler.load_state_dict(record.scheduler)
+        state.iteration = record.iteration
+        state.consumed_samples = record.consumed_train_samples
+        state.skipped_iters = record.skipped_iters
+        state.nan_iters = record.nan_iters
+        if hasattr(state, "flops_so_far"):
+            state.flops_so_far = record.flops_so_far
+    notes = [] if record.source == "patch-megatron" else [describe(record)]
     if weights_only:
-        notes.append("weights only (converted checkpoint)" if converted else "weights only (--finetune)")
-    elif not with_rng and not args.no_load_rng:
-        notes.append("RNG state not restored: the parallel layout differs")
+        notes.append("weights only (converted checkpoint)" if record.weights_only and not args.finetune
+                     else "weights only (--finetune)")
+    else:
+        if not with_optimizer and not args.no_load_optim:
+            notes.append("no optimizer state in it: Adam starts afresh")
+        if not with_rng and not args.no_load_rng:
+            notes.append("RNG state not restored: " + (
+                "the parallel layout differs" if not same_layout else
+                "the checkpoint holds none (reseeded from --seed)"))
     return f"loaded {path} (iteration {iteration})" + (f"; {'; '.join(notes)}" if notes else "")

@@ -120,6 +120,10 @@ def read_common(path: str) -> dict:
     if not os.path.isfile(source):
         raise UnsafeCheckpointError(f"{path} has no {COMMON_FILE}: it is incomplete or not a "
                                     "torch_dist checkpoint written by pretrain_patch_gpt.py")
+    # megatron-core registers what Megatron-LM's common.pt holds (argparse.Namespace, its enums,
+    # numpy arrays) as safe for weights_only loading when it is imported.
+    import megatron.core  # noqa: F401
+
     try:
         common = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

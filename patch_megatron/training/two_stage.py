@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 from patch_megatron import flops
 from patch_megatron.training.arguments import ArgumentError, StagePlan, parse_args
+from patch_megatron.training import safe_load
+from patch_megatron.training.checkpoint_record import RecordError, read_record
 from patch_megatron.training.checkpointing import (
     CheckpointError, iteration_dir, read_latest_iteration,
 )
@@ -342,17 +344,14 @@ def saved_iteration(save_dir: str) -> int | None:
         raise TwoStageError(f"{error}. Choose a new --save directory (nothing is deleted)") from None
 
 
-def _saved_records(save_dir: str, iteration: int) -> dict:
-    """A checkpoint's plain records, read without unpickling anything else."""
-    import torch
-
-    path = os.path.join(iteration_dir(save_dir, iteration), "common.pt")
+def _saved_record(save_dir: str, iteration: int):
+    """A checkpoint's record, read without unpickling anything else."""
+    path = iteration_dir(save_dir, iteration)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - reported with the path
-        raise TwoStageError(f"cannot read {path} ({type(error).__name__}): the checkpoint is "
-                            "damaged or not written by pretrain_patch_gpt.py; choose a new "
-                            "--save directory") from None
+        return read_record(safe_load.read_common(path), path)
+    except (safe_load.UnsafeCheckpointError, RecordError) as error:
+        raise TwoStageError(f"cannot read the record of {path} ({error}); choose a new --save "
+                            "directory") from None
 
 
 def _refuse_other_plan(where: str, saved: dict, expected: dict) -> None:
@@ -378,7 +377,7 @@ def _training_progress(stage: StageJob, config: RunConfig) -> int | None:
     iteration = saved_iteration(stage.save_dir)
     if iteration is None:
         return None
-    saved_args = _saved_records(stage.save_dir, iteration).get("args") or {}
+    saved_args = _saved_record(stage.save_dir, iteration).flags
     _refuse_other_plan(iteration_dir(stage.save_dir, iteration), saved_args,
                        _stage_flags(stage, config))
     if iteration > stage.plan.train_iters:
@@ -404,7 +403,7 @@ def next_steps(plan: TwoStagePlan, repo: str, python: str = sys.executable) -> l
     handoff_done = saved_iteration(plan.handoff_dir)
     token_done = _training_progress(token, config)
     if handoff_done is not None:
-        position = _saved_records(plan.handoff_dir, handoff_done).get("data_position") or {}
+        position = _saved_record(plan.handoff_dir, handoff_done).data_position or {}
         _refuse_other_plan(plan.handoff_dir, position, {
             "iteration": patch.plan.train_iters, "patch_size": patch.plan.patch_size,
             "train_tokens": config.train_tokens,

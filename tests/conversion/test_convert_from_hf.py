@@ -42,8 +42,7 @@ def test_import_matches_transformers_and_export_round_trips(hf_llama, world_of_o
     assert code == 0, err
     ours, checkpoint = our_model(save)
     assert checkpoint.description.padded_vocab_size == 256  # 128 x TP=2
-    assert checkpoint.common["layout"] == {"tensor_model_parallel_size": 2,
-                                           "pipeline_model_parallel_size": 2}
+    assert checkpoint.record.layout == (2, 2)
     tokens = sample_tokens(100, length=12)
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens)[..., :100], hf(tokens).logits, rtol=1e-5, atol=1e-5)

@@ -14,10 +14,17 @@ from two_stage import (PATCH_FLAGS, SHAPE_FLAGS, TOKEN_FLAGS, our_model, run_too
                        train_lines)
 
 
-def _records(directory):
+def _record(directory):
     from patch_megatron.conversion.megatron_checkpoint import open_checkpoint
 
-    return open_checkpoint(directory).common
+    return open_checkpoint(directory).record
+
+
+def _common(directory):
+    from patch_megatron.conversion.megatron_checkpoint import open_checkpoint
+    from patch_megatron.training import safe_load
+
+    return safe_load.read_common(open_checkpoint(directory).path)
 
 
 def _stage(flags, vocab_size, world_size):
@@ -31,14 +38,15 @@ def _stage(flags, vocab_size, world_size):
 
 
 def test_handoff_checkpoint_holds_weights_only(two_stage_run, world_of_one, vocab_size):
-    records = _records(two_stage_run["handoff"])
-    assert records["iteration"] == 0 and records["consumed_train_samples"] == 0
-    assert records["patch_size"] == 1 and records["weights_only"] is True
-    assert not {"optimizer", "opt_param_scheduler", "rng_state"} & records.keys()
-    assert records["layout"] == {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2}
-    patch_records = _records(two_stage_run["patch"])
-    position = records["data_position"]
-    assert position["consumed_samples"] == patch_records["consumed_train_samples"] == 3 * 4
+    record = _record(two_stage_run["handoff"])
+    assert record.iteration == 0 and record.consumed_train_samples == 0
+    assert record.patch_size == 1 and record.weights_only is True
+    assert record.optimizer_format is None and record.scheduler is None and not record.has_rng
+    assert not {"optimizer", "opt_param_scheduler", "rng_state"} & _common(two_stage_run["handoff"]).keys()
+    assert record.layout == (1, 2)
+    patch_record = _record(two_stage_run["patch"])
+    position = record.data_position
+    assert position["consumed_samples"] == patch_record.consumed_train_samples == 3 * 4
     assert position["consumed_tokens"] == 12 * 4 * 8
 
     # The same weights; only the padding rows of the vocabulary changed (TP=2 pads to 128s, TP=1 to 64s).
@@ -77,17 +85,17 @@ def test_token_stage_starts_fresh_from_patch_weights_on_disjoint_data(two_stage_
     assert logged_loss == pytest.approx(expected, rel=1e-5)
 
     # Disjoint data: the token stage begins past everything the patch stage read.
-    position = _records(two_stage_run["handoff"])["data_position"]
+    position = _record(two_stage_run["handoff"]).data_position
     assert token_plan.data_start_token >= position["consumed_tokens"]
     read_by_patch = [patch_data.train[i]["tokens"] for i in range(position["consumed_samples"])]
     for sample in batch:
         assert not any(torch.equal(sample["tokens"], seen[:len(sample["tokens"])]) for seen in read_by_patch)
 
     # Its own checkpoint counts only its own steps: optimizer and schedule started at 0.
-    records = _records(two_stage_run["token"])
-    assert records["iteration"] == 2 and records["consumed_train_samples"] == 2 * 8
-    assert records["opt_param_scheduler"]["num_steps"] == 2
-    assert records["optimizer"]["state"]["common_step"] == 2
+    record = _record(two_stage_run["token"])
+    assert record.iteration == 2 and record.consumed_train_samples == 2 * 8
+    assert record.scheduler["num_steps"] == 2
+    assert _common(two_stage_run["token"])["optimizer"]["state"]["common_step"] == 2
 
 
 def test_refusals(two_stage_run, tmp_path):

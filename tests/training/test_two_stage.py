@@ -4,6 +4,8 @@ tests/tools/test_pretrain_two_stage.py)."""
 import os
 import sys
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -123,26 +125,41 @@ def test_launch_commands_and_megatron_environment_defaults():
 
 # ---------------------------------------------------------------------------
 # Where a previous run stopped: fake checkpoints hold what the runner reads
-# (the latest file and the plain records in common.pt).
+# (the latest file and the record in common.pt).
 
-def fake_checkpoint(save_dir, iteration, records):
+SHAPE = {"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4,
+         "num_query_groups": 4, "vocab_size": 128, "untie_embeddings_and_output_weights": True}
+
+
+def fake_checkpoint(save_dir, iteration, record):
+    from patch_megatron.training.checkpoint_record import to_common
+
     path = save_dir / f"iter_{iteration:07d}"
     path.mkdir(parents=True)
-    torch.save(records, path / "common.pt")
+    torch.save(to_common(replace(record, iteration=iteration)), path / "common.pt")
     (save_dir / "latest_checkpointed_iteration.txt").write_text(str(iteration))
 
 
 def stage_records(plan, stage, **changes):
+    from patch_megatron.training.checkpoint_record import CheckpointRecord
+
     flags = {"patch_size": stage.plan.patch_size, "patch_data_fraction": TWO_THIRDS,
              "train_tokens": plan.config.train_tokens,
              "global_batch_size": stage.plan.global_batch_size, "seq_length": 8}
-    return {"args": {**flags, **changes}}
+    return CheckpointRecord(iteration=0, patch_size=stage.plan.patch_size, model_shape=SHAPE,
+                            tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                            flags={**flags, **changes})
 
 
 def handoff_records(plan, iteration):
-    return {"data_position": {"iteration": iteration, "patch_size": 4,
-                              "train_tokens": plan.config.train_tokens,
-                              "patch_data_fraction": TWO_THIRDS}}
+    from patch_megatron.training.checkpoint_record import CheckpointRecord
+
+    return CheckpointRecord(iteration=0, patch_size=1, model_shape=SHAPE,
+                            tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                            weights_only=True, optimizer_format=None, has_rng=False,
+                            data_position={"iteration": iteration, "patch_size": 4,
+                                           "train_tokens": plan.config.train_tokens,
+                                           "patch_data_fraction": TWO_THIRDS})
 
 
 def actions(steps):

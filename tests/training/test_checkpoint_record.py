@@ -1,0 +1,179 @@
+"""checkpoint_record: one record for our checkpoints of both schemas and for Megatron-LM's.
+
+Megatron-LM's side is its own output: the fixtures of tests/fixtures/megatron_lm
+(written by Megatron-LM core_v0.16.1's save_checkpoint, see make_fixtures.py
+there). Our first schema is pinned by tests/fixtures/patch_megatron_v1.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from patch_megatron.llama_recipe import ARCHITECTURE_FLAGS
+from patch_megatron.training import safe_load
+from patch_megatron.training.checkpoint_record import (
+    SCHEMA_VERSION,
+    CheckpointRecord,
+    read_record,
+    to_common,
+)
+from repo_tools import REPO_ROOT, child_environment
+
+FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures")
+MLM = os.path.join(FIXTURES, "megatron_lm")
+V1 = os.path.join(FIXTURES, "patch_megatron_v1")
+
+# The fixtures' Megatron-LM flags (make_fixtures.py), as pretrain_patch_gpt.py takes them:
+# NullTokenizer --vocab-size 128 has 129 ids (EOD last), which --mock-data --vocab-size 129 matches.
+MLM_FLAGS = [
+    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+    "--seq-length", "16", "--max-position-embeddings", "16", "--micro-batch-size", "2",
+    "--global-batch-size", "4", "--mock-data", "--vocab-size", "129",
+    "--make-vocab-size-divisible-by", "64", "--normalization", "RMSNorm", "--swiglu",
+    "--position-embedding-type", "rope", "--disable-bias-linear",
+    "--untie-embeddings-and-output-weights", "--ffn-hidden-size", "64",
+    "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "1",
+    "--weight-decay", "0.1", "--clip-grad", "1.0", "--seed", "1234",
+    "--cpu", "--eval-iters", "0", "--log-interval", "1",
+]
+
+
+def record_of(directory):
+    path = os.path.join(directory, f"iter_{int(open(os.path.join(directory, 'latest_checkpointed_iteration.txt')).read()):07d}")
+    return read_record(safe_load.read_common(path), path)
+
+
+def pretrain(*flags):
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "pretrain_patch_gpt.py"), *flags],
+                          cwd=REPO_ROOT, env=child_environment(), capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_reads_megatron_lm_checkpoints():
+    for name, optimizer_format in (("llama_plain", "local"), ("llama_distopt", "dp_reshardable")):
+        record = record_of(os.path.join(MLM, name))
+        assert record.source == "megatron-lm" and record.patch_size == 1
+        assert record.iteration == 2 and record.consumed_train_samples == 8
+        assert record.model_shape == {
+            "num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4,
+            "num_query_groups": 4, "vocab_size": 192, "untie_embeddings_and_output_weights": True}
+        assert record.optimizer_format == optimizer_format and record.has_rng
+        assert record.scheduler["num_steps"] == 8  # samples, Megatron-LM's unit
+
+
+def test_reads_the_first_schema_with_its_scheduler_in_samples():
+    record = record_of(os.path.join(V1, "patch_stage"))
+    assert record.schema_version == 1 and record.patch_size == 4 and record.stage == "patch"
+    assert record.iteration == 2 and record.consumed_train_samples == 8
+    assert record.model_shape["ffn_hidden_size"] == 64 and record.layout == (1, 1)
+    raw = safe_load.read_common(os.path.join(V1, "patch_stage", "iter_0000002"))
+    assert raw["opt_param_scheduler"]["num_steps"] == 2  # iterations, as schema 1 counted
+    assert record.scheduler["num_steps"] == 2 * 4 and record.scheduler["lr_warmup_steps"] == 1 * 4
+    assert not record.has_rng  # schema 1's tensor RNG states are not read back
+    handoff = record_of(os.path.join(V1, "token_init"))
+    assert handoff.weights_only and handoff.optimizer_format is None
+    assert handoff.data_position["consumed_samples"] == 8
+
+
+def test_schema_2_round_trip():
+    record = CheckpointRecord(
+        iteration=7, patch_size=4, tensor_model_parallel_size=2, pipeline_model_parallel_size=1,
+        model_shape={"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64,
+                     "num_attention_heads": 4, "num_query_groups": 2, "vocab_size": 256,
+                     "untie_embeddings_and_output_weights": False},
+        flags={"seq_length": 16, "global_batch_size": 8, "bf16": True, "data_parallel_size": 2},
+        consumed_train_samples=56, skipped_iters=1, nan_iters=1, optimizer_format="dp_reshardable",
+        scheduler={"num_steps": 56, "lr_warmup_steps": 8}, flops_so_far=1.5e9)
+    common = to_common(record)
+    assert common["args"].consumed_train_samples == 56 and common["args"].padded_vocab_size == 256
+    assert common["args"].world_size == 4 and common["args"].use_distributed_optimizer
+    back = read_record(common, "x")
+    assert back.flags.items() >= record.flags.items()  # plus Megatron-LM's bookkeeping
+    assert replace(back, flags=record.flags) == record and back.params_dtype == torch.bfloat16
+    newer = {**common, "patch_megatron": {**common["patch_megatron"],
+                                          "schema_version": SCHEMA_VERSION + 1}}
+    with pytest.raises(ValueError, match="newer patch-megatron"):
+        read_record(newer, "x")
+    with pytest.raises(ValueError, match="neither this project's checkpoint record"):
+        read_record({"iteration": 3}, "x")
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory):
+    """Our checkpoints of the fixtures' run, plain and distributed optimizer."""
+    out = {}
+    for name, extra in (("llama_plain", []), ("llama_distopt", ["--use-distributed-optimizer"])):
+        save = str(tmp_path_factory.mktemp(name) / "save")
+        result = pretrain(*MLM_FLAGS, *extra, "--train-iters", "2", "--save", save,
+                          "--save-interval", "2")
+        assert result.returncode == 0, result.stderr[-3000:]
+        out[name] = os.path.join(save, "iter_0000002")
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama_plain", "llama_distopt"])
+def test_our_checkpoint_has_every_entry_megatron_lm_asks_for(ours, name):
+    """Megatron-LM's load_checkpoint requests the keys its own save writes, at default
+    strictness missing ones are errors; its check_checkpoint_args and scheduler read args."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    theirs_dir = os.path.join(MLM, name, "iter_0000002")
+    theirs_keys = set(FileSystemReader(theirs_dir).read_metadata().state_dict_metadata)
+    our_keys = set(FileSystemReader(ours[name]).read_metadata().state_dict_metadata)
+    assert theirs_keys <= our_keys, sorted(theirs_keys - our_keys)
+    theirs, mine = safe_load.read_common(theirs_dir), safe_load.read_common(ours[name])
+    assert set(theirs) <= set(mine), set(theirs) - set(mine)
+    assert mine["content_metadata"] == theirs["content_metadata"]
+    assert mine["checkpoint_version"] == theirs["checkpoint_version"] == 3.0
+    for attribute in ("num_layers", "hidden_size", "num_attention_heads", "add_position_embedding",
+                      "max_position_embeddings", "make_vocab_size_divisible_by",
+                      "padded_vocab_size", "tensor_model_parallel_size",
+                      "pipeline_model_parallel_size", "consumed_train_samples",
+                      "use_distributed_optimizer", "ffn_hidden_size",
+                      "untie_embeddings_and_output_weights"):
+        assert getattr(mine["args"], attribute) == getattr(theirs["args"], attribute), attribute
+    assert set(mine["opt_param_scheduler"]) == set(theirs["opt_param_scheduler"])
+
+
+@pytest.mark.parametrize("name, extra", [("llama_plain", []),
+                                         ("llama_distopt", ["--use-distributed-optimizer"])])
+def test_megatron_lm_checkpoint_resumes_here(tmp_path, name, extra):
+    load = str(tmp_path / "load")
+    shutil.copytree(os.path.join(MLM, name), load)
+    result = pretrain(*MLM_FLAGS, *extra, "--train-iters", "3", "--load", load)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"loaded {load}/iter_0000002 (iteration 2); a Megatron-LM checkpoint" in result.stdout
+    assert "RNG state not restored" not in result.stdout and "Adam starts afresh" not in result.stdout
+    assert "iteration        3/       3 | consumed samples:           12 |" in result.stdout
+
+
+def test_patch_stage_starts_from_a_megatron_lm_checkpoint(tmp_path):
+    load = str(tmp_path / "load")
+    shutil.copytree(os.path.join(MLM, "llama_plain"), load)
+    patch = ["--patch-size", "4", "--patch-data-fraction", "0.667", "--train-iters", "2"]
+    refused = pretrain(*MLM_FLAGS, *patch, "--load", load)
+    assert refused.returncode == 3 and "pass --finetune to start the patch stage" in refused.stderr
+    result = pretrain(*MLM_FLAGS, *patch, "--load", load, "--finetune")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "weights only (--finetune)" in result.stdout
+
+
+def test_first_schema_checkpoint_resumes(tmp_path):
+    load = str(tmp_path / "v1")
+    shutil.copytree(os.path.join(V1, "patch_stage"), load)
+    flags = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+             "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4",
+             "--mock-data", "--vocab-size", "128", "--make-vocab-size-divisible-by", "64",
+             "--untie-embeddings-and-output-weights", "--patch-size", "4",
+             "--patch-data-fraction", "0.667", "--lr", "3e-3", "--lr-warmup-iters", "1", "--cpu",
+             "--ffn-hidden-size", "64", "--eval-iters", "0", "--log-interval", "1",
+             *ARCHITECTURE_FLAGS]  # schema 1 knew only this architecture
+    result = pretrain(*flags, "--train-iters", "3", "--load", load)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"loaded {load}/iter_0000002 (iteration 2)" in result.stdout
+    assert "iteration        3/       3 | consumed samples:           12 |" in result.stdout
