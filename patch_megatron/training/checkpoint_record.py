@@ -88,7 +88,8 @@ class CheckpointRecord:
     # How the optimizer state is stored (LOCAL_OPTIMIZER, DISTRIBUTED_OPTIMIZER or another of
     # megatron's names); None: the checkpoint holds none.
     optimizer_format: str | None = LOCAL_OPTIMIZER
-    scheduler: dict | None = None  # OptimizerParamScheduler.state_dict(), steps in samples
+    # OptimizerParamScheduler.state_dict() with its steps counted in samples, Megatron-LM's unit.
+    scheduler: dict | None = None
     has_rng: bool = True  # holds Megatron-LM's ``rng_state`` object
     flops_so_far: float = 0.0
     weights_only: bool = False  # a converter's output: load the weights and start afresh
@@ -262,6 +263,18 @@ def scheduler_in_samples(scheduler: dict | None, global_batch_size: int) -> dict
     if scheduler is None:
         return None
     return {k: (v * global_batch_size if k in _SCHEDULER_STEP_KEYS and v is not None else v)
+            for k, v in scheduler.items()}
+
+
+def scheduler_in_iterations(scheduler: dict | None, global_batch_size: int) -> dict | None:
+    """A scheduler state counted in samples, counted in steps of ``global_batch_size``.
+
+    This project's scheduler steps once per iteration; on disk it counts
+    samples as Megatron-LM's does (see ``scheduler_in_samples``).
+    """
+    if scheduler is None:
+        return None
+    return {k: (v // global_batch_size if k in _SCHEDULER_STEP_KEYS and v is not None else v)
             for k, v in scheduler.items()}
 
 

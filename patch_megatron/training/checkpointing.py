@@ -47,6 +47,8 @@ from patch_megatron.training.checkpoint_record import (
     describe,
     plain_flags,
     read_record,
+    scheduler_in_iterations,
+    scheduler_in_samples,
     to_common,
 )
 
@@ -317,7 +319,7 @@ def record_of_run(model, scheduler, state, args, plan) -> CheckpointRecord:
         skipped_iters=state.skipped_iters,
         nan_iters=state.nan_iters,
         optimizer_format=optimizer_format(args),
-        scheduler=scheduler.state_dict(),
+        scheduler=scheduler_in_samples(scheduler.state_dict(), plan.global_batch_size),
         flops_so_far=getattr(state, "flops_so_far", 0.0),
     )
 
@@ -504,6 +506,17 @@ def _vocabulary_hint(saved: dict, args) -> str:
             "tokenizer, and a --make-vocab-size-divisible-by x TP that pads to its size)")
 
 
+def _check_scheduler_units(record: CheckpointRecord, plan, path: str) -> None:
+    """The saved schedule counts samples; this run's scheduler counts steps of its global batch."""
+    done = record.scheduler.get("num_steps", 0)
+    if done % plan.global_batch_size:
+        raise CheckpointError(
+            f"checkpoint {path} has a learning-rate schedule {done} samples in, which is not a "
+            f"whole number of this run's global batches of {plan.global_batch_size}: resume with "
+            f"the global batch size it was trained with ({record.global_batch_size}), or pass "
+            "--finetune to start a fresh schedule")
+
+
 def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) -> str | None:
     """Load the latest checkpoint under ``load_dir`` into the run; returns what was loaded.
 
@@ -569,7 +582,9 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
         _set_rng_state(states[dp_rank] if len(states) > 1 else states[0])
     if not weights_only:
         if record.scheduler is not None:
-            scheduler.load_state_dict(record.scheduler)
+            _check_scheduler_units(record, plan, path)
+            scheduler.load_state_dict(scheduler_in_iterations(record.scheduler,
+                                                              plan.global_batch_size))
         state.iteration = record.iteration
         state.consumed_samples = record.consumed_train_samples
         state.skipped_iters = record.skipped_iters

@@ -94,7 +94,7 @@ def test_token_stage_starts_fresh_from_patch_weights_on_disjoint_data(two_stage_
     # Its own checkpoint counts only its own steps: optimizer and schedule started at 0.
     record = _record(two_stage_run["token"])
     assert record.iteration == 2 and record.consumed_train_samples == 2 * 8
-    assert record.scheduler["num_steps"] == 2
+    assert record.scheduler["num_steps"] == 2 * 8  # samples, as Megatron-LM counts them
     assert _common(two_stage_run["token"])["optimizer"]["state"]["common_step"] == 2
 
 

@@ -234,3 +234,36 @@ def test_both_optimizers_trained_the_same_weights(tmp_path_factory):
         torch.testing.assert_close(plain[key], distopt[key], rtol=1e-5, atol=1e-6)
     plain_moment = plain["optimizer.state.exp_avg.output_layer.weight"]
     assert plain_moment.abs().sum() > 0
+
+
+def test_converters_read_megatron_lm_checkpoints(tmp_path_factory, world_of_one):
+    """open_checkpoint takes Megatron-LM's record; its weights equal torch's own reading of
+    the shards, and tools/convert_to_hf.py exports them (129 = NullTokenizer's 128 + EOD)."""
+    from safetensors.torch import load_file
+    from two_stage import run_tool
+
+    from patch_megatron.conversion.megatron_checkpoint import load_full_weights, open_checkpoint
+
+    checkpoint = open_checkpoint(os.path.join(FIXTURES, "llama_plain"))
+    assert checkpoint.record.source == "megatron-lm" and checkpoint.description.patch_size == 1
+    weights = load_full_weights(checkpoint)
+    sharded = load_sharded("llama_plain", tmp_path_factory)
+    for name in MODEL_SHAPES:
+        if name.startswith("decoder.layers."):  # stacked on dim 0 in the checkpoint
+            for layer in range(LAYERS):
+                # Our local spec keeps the norms as modules of their own (torch RMSNorm).
+                here = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+                        "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}.get(
+                    name[len("decoder.layers."):], name[len("decoder.layers."):])
+                ours = weights[f"decoder.layers.{layer}.{here}"]
+                assert torch.equal(ours, sharded[name][layer]), (name, layer)
+        else:
+            assert torch.equal(weights[name], sharded[name]), name
+    out = str(tmp_path_factory.mktemp("hf") / "hf")
+    code, err = run_tool("convert_to_hf", ["--load", os.path.join(FIXTURES, "llama_plain"),
+                                           "--output", out])
+    assert code == 0, err
+    exported = load_file(os.path.join(out, "model.safetensors"))
+    assert torch.equal(exported["model.embed_tokens.weight"],
+                       sharded["embedding.word_embeddings.weight"][:129])
+    assert json.load(open(os.path.join(out, "config.json")))["vocab_size"] == 129
