@@ -21,7 +21,9 @@ parent_death.die_with_parent_if_spawned(__name__)
 
 def main(argv=None) -> int:
     from patch_megatron.model.spec import silence_fallback_warnings
-    from patch_megatron.training.arguments import ArgumentError, check_world_size, parse_args
+    from patch_megatron.training.arguments import (
+        ArgumentError, check_world_size, parse_args, print_arguments,
+    )
 
     silence_fallback_warnings()  # the log names the layers and Adam in use instead
     parent_death.install()  # checkpoint writers forked from here die with this process
@@ -29,11 +31,18 @@ def main(argv=None) -> int:
     # Every flag is checked before any process group starts.
     try:
         args = parse_args(argv)
-        dp_size = check_world_size(args)
+        dp_size = check_world_size(args, args.check_only)
     except ArgumentError as error:
         print(f"pretrain_patch_gpt.py: error: {error}", file=sys.stderr)
         return 2
     args.data_parallel_size = dp_size
+    if args.check_only is not None:
+        from patch_megatron.training import command_check
+
+        print_arguments(args)
+        print(command_check.report(args, dp_size), flush=True)
+        print(f"> the command line is valid for {args.check_only} processes", flush=True)
+        return 0
     plan = args.stage
 
     import torch
@@ -58,6 +67,9 @@ def main(argv=None) -> int:
     def print_rank0(message):
         if rank == 0:
             print(message, flush=True)
+
+    if rank == 0:
+        print_arguments(args)
 
     print_rank0(f"> {plan.name} stage: K={plan.patch_size}, T={plan.seq_length} positions, "
                 f"{plan.tokens_per_sample} tokens/sample, global batch {plan.global_batch_size} "

@@ -29,6 +29,7 @@ import tempfile
 import time
 
 import torch
+from patch_megatron.llama_recipe import LLAMA_ARCHITECTURE
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -101,7 +102,7 @@ def run(name, stream, heldout, args, *, patch: bool, est_stages: tuple[str, ...]
     parallel.set_seed(args.seed)  # same initial weights in every run
     base = dict(num_layers=args.num_layers, hidden_size=args.hidden_size,
                 num_attention_heads=args.num_attention_heads, vocab_size=256, seq_length=args.seq_length,
-                num_query_groups=args.num_query_groups)
+                num_query_groups=args.num_query_groups, **LLAMA_ARCHITECTURE)
     shape = flops.ModelShape(args.num_layers, args.hidden_size,
                              PatchGPTConfig(**base).ffn_hidden_size, args.num_attention_heads, 256,
                              args.num_query_groups)

@@ -47,6 +47,7 @@ sys.path.insert(0, REPO)
 
 from patch_megatron import flops  # noqa: E402
 from patch_megatron.training.log_reading import tokens_per_second, validation_curve  # noqa: E402
+from patch_megatron.llama_recipe import RECIPE_FLAGS  # noqa: E402
 
 LATEST = "latest_checkpointed_iteration.txt"
 ARMS = ("token-only", "patch+token", "token stage alone")
@@ -155,7 +156,7 @@ def stage_command(args, data, budget, seed, *, patch_size, fraction, save, load=
         "--log-interval", str(max(1, steps // 20)), "--eval-interval", str(max(1, steps // args.evals)),
         "--eval-iters", str(max(1, args.eval_samples // B)), "--seed", str(seed), "--save", save,
     ]
-    return command + args.extra_args.split() + (["--load", load] if load else [])
+    return command + list(RECIPE_FLAGS) + args.extra_args.split() + (["--load", load] if load else [])
 
 
 def train_arm(args, data, budget, seed, arm, threads):

@@ -23,6 +23,7 @@ sys.path.insert(0, REPO)
 
 from patch_megatron import parallel  # noqa: E402
 from patch_megatron.training import log_reading  # noqa: E402
+from patch_megatron.llama_recipe import RECIPE_FLAGS  # noqa: E402
 
 # The paper's 370M (docs/method.md §1) at 16384 tokens per micro-batch: 8 x 2048 tokens in the token
 # stage, 2 x 4 x 2048 at K=4; activations, logits and optimizer state fit an 80 GB H100 in bf16.
@@ -52,7 +53,8 @@ def stage_command(args, K):
            "--untie-embeddings-and-output-weights",
            "--micro-batch-size", str(mbs), "--global-batch-size", str(mbs),
            "--train-iters", str(args.iters), "--log-interval", str(args.log_interval), "--eval-iters", "0",
-           "--patch-size", str(K), "--patch-data-fraction", "0.667" if K > 1 else "0"]
+           "--patch-size", str(K), "--patch-data-fraction", "0.667" if K > 1 else "0",
+           "--lr", "3e-4", *RECIPE_FLAGS]
     if args.bf16:
         cmd.append("--bf16")
     return cmd

@@ -30,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from patch_megatron.training.log_reading import tokens_per_second, validation_curve  # noqa: E402
+from patch_megatron.llama_recipe import RECIPE_FLAGS  # noqa: E402
 
 MODEL = dict(num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=352)
 SEQ = 64  # T: tokens in the token stage, patches in the patch stage
@@ -42,7 +43,8 @@ def model_flags(seq=SEQ):
     return ["--num-layers", str(MODEL["num_layers"]), "--hidden-size", str(MODEL["hidden_size"]),
             "--num-attention-heads", str(MODEL["num_attention_heads"]),
             "--ffn-hidden-size", str(MODEL["ffn_hidden_size"]), "--seq-length", str(seq),
-            "--untie-embeddings-and-output-weights", "--make-vocab-size-divisible-by", "128"]
+            "--untie-embeddings-and-output-weights", "--make-vocab-size-divisible-by", "128",
+            *RECIPE_FLAGS]  # the paper's LLaMA recipe, as Megatron-LM flags
 
 
 class Workflow:

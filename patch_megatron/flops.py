@@ -1,4 +1,4 @@
-"""Exact matmul FLOPs of the project's LLaMA-style decoder, token and patch stage.
+"""Exact matmul FLOPs of the project's decoder, token and patch stage.
 
 What is counted
 ---------------
@@ -9,8 +9,8 @@ layer and per model position, forward:
 * attention scores 2·s·a·d                (Q·Kᵀ against all s positions)
 * attention values 2·s·a·d                (probabilities · V)
 * output proj      2·a·d·h
-* SwiGLU fc1       2·h·(2·f)              (gate and up halves)
-* SwiGLU fc2       2·f·h
+* MLP fc1          2·h·(2·f) with SwiGLU   (gate and up halves), 2·h·f otherwise
+* MLP fc2          2·f·h
 
 and once per position after the last layer the untied LM head, 2·h·V over
 the padded vocabulary. Backward is counted as twice the forward (gradients
@@ -28,8 +28,8 @@ Conventions (stated, because published numbers differ on them)
   that formula exactly, so our TFLOP/s and MFU are comparable with numbers
   reported by Megatron-LM. Kernels that skip the masked half do about
   ``2·s·a·d`` fewer FLOPs per position and layer in the forward.
-* Not counted: RMSNorm, RoPE, softmax, SiLU, residual adds, the input
-  embedding lookup, and the patch stage's mean over K token embeddings
+* Not counted: norms, RoPE, softmax, activations, biases, residual adds,
+  dropout, the input embedding and learned-position lookups, and the patch stage's mean over K token embeddings
   (K·T·h additions per sample: under 1/h of a single hidden×hidden matmul
   per token, far below the rounding of any of the terms above).
 * Patch stage with patch size K: a sample holds K·T tokens, the transformer
@@ -92,6 +92,7 @@ class ModelShape:
     vocab_size: int
     num_query_groups: Optional[int] = None  # None: plain multi-head attention
     kv_channels: Optional[int] = None  # None: hidden_size // num_attention_heads
+    gated_linear_unit: bool = True  # SwiGLU: fc1 computes gate and up halves
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "ffn_hidden_size",
@@ -173,7 +174,7 @@ def layer_forward_flops(shape: ModelShape, seq_length: int, kept: KeptFractions 
     values = 2 * s * s * query_width
     out_proj = 2 * s * query_width * h
     mlp_units = f * kept.mlp_units
-    fc1 = 2 * s * h * 2 * mlp_units  # SwiGLU: gate and up projections
+    fc1 = 2 * s * h * (2 if shape.gated_linear_unit else 1) * mlp_units  # SwiGLU: gate and up
     fc2 = 2 * s * mlp_units * h
     return qkv + scores + values + out_proj + fc1 + fc2
 
@@ -232,7 +233,7 @@ def parameter_count(shape: ModelShape, include_embeddings: bool = True) -> int:
     h, f, d = shape.hidden_size, shape.ffn_hidden_size, shape.kv_channels
     qkv = h * (shape.num_attention_heads * d + 2 * shape.num_query_groups * d)
     out_proj = shape.num_attention_heads * d * h
-    mlp = h * 2 * f + f * h
+    mlp = h * (2 if shape.gated_linear_unit else 1) * f + f * h
     norms = 2 * h
     total = shape.num_layers * (qkv + out_proj + mlp + norms) + h  # + final norm
     if include_embeddings:

@@ -27,3 +27,13 @@ OPTIMIZER_FLAGS = (
 )
 
 RECIPE_FLAGS = ARCHITECTURE_FLAGS + OPTIMIZER_FLAGS
+
+# The same architecture as PatchGPTConfig fields (for code that builds a model directly).
+LLAMA_ARCHITECTURE = dict(
+    normalization="RMSNorm",
+    activation="swiglu",
+    add_bias_linear=False,
+    position_embedding_type="rope",
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+)

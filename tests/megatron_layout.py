@@ -2,24 +2,28 @@
 
 import torch
 
+# Parameters every TP rank holds whole: norms, learned positions, and the biases added after a
+# row-parallel layer's reduction.
+_REPLICATED = ("layernorm", "position_embeddings", "linear_proj.bias", "linear_fc2.bias")
 
-def tp_slice(name, full, tp, rank):
-    """This TP rank's piece of a full tensor."""
-    if tp == 1 or "layernorm" in name:
+
+def tp_slice(name, full, tp, rank, gated=True):
+    """This TP rank's piece of a full tensor (``gated``: fc1 holds SwiGLU's [gate; up])."""
+    if tp == 1 or any(part in name for part in _REPLICATED):
         return full
-    if name.endswith("linear_fc1.weight"):  # [gate; up], each split over TP
+    if gated and name.endswith(("linear_fc1.weight", "linear_fc1.bias")):  # each half split
         gate, up = full.chunk(2, dim=0)
         return torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]])
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):  # row-parallel: split inputs
         return full.chunk(tp, dim=1)[rank]
-    return full.chunk(tp, dim=0)[rank]  # vocab-parallel embedding, output layer, grouped QKV rows
+    return full.chunk(tp, dim=0)[rank]  # vocab-parallel embedding, output layer, QKV rows, fc1
 
 
-def tp_concat(name, shards):
+def tp_concat(name, shards, gated=True):
     """The full tensor from the TP ranks' pieces, in rank order (inverse of tp_slice)."""
-    if len(shards) == 1 or "layernorm" in name:
+    if len(shards) == 1 or any(part in name for part in _REPLICATED):
         return shards[0]
-    if name.endswith("linear_fc1.weight"):
+    if gated and name.endswith(("linear_fc1.weight", "linear_fc1.bias")):
         gates, ups = zip(*(s.chunk(2) for s in shards))
         return torch.cat([*gates, *ups])
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):

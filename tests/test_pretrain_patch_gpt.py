@@ -20,6 +20,7 @@ import torch
 
 from patch_megatron.training import log_reading
 from repo_tools import free_port
+from patch_megatron.llama_recipe import RECIPE_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "pretrain_patch_gpt.py")
@@ -29,7 +30,7 @@ FLAGS = (
     "--make-vocab-size-divisible-by 64 --untie-embeddings-and-output-weights "
     "--patch-size 4 --patch-data-fraction 0.667 --lr 3e-3 --lr-warmup-iters 1 "
     "--log-interval 1 --eval-interval 4 --eval-iters 1 --cpu"
-).split()
+).split() + list(RECIPE_FLAGS)
 
 
 def command(extra, nproc=1):
@@ -419,7 +420,7 @@ def test_incompatible_or_unsafe_checkpoints_get_clear_errors(reference, tmp_path
 
     results = json.loads(result.stdout.strip().splitlines()[-1])
     rc, err = results["shape"]
-    assert rc == 3 and "another model shape" in err and "ffn_hidden_size: checkpoint 192 vs run 64" in err
+    assert rc == 3 and "another model shape" in err and "ffn_hidden_size: checkpoint 128 vs run 64" in err
     rc, err = results["patch_size"]
     assert rc == 3 and "patch size 4 but this run has --patch-size 1" in err
     assert "convert_patch_to_token.py" in err and "--finetune" in err

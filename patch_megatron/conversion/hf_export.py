@@ -38,6 +38,16 @@ def refuse_patch_stage(checkpoint, allowed: bool) -> None:
             "--allow-patch-stage to export these weights anyway")
 
 
+def refuse_non_llama(path: str, description) -> None:
+    differences = description.llama_differences()
+    if differences:
+        raise ConversionError(
+            f"{path} is not a Llama-architecture model ({'; '.join(differences)}): "
+            "tools/convert_to_hf.py writes LlamaForCausalLM, which has RMSNorm, SwiGLU, RoPE and "
+            "no biases. Train with --normalization RMSNorm --swiglu --position-embedding-type "
+            "rope --disable-bias-linear to export, or keep this model in megatron format")
+
+
 def export_to_hf(options: ExportOptions) -> list[str]:
     """Write the directory; returns the files written."""
     max_shard_bytes = parse_size(options.max_shard_size)
@@ -48,6 +58,7 @@ def export_to_hf(options: ExportOptions) -> list[str]:
     if options.tokenizer_model is not None:
         prepared = hf_tokenizer.prepare_tokenizer(options.tokenizer_model)
     description = checkpoint.description
+    refuse_non_llama(checkpoint.path, description)
     vocab_size = vocab.resolve_vocab_size(description.padded_vocab_size, options.vocab_size,
                                           options.tokenizer_model, checkpoint.args)
     dtype = options.dtype or description.dtype

@@ -10,6 +10,7 @@ from patch_megatron.conversion import hf_config, llama_layout, megatron_checkpoi
 from patch_megatron.conversion.errors import ConversionError
 from patch_megatron.conversion.output_dir import check_target, publish_directory
 from patch_megatron.conversion.safetensors_io import read_weights
+from patch_megatron.llama_recipe import ARCHITECTURE_FLAGS
 
 
 @dataclass
@@ -46,6 +47,9 @@ def training_flags(description, options: ImportOptions) -> list[str]:
         f"--tensor-model-parallel-size {options.tensor_parallel_size}",
         f"--pipeline-model-parallel-size {options.pipeline_parallel_size}",
     ]
+    if description.kv_channels * description.num_attention_heads != description.hidden_size:
+        flags.append(f"--kv-channels {description.kv_channels}")
+    flags.append(" ".join(ARCHITECTURE_FLAGS))  # a Llama is the paper's LLaMA architecture
     if description.num_query_groups != description.num_attention_heads:
         flags.append(f"--group-query-attention --num-query-groups {description.num_query_groups}")
     if description.untie_embeddings_and_output_weights:
@@ -90,6 +94,8 @@ def import_from_hf(options: ImportOptions) -> tuple[str, list[str]]:
         "vocab_size": true_vocab, "patch_size": 1,
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
         "bf16": description.dtype == torch.bfloat16, "fp16": description.dtype == torch.float16,
+        "normalization": "RMSNorm", "swiglu": True, "add_bias_linear": False,
+        "position_embedding_type": "rope", "kv_channels": description.kv_channels,
     }
     record = megatron_checkpoint.weights_only_record(
         description, args, tp, pp,

@@ -189,6 +189,8 @@ def model_shape_record(description: ModelDescription) -> dict:
         "num_query_groups": description.num_query_groups,
         "vocab_size": description.padded_vocab_size,
         "untie_embeddings_and_output_weights": description.untie_embeddings_and_output_weights,
+        **description.architecture,
+        "kv_channels": description.kv_channels,
     }
 
 

@@ -7,11 +7,12 @@ builds a TP=1/PP=1 model to load or save the weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from patch_megatron.conversion.errors import ConversionError
+from patch_megatron.training.checkpoint_record import ARCHITECTURE_KEYS, LLAMA_ARCHITECTURE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,10 +32,17 @@ class ModelDescription:
     patch_size: int
     dtype: torch.dtype
     vocab_size: int | None = None  # the tokenizer's, when known; <= padded_vocab_size
+    # checkpoint_record.ARCHITECTURE_KEYS; a Hugging Face Llama is LLaMA_ARCHITECTURE's.
+    architecture: dict = field(default_factory=lambda: dict(LLAMA_ARCHITECTURE))
 
     @property
     def kv_channels(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.architecture.get("kv_channels") or self.hidden_size // self.num_attention_heads
+
+    def llama_differences(self) -> list[str]:
+        """How this model differs from a Llama (empty: it is one)."""
+        return [f"{k} {self.architecture.get(k)!r} (Llama: {v!r})"
+                for k, v in LLAMA_ARCHITECTURE.items() if self.architecture.get(k) != v]
 
     def with_vocab(self, padded_vocab_size: int, vocab_size: int | None = None) -> "ModelDescription":
         return replace(self, padded_vocab_size=padded_vocab_size,
@@ -60,6 +68,8 @@ class ModelDescription:
             norm_epsilon=self.norm_epsilon,
             untie_embeddings_and_output_weights=self.untie_embeddings_and_output_weights,
             params_dtype=self.dtype,
+            kv_channels=self.kv_channels,
+            **{k: v for k, v in self.architecture.items() if k != "kv_channels"},
         )
 
 
@@ -82,4 +92,5 @@ def from_record(record, path: str) -> ModelDescription:
         untie_embeddings_and_output_weights=shape["untie_embeddings_and_output_weights"],
         patch_size=record.patch_size,
         dtype=record.params_dtype,
+        architecture={k: shape[k] for k in ARCHITECTURE_KEYS},
     )

@@ -1,4 +1,4 @@
-"""Patch embedding: the mean of K consecutive token embeddings."""
+"""Patch embedding: the mean of K consecutive token embeddings (plus the patch's position)."""
 
 from __future__ import annotations
 
@@ -16,15 +16,18 @@ class PatchEmbedding(LanguageModelEmbedding):
     first (the sequence-parallel reduce-scatter is switched off), then the K
     embeddings of a patch are averaged, and only then is the sequence scattered
     over sequence-parallel ranks: the scatter must split patches, not tokens.
-    There are no new parameters, so state dicts are the same for every K.
+    With learned absolute positions, patch i gets position embedding i (the
+    positions are the T model positions, as RoPE's are). There are no new
+    parameters, so state dicts are the same for every K.
     """
 
-    def __init__(self, config, vocab_size, max_sequence_length, patch_size, tp_group=None):
+    def __init__(self, config, vocab_size, max_sequence_length, patch_size,
+                 position_embedding_type="rope", tp_group=None):
         super().__init__(
             config=config,
             vocab_size=vocab_size,
             max_sequence_length=max_sequence_length,
-            position_embedding_type="rope",
+            position_embedding_type=position_embedding_type,
             scatter_to_sequence_parallel=False,
             tp_group=tp_group,
         )
@@ -41,6 +44,8 @@ class PatchEmbedding(LanguageModelEmbedding):
         # Averaging in fp32 keeps bf16 runs from losing the low bits of K summands.
         patches = tokens.view(batch, num_tokens // self.patch_size, self.patch_size, -1)
         embeddings = patches.float().mean(dim=2).to(tokens.dtype)
+        if self.add_position_embedding:
+            embeddings = embeddings + self.position_embeddings(position_ids)
         embeddings = embeddings.transpose(0, 1).contiguous()  # [T, b, h], megatron's layout
         if self.config.fp32_residual_connection:
             embeddings = embeddings.float()

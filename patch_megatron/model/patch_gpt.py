@@ -1,9 +1,10 @@
 """PatchGPTModel: megatron-core's GPTModel with patch-level training.
 
 With patch size K, a sample of K*T tokens enters as T patch embeddings (the
-mean of each patch's K token embeddings), the decoder runs over T positions
-with RoPE positions 0..T-1, and the output at position i is scored against
-all K tokens of patch i+1. With K=1 this is megatron-core's GPTModel, its
+mean of each patch's K token embeddings, plus the learned position embedding
+of the patch when positions are learned), the decoder runs over T positions
+0..T-1 (RoPE or learned), and the output at position i is scored against all
+K tokens of patch i+1. With K=1 this is megatron-core's GPTModel, its
 embedding and its loss, unchanged.
 """
 
@@ -31,7 +32,6 @@ class PatchGPTModel(GPTModel):
                  patch_size: int = 1, **kwargs):
         if patch_size < 1:
             raise ValueError(f"patch size must be >= 1, got {patch_size}")
-        kwargs.setdefault("position_embedding_type", "rope")
         super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, **kwargs)
         self.patch_size = patch_size
         if patch_size > 1 and self.pre_process:
@@ -40,16 +40,22 @@ class PatchGPTModel(GPTModel):
                 vocab_size=vocab_size,
                 max_sequence_length=max_sequence_length,
                 patch_size=patch_size,
+                position_embedding_type=self.position_embedding_type,
                 tp_group=self.pg_collection.tp,
             )
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, labels=None, **kwargs):
-        # RoPE positions come from the decoder input's length (T), so position_ids are unused.
         if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels {tuple(labels.shape)} must have the shape of input_ids "
                 f"{tuple(input_ids.shape)}: one target per input token, K per patch"
             )
+        if self.position_embedding_type == "learned_absolute" and self.pre_process:
+            # Learned positions index the T model positions (patches), whatever the caller
+            # passes; RoPE takes its positions from the decoder input's length.
+            batch, num_tokens = input_ids.shape
+            position_ids = torch.arange(num_tokens // self.patch_size, device=input_ids.device)
+            position_ids = position_ids.unsqueeze(0).expand(batch, -1)
         return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
 
     def compute_language_model_loss(self, labels, logits):
@@ -97,6 +103,8 @@ def build_model(config: PatchGPTConfig, pre_process: bool | None = None,
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=not config.untie_embeddings_and_output_weights,
+        position_embedding_type=config.position_embedding_type,
+        rotary_percent=config.rotary_percent,
         rotary_base=config.rotary_base,
     )
     if not cpu:

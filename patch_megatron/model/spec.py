@@ -53,7 +53,7 @@ def implementation_name(use_transformer_engine: bool | None = None) -> str:
         use_transformer_engine = have_transformer_engine()
     if use_transformer_engine:
         return "Transformer Engine layers"
-    norms = "apex fused RMSNorm" if have_apex() else "torch RMSNorm"
+    norms = "apex fused norms" if have_apex() else "torch norms"
     return f"megatron-core local layers ({norms}, torch scaled_dot_product_attention)"
 
 
@@ -65,22 +65,23 @@ def decoder_block_spec(config, use_transformer_engine: bool | None = None):
         get_num_layers_to_build,
     )
 
-    from patch_megatron.model.rms_norm import RMSNorm
     from patch_megatron.model.sdpa_attention import SDPAttention
+    from patch_megatron.model.torch_norm import TorchNorm
 
     if use_transformer_engine is None:
         use_transformer_engine = have_transformer_engine()
     logger.info("model: %s", implementation_name(use_transformer_engine))
     if use_transformer_engine:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization)
     # megatron's local attention materialises the s x s scores; torch's fused kernels do not.
     layer.submodules.self_attention.submodules.core_attention = SDPAttention
     if have_apex():
         return layer
-    # megatron's torch norm fallback cannot run under sequence parallelism: use ours everywhere.
-    layer.submodules.input_layernorm = RMSNorm
-    layer.submodules.pre_mlp_layernorm = RMSNorm
+    # megatron's torch norm fallback cannot run under sequence parallelism nor with a
+    # zero-centred gamma: use ours everywhere.
+    layer.submodules.input_layernorm = TorchNorm
+    layer.submodules.pre_mlp_layernorm = TorchNorm
     return TransformerBlockSubmodules(
-        layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=RMSNorm
+        layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=TorchNorm
     )

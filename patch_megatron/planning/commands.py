@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from patch_megatron.planning.plan import ComputePlan, PlannedStage
+from patch_megatron.llama_recipe import ARCHITECTURE_FLAGS
 
 PRETRAIN_SCRIPT = "pretrain_patch_gpt.py"
 CONVERTER_SCRIPT = "tools/convert_patch_to_token.py"
@@ -84,6 +85,7 @@ def stage_args(plan: ComputePlan, stage: PlannedStage, options: CommandOptions, 
         "--ffn-hidden-size", str(shape.ffn_hidden_size),
         "--num-attention-heads", str(shape.num_attention_heads),
     ]
+    args += list(ARCHITECTURE_FLAGS)  # the paper's LLaMA decoder (Megatron-LM's default is GPT-3's)
     if shape.num_query_groups != shape.num_attention_heads:
         args += ["--group-query-attention", "--num-query-groups", str(shape.num_query_groups)]
     args += [

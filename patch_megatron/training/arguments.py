@@ -3,8 +3,10 @@
 A Megatron-LM ``pretrain_gpt.py`` command line runs here once the script name
 changes; ``--patch-size K --patch-data-fraction λ`` turn it into patch-level
 training. Flags that overlap with Megatron-LM keep its names and meanings;
-where Megatron-LM has no default the paper's recipe is the default
-(AdamW β=(0.9, 0.95), ε=1e-8, weight decay 0.1, clip 1.0, cosine, lr 3e-4).
+a flag left out takes Megatron-LM's default, so the model is GPT-3-style
+(LayerNorm, GeLU, biases, learned positions, dropout 0.1) and Adam has
+β2 0.999 and weight decay 0.01 unless the command says otherwise; the paper's
+LLaMA recipe is spelled out as flags (``patch_megatron/llama_recipe.py``).
 
 Conventions shared with the data pipeline and the planner
 --------------------------------------------------------
@@ -37,9 +39,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 from patch_megatron.data.tokenizers import SUPPORTED_TYPES
+from patch_megatron.training import megatron_lm_flags
 
 
 class ArgumentError(ValueError):
@@ -65,38 +69,60 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
 
-    g = parser.add_argument_group("model shape (Megatron-LM names; LLaMA-style decoder)")
+    g = parser.add_argument_group(
+        "model (Megatron-LM's names and defaults)",
+        "A GPT-3-style decoder unless flags say otherwise. The paper's LLaMA recipe is "
+        "--normalization RMSNorm --swiglu --position-embedding-type rope --disable-bias-linear "
+        "--attention-dropout 0 --hidden-dropout 0.")
     g.add_argument("--num-layers", type=int, required=True)
     g.add_argument("--hidden-size", type=int, required=True)
     g.add_argument("--ffn-hidden-size", type=int, default=None,
-                   help="default: 8/3*hidden rounded up to a multiple of 64 (SwiGLU)")
+                   help="default: 4 x hidden; with --swiglu 8/3 x hidden rounded down to a "
+                        "multiple of 64 (Megatron-LM's)")
     g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--kv-channels", type=int, default=None,
+                   help="per-head width (default: hidden / heads)")
     g.add_argument("--group-query-attention", action="store_true")
     g.add_argument("--num-query-groups", type=int, default=None)
     g.add_argument("--seq-length", type=int, required=True,
                    help="T, the model positions: tokens in the token stage, patches in the patch "
                         "stage (a patch-stage sample carries K*T tokens)")
     g.add_argument("--max-position-embeddings", type=int, default=None,
-                   help="default: --seq-length (RoPE positions are patch indices, so T)")
+                   help="default: --seq-length (positions are patch indices, so T)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                    help="separate input embedding and LM head (the paper's LLaMA setup)")
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
-    g.add_argument("--rotary-base", type=int, default=10000)
-    # Accepted so LLaMA command lines run unchanged; the model is always this architecture.
-    g.add_argument("--normalization", choices=["RMSNorm"], default="RMSNorm")
-    g.add_argument("--position-embedding-type", choices=["rope"], default="rope")
-    g.add_argument("--swiglu", action="store_true", help="always on (accepted for compatibility)")
-    g.add_argument("--disable-bias-linear", action="store_true",
-                   help="always on (accepted for compatibility)")
-    g.add_argument("--no-position-embedding", action="store_true",
-                   help="always on: RoPE only (accepted for compatibility)")
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--apply-layernorm-1p", action="store_true",
+                   help="the norms' weights hold gamma - 1 (zero-centred), as in Megatron-LM")
+    g.add_argument("--swiglu", action="store_true",
+                   help="gated SiLU MLP instead of GeLU")
+    g.add_argument("--squared-relu", action="store_true",
+                   help="squared-ReLU MLP instead of GeLU")
+    g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false",
+                   help="no biases in the linear layers")
+    g.add_argument("--add-qkv-bias", action="store_true",
+                   help="biases on the QKV projection only (with --disable-bias-linear)")
+    g.add_argument("--position-embedding-type", default="learned_absolute",
+                   choices=["learned_absolute", "rope", "none"])
     g.add_argument("--use-rotary-position-embeddings", action="store_true",
-                   help="always on (accepted for compatibility)")
-    g.add_argument("--use-mcore-models", action="store_true", help="always on")
-    g.add_argument("--attention-dropout", type=float, default=0.0, help="must be 0 (no dropout)")
-    g.add_argument("--hidden-dropout", type=float, default=0.0, help="must be 0 (no dropout)")
+                   help="deprecated spelling of --position-embedding-type rope (as in Megatron-LM)")
+    g.add_argument("--no-position-embedding", dest="add_position_embedding",
+                   action="store_false",
+                   help="deprecated; accepted with RoPE, where it changes nothing (as in Megatron-LM)")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--apply-query-key-layer-scaling", action="store_true",
+                   help="scale Q.K^T by 1/layer number (fp16 range); implies "
+                        "--attention-softmax-in-fp32")
+    g.add_argument("--attention-softmax-in-fp32", action="store_true",
+                   help="half precision: attention scores and softmax in fp32")
+    g.add_argument("--use-mcore-models", action="store_true",
+                   help="deprecated in Megatron-LM; megatron-core's models are the only ones here")
     g.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default=None,
                    help="layers: Transformer Engine's, or megatron-core's local ones with torch's "
                         "scaled_dot_product_attention (flash / memory-efficient kernels on GPU); "
@@ -126,20 +152,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("optimizer and learning-rate schedule (per stage)")
     g.add_argument("--optimizer", choices=["adam"], default="adam", help="AdamW (decoupled decay)")
-    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--lr", type=float, default=None, help="required (Megatron-LM has no default)")
     g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", default="cosine",
-                   choices=["constant", "linear", "cosine", "inverse-square-root"])
+    g.add_argument("--lr-decay-style", default="linear",
+                   choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
     g.add_argument("--lr-decay-iters", type=int, default=None,
                    help="default: the stage's iterations")
+    g.add_argument("--lr-decay-samples", type=int, default=None,
+                   help="as --lr-decay-iters, in samples (a multiple of the global batch)")
     g.add_argument("--lr-warmup-iters", type=int, default=0,
                    help="warmup steps of each stage (the paper uses 2000)")
+    g.add_argument("--lr-warmup-samples", type=int, default=0,
+                   help="as --lr-warmup-iters, in samples (a multiple of the global batch)")
+    g.add_argument("--lr-wsd-decay-style", default="exponential",
+                   choices=["exponential", "linear", "cosine", "minus_sqrt"],
+                   help="WSD: the shape of its final decay")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
+                   help="WSD: steps of the final decay")
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None,
+                   help="WSD: samples of the final decay (a multiple of the global batch)")
+    g.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler",
+                   action="store_true", dest="override_opt_param_scheduler",
+                   help="on resume, the flags' schedule replaces the checkpoint's")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                   action="store_true", dest="use_checkpoint_opt_param_scheduler",
+                   help="on resume, the checkpoint's schedule replaces the flags' (default: they "
+                        "must agree, as in Megatron-LM)")
     g.add_argument("--lr-warmup-fraction", type=float, default=None,
                    help="warmup as a fraction of the stage's decay steps")
     g.add_argument("--lr-warmup-init", type=float, default=0.0)
-    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--start-weight-decay", type=float, default=None,
+                   help="with --weight-decay-incr-style linear/cosine: the first step's decay")
+    g.add_argument("--end-weight-decay", type=float, default=None,
+                   help="with --weight-decay-incr-style linear/cosine: the last step's decay")
+    g.add_argument("--weight-decay-incr-style", default="constant",
+                   choices=["constant", "linear", "cosine"])
     g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--nan-action", choices=["stop", "skip"], default="stop",
@@ -155,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-loss-scale", type=float, default=1.0)
     g.add_argument("--loss-scale-window", type=int, default=1000,
                    help="fp16: steps without overflow before the dynamic loss scale doubles")
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
+                   help="accumulate and reduce gradients in fp32 (the default with --bf16, as in "
+                        "Megatron-LM)")
+    g.add_argument("--grad-reduce-in-bf16", action="store_true",
+                   help="--bf16: reduce gradients over data-parallel ranks in bf16")
     g.add_argument("--hysteresis", type=int, default=2,
                    help="fp16: overflows tolerated before the dynamic loss scale halves")
 
@@ -170,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--cpu forces CPU mode (gloo), --no-cpu forbids it; default: CPU mode "
                         "exactly when no GPU exists")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="1 only: context parallelism needs Transformer Engine's attention, which "
+                        "the patch embedding is not wired to yet")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="recompute activations in the backward pass instead of keeping them")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--distribute-saved-activations", action="store_true")
+    g.add_argument("--deterministic-mode", action="store_true",
+                   help="megatron-core's deterministic kernels (bitwise reproducible, slower)")
 
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
@@ -191,7 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this project's flag (not Megatron-LM's): let a run that loaded no "
                         "checkpoint write into a --save that already holds checkpoints, replacing "
                         "them; without it such a run is refused before training")
-    g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
+    g.add_argument("--ckpt-format", default="torch_dist",
+                   choices=["torch_dist", "torch", "torch_dcp", "fsdp_dtensor"],
+                   help="torch_dist only (Megatron-LM's default); the others are refused")
+    g.add_argument("--dist-ckpt-strictness", default="assume_ok_unexpected",
+                   choices=["assume_ok_unexpected", "log_unexpected", "log_all",
+                            "raise_unexpected", "raise_all", "return_unexpected", "return_all",
+                            "ignore_all"],
+                   help="what a load does with keys the checkpoint and the model do not share "
+                        "(megatron-core's StrictHandling)")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only: iteration, optimizer, schedule and data position reset")
     g.add_argument("--no-load-optim", action="store_true")
@@ -212,15 +285,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM: finish the iteration, save, exit 0")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--check-only", type=int, default=None, metavar="WORLD_SIZE",
+                   help="this project's flag: check the command line for WORLD_SIZE processes, "
+                        "print the arguments and the effective model, optimizer, schedule and "
+                        "data plan, and exit without starting processes or training")
 
     from patch_megatron.est.arguments import add_est_args
 
     add_est_args(parser)  # --est and its schedule (patch_megatron/est)
+    megatron_lm_flags.add_to_parser(parser)
     return parser
 
 
 # ---------------------------------------------------------------------------
 # Derived quantities of the stage this run executes.
+
+def _in_steps(samples: int, batch: int) -> int | float:
+    steps, rest = divmod(samples, batch)
+    return steps if rest == 0 else samples / batch
+
 
 @dataclass(frozen=True)
 class StagePlan:
@@ -231,9 +314,25 @@ class StagePlan:
     seq_length: int  # T, model positions
     global_batch_size: int  # samples of this stage per step
     train_iters: int  # this stage's steps
-    lr_warmup_iters: int
-    lr_decay_iters: int
+    # The schedule, in samples as Megatron-LM's scheduler counts them.
+    lr_warmup_samples: int | float  # float from --lr-warmup-fraction
+    lr_decay_samples: int
     data_start_token: int  # where this stage's training data begins in the stream
+    train_samples: int | None = None  # default: train_iters x global batch
+    lr_wsd_decay_samples: int | None = None  # WSD: samples of the final decay
+
+    def __post_init__(self):
+        if self.train_samples is None:
+            object.__setattr__(self, "train_samples", self.train_iters * self.global_batch_size)
+
+    @property
+    def lr_warmup_iters(self) -> int | float:
+        return _in_steps(self.lr_warmup_samples, self.global_batch_size)
+
+    @property
+    def lr_decay_iters(self) -> int | float:
+        return _in_steps(self.lr_decay_samples, self.global_batch_size)
+
 
     @property
     def tokens_per_sample(self) -> int:
@@ -271,15 +370,28 @@ def stage_plan(args) -> StagePlan:
         data_start = round(args.train_tokens * lam)  # the patch stage read at most this much
     else:
         data_start = round(stage_tokens * lam / (1.0 - lam))
-    decay = args.lr_decay_iters if args.lr_decay_iters is not None else train_iters
-    if args.lr_warmup_fraction is not None:
-        warmup = int(args.lr_warmup_fraction * decay)
+
+    # Megatron-LM's scheduler counts samples: flags in iterations count B samples each.
+    train_samples = args.train_samples if args.train_samples is not None else train_iters * B
+    if args.lr_decay_samples is not None:
+        decay = args.lr_decay_samples
+    elif args.lr_decay_iters is not None:
+        decay = args.lr_decay_iters * B
     else:
-        warmup = args.lr_warmup_iters
+        decay = train_samples
+    if args.lr_warmup_fraction is not None:
+        warmup = args.lr_warmup_fraction * decay  # a float, as Megatron-LM's
+    elif args.lr_warmup_samples:
+        warmup = args.lr_warmup_samples
+    else:
+        warmup = args.lr_warmup_iters * B
+    wsd = args.lr_wsd_decay_samples
+    if wsd is None and args.lr_wsd_decay_iters is not None:
+        wsd = args.lr_wsd_decay_iters * B
     return StagePlan(
         name=name, patch_size=K, seq_length=args.seq_length, global_batch_size=B,
-        train_iters=train_iters, lr_warmup_iters=warmup, lr_decay_iters=decay,
-        data_start_token=data_start,
+        train_iters=train_iters, lr_warmup_samples=warmup, lr_decay_samples=decay,
+        data_start_token=data_start, train_samples=train_samples, lr_wsd_decay_samples=wsd,
     )
 
 
@@ -296,9 +408,14 @@ def _check_model(a) -> None:
                  "micro_batch_size", "make_vocab_size_divisible_by",
                  "tensor_model_parallel_size", "pipeline_model_parallel_size"):
         _require(getattr(a, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    _require(a.attention_dropout == 0 and a.hidden_dropout == 0,
-             "the LLaMA-style model has no dropout: drop --attention-dropout/--hidden-dropout "
-             "or set them to 0")
+    _require(0 <= a.attention_dropout < 1 and 0 <= a.hidden_dropout < 1,
+             "--attention-dropout and --hidden-dropout must lie in [0, 1)")
+    _require(not (a.swiglu and a.squared_relu), "--swiglu and --squared-relu both set: pick one")
+    _require(a.add_position_embedding or a.position_embedding_type == "rope",
+             "--no-position-embedding is deprecated (as in Megatron-LM): use "
+             "--position-embedding-type none")
+    _require(0 < a.rotary_percent <= 1, "--rotary-percent must lie in (0, 1]")
+    _require(a.kv_channels is None or a.kv_channels >= 1, "--kv-channels must be >= 1")
     _require(a.hidden_size % a.num_attention_heads == 0,
              f"--hidden-size {a.hidden_size} is not divisible by --num-attention-heads "
              f"{a.num_attention_heads}")
@@ -322,8 +439,6 @@ def _check_model(a) -> None:
     _require(a.num_layers % pp == 0,
              f"--num-layers {a.num_layers} cannot be split evenly over "
              f"--pipeline-model-parallel-size {pp}")
-    _require(not a.sequence_parallel or tp > 1,
-             "--sequence-parallel needs --tensor-model-parallel-size > 1; drop it or raise TP")
     _require(not a.sequence_parallel or a.seq_length % tp == 0,
              f"--sequence-parallel splits the {a.seq_length} positions over {tp} ranks: use a "
              "--seq-length divisible by --tensor-model-parallel-size")
@@ -360,12 +475,34 @@ def _check_patch_and_length(a) -> None:
 
 
 def _check_optimizer(a) -> None:
+    _require(a.lr is not None, "give the peak learning rate with --lr (Megatron-LM has no "
+             "default either); the paper's recipe uses 3e-4")
     _require(math.isfinite(a.lr) and math.isfinite(a.min_lr),
              f"--lr and --min-lr must be finite numbers (got lr {a.lr}, min-lr {a.min_lr})")
     _require(a.lr > 0 and 0 <= a.min_lr <= a.lr,
              f"need --lr > 0 and 0 <= --min-lr <= --lr (got lr {a.lr}, min-lr {a.min_lr})")
-    _require(not (a.lr_warmup_fraction is not None and a.lr_warmup_iters),
-             "--lr-warmup-fraction and --lr-warmup-iters both set: keep one")
+    warmups = [f for f, v in (("--lr-warmup-fraction", a.lr_warmup_fraction is not None),
+                              ("--lr-warmup-iters", a.lr_warmup_iters),
+                              ("--lr-warmup-samples", a.lr_warmup_samples)) if v]
+    _require(len(warmups) <= 1, f"{' and '.join(warmups)} all give the warmup: keep one")
+    _require(not (a.lr_decay_iters is not None and a.lr_decay_samples is not None),
+             "--lr-decay-iters and --lr-decay-samples both set: keep one")
+    _require(a.lr_warmup_samples >= 0, "--lr-warmup-samples must be >= 0")
+    if a.lr_decay_style == "WSD":
+        _require(a.lr_wsd_decay_iters is not None or a.lr_wsd_decay_samples is not None,
+                 "--lr-decay-style WSD needs --lr-wsd-decay-iters (or --lr-wsd-decay-samples): "
+                 "the length of its final decay")
+    if a.weight_decay_incr_style == "constant":
+        _require(a.start_weight_decay is None and a.end_weight_decay is None,
+                 "--start-weight-decay/--end-weight-decay need --weight-decay-incr-style linear "
+                 "or cosine (as in Megatron-LM); with constant, give --weight-decay")
+    else:
+        _require(a.start_weight_decay is not None and a.end_weight_decay is not None,
+                 f"--weight-decay-incr-style {a.weight_decay_incr_style} needs "
+                 "--start-weight-decay and --end-weight-decay")
+    _require(not (a.override_opt_param_scheduler and a.use_checkpoint_opt_param_scheduler),
+             "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler both set: "
+             "keep one")
     if a.lr_warmup_fraction is not None:
         _require(0.0 <= a.lr_warmup_fraction < 1.0, "--lr-warmup-fraction must lie in [0, 1)")
     _require(a.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
@@ -427,6 +564,26 @@ def _check_io_and_logging(a) -> None:
 def parse_args(argv=None):
     """Parse and check the flags; add ``args.stage`` (a StagePlan). Raises ArgumentError."""
     args = build_parser().parse_args(argv)
+    refused = megatron_lm_flags.refused_message(args)
+    _require(refused is None, str(refused))
+    no_op = megatron_lm_flags.accepted_without_effect(args)
+    if no_op:
+        warnings.warn("accepted without effect (see --help): " + " ".join(no_op))
+    megatron_lm_flags.strip(args)
+    _require(args.ckpt_format == "torch_dist",
+             f"--ckpt-format {args.ckpt_format}: this project reads and writes torch_dist "
+             "(Megatron-LM's default); drop the flag or convert the checkpoint with Megatron-LM's "
+             "tools/checkpoint first")
+    _require(args.context_parallel_size == 1,
+             "--context-parallel-size > 1 is not implemented in patch-megatron yet (megatron-core "
+             "runs it only through Transformer Engine's attention); use tensor or pipeline "
+             "parallelism")
+    if args.use_rotary_position_embeddings:
+        args.position_embedding_type = "rope"  # Megatron-LM's legacy spelling
+    if args.tensor_model_parallel_size == 1 and args.sequence_parallel:
+        # As in Megatron-LM: sequence parallelism is meaningless without tensor parallelism.
+        warnings.warn("--sequence-parallel is turned off: --tensor-model-parallel-size is 1")
+        args.sequence_parallel = False
     _check_model(args)
     _check_patch_and_length(args)
     _check_optimizer(args)
@@ -446,6 +603,7 @@ def parse_args(argv=None):
 def _check_est(a) -> None:
     """EST's schedule and whether this model/TP/PP layout can keep equal per-rank counts."""
     from patch_megatron.est.arguments import est_config_from_args
+    from patch_megatron.model.config import default_ffn_hidden_size
     from patch_megatron.est.sampler import AttentionShape, Layout, check_layout
 
     try:
@@ -455,7 +613,10 @@ def _check_est(a) -> None:
                      "--est builds its layers on megatron-core's local ones: use --transformer-impl "
                      "local or leave it out")
             groups = a.num_query_groups if a.group_query_attention else a.num_attention_heads
-            ffn = a.ffn_hidden_size or 64 * -(-(8 * a.hidden_size // 3) // 64)  # PatchGPTConfig's default
+            _require(a.swiglu and not a.add_bias_linear and not a.add_qkv_bias,
+                     "--est samples units of SwiGLU MLPs without biases: add --swiglu "
+                     "--disable-bias-linear")
+            ffn = a.ffn_hidden_size or default_ffn_hidden_size(a.hidden_size, "swiglu")
             check_layout(AttentionShape(a.num_layers, a.num_attention_heads, groups, ffn),
                          Layout(a.tensor_model_parallel_size, a.pipeline_model_parallel_size),
                          config.gqa_sampling)
@@ -469,9 +630,10 @@ def _check_stage(a) -> None:
              f"the {s.name} stage gets no full step of {s.tokens_per_step} tokens from --train-tokens "
              f"{a.train_tokens} at λ={a.patch_data_fraction}: raise --train-tokens or lower "
              "--global-batch-size")
-    _require(s.lr_warmup_iters < s.lr_decay_iters or s.lr_decay_iters == 0 or a.lr_decay_style == "constant",
-             f"warmup of {s.lr_warmup_iters} steps does not fit in the {s.name} stage's "
-             f"{s.lr_decay_iters} decay steps: lower --lr-warmup-iters/--lr-warmup-fraction")
+    _require(s.lr_warmup_samples < s.lr_decay_samples or s.lr_decay_samples == 0
+             or a.lr_decay_style == "constant",
+             f"warmup of {s.lr_warmup_samples} samples does not fit in the {s.name} stage's "
+             f"{s.lr_decay_samples} decay samples: lower --lr-warmup-iters/-samples/-fraction")
 
 
 def _check_installed(a) -> None:
@@ -506,6 +668,15 @@ def check_world_size(args, world_size: int | None = None) -> int:
              f"is not divisible by micro-batch-size x data-parallel size = "
              f"{args.micro_batch_size} x {dp}: change --global-batch-size or --micro-batch-size")
     return dp
+
+
+def print_arguments(args, file=None) -> None:
+    """The parsed flags, as Megatron-LM prints them at start-up."""
+    print("------------------------ arguments ------------------------", file=file)
+    lines = [f"  {name} {'.' * (48 - len(name))} {value}" for name, value in vars(args).items()]
+    for line in sorted(lines, key=str.lower):
+        print(line, file=file)
+    print("-------------------- end of arguments ---------------------", file=file, flush=True)
 
 
 def num_microbatches(args, dp: int) -> int:

@@ -8,6 +8,10 @@ from patch_megatron.model import PatchGPTConfig, build_model
 from patch_megatron.training.arguments import padded_vocab_size
 
 
+def activation_name(args) -> str:
+    return "swiglu" if args.swiglu else "squared_relu" if args.squared_relu else "gelu"
+
+
 def model_config(args, vocab_size: int) -> PatchGPTConfig:
     return PatchGPTConfig(
         num_layers=args.num_layers,
@@ -15,6 +19,18 @@ def model_config(args, vocab_size: int) -> PatchGPTConfig:
         ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        kv_channels=args.kv_channels,
+        normalization=args.normalization,
+        apply_layernorm_1p=args.apply_layernorm_1p,
+        activation=activation_name(args),
+        add_bias_linear=args.add_bias_linear,
+        add_qkv_bias=args.add_qkv_bias,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        apply_query_key_layer_scaling=args.apply_query_key_layer_scaling,
+        attention_softmax_in_fp32=args.attention_softmax_in_fp32,
         vocab_size=padded_vocab_size(vocab_size, args),
         seq_length=args.seq_length,
         max_position_embeddings=args.max_position_embeddings,
@@ -28,7 +44,20 @@ def model_config(args, vocab_size: int) -> PatchGPTConfig:
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
         transformer_impl=args.transformer_impl,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        distribute_saved_activations=args.distribute_saved_activations,
+        deterministic_mode=args.deterministic_mode,
     )
+
+
+def grad_reduce_in_fp32(args) -> bool:
+    """Megatron-LM's rule: fp32 gradient buffers when asked, and by default under bf16
+    (whose main gradients are fp32) unless --grad-reduce-in-bf16."""
+    if args.grad_reduce_in_bf16:
+        return False
+    return args.accumulate_allreduce_grads_in_fp32 or args.bf16
 
 
 def build_ddp_model(args, config: PatchGPTConfig):
@@ -40,7 +69,7 @@ def build_ddp_model(args, config: PatchGPTConfig):
     # count), whatever the micro-batching and data-parallel layout: finalize_model_grads divides.
     model.config.calculate_per_token_loss = True
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=grad_reduce_in_fp32(args),
         overlap_grad_reduce=args.overlap_grad_reduce,
         use_distributed_optimizer=args.use_distributed_optimizer,
         check_for_nan_in_grad=False,  # the loop checks the loss and names the iteration
@@ -75,7 +104,7 @@ def build_optimizer(args, ddp_model):
 
 
 def build_scheduler(args, plan, optimizer):
-    """This stage's own warmup + decay over its own steps."""
+    """This stage's own warmup + decay, counted in samples as Megatron-LM's scheduler counts."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     return OptimizerParamScheduler(
@@ -83,15 +112,17 @@ def build_scheduler(args, plan, optimizer):
         init_lr=args.lr_warmup_init,
         max_lr=args.lr,
         min_lr=args.min_lr,
-        lr_warmup_steps=plan.lr_warmup_iters,
-        lr_decay_steps=max(plan.lr_decay_iters, 1),
+        lr_warmup_steps=plan.lr_warmup_samples,
+        lr_decay_steps=max(plan.lr_decay_samples, 1),
         lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=max(plan.train_iters, 1),
-        wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
+        start_wd=args.weight_decay if args.start_weight_decay is None else args.start_weight_decay,
+        end_wd=args.weight_decay if args.end_weight_decay is None else args.end_weight_decay,
+        wd_incr_steps=max(plan.train_samples, 1),
+        wd_incr_style=args.weight_decay_incr_style,
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        wsd_decay_steps=plan.lr_wsd_decay_samples,
+        lr_wsd_decay_style=args.lr_wsd_decay_style,
     )
 
 

@@ -48,7 +48,25 @@ OWN_KEY = "patch_megatron"
 SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
               "num_query_groups", "vocab_size", "untie_embeddings_and_output_weights")
 
-# The scheduler's step counts: Megatron-LM's count samples; schema 1's counted iterations.
+# What the parameters compute (and which of them exist): PatchGPTConfig's architecture fields.
+# Records written before these were recorded (schema 1, early schema 2) hold LLaMA models,
+# the only architecture this project then built.
+ARCHITECTURE_KEYS = ("kv_channels", "normalization", "apply_layernorm_1p", "activation",
+                     "add_bias_linear", "add_qkv_bias", "position_embedding_type", "rotary_percent")
+LLAMA_ARCHITECTURE = {"normalization": "RMSNorm", "apply_layernorm_1p": False,
+                      "activation": "swiglu", "add_bias_linear": False, "add_qkv_bias": False,
+                      "position_embedding_type": "rope", "rotary_percent": 1.0}
+MODEL_KEYS = SHAPE_KEYS + ARCHITECTURE_KEYS
+
+
+def complete_model_shape(shape: dict) -> dict:
+    """A recorded model shape with the architecture of records that predate it filled in."""
+    full = {**LLAMA_ARCHITECTURE, **shape}
+    if full.get("kv_channels") is None:
+        full["kv_channels"] = full["hidden_size"] // full["num_attention_heads"]
+    return {k: full.get(k) for k in MODEL_KEYS}
+
+# The scheduler's step counts: samples, as Megatron-LM's (schema 1 counted iterations).
 _SCHEDULER_STEP_KEYS = ("num_steps", "lr_warmup_steps", "lr_decay_steps", "wd_incr_steps",
                         "wsd_decay_steps")
 
@@ -78,7 +96,7 @@ class CheckpointRecord:
 
     iteration: int
     patch_size: int  # K: 1 for a token-level model
-    model_shape: dict  # SHAPE_KEYS, vocab_size being the padded row count
+    model_shape: dict  # MODEL_KEYS, vocab_size being the padded row count
     tensor_model_parallel_size: int
     pipeline_model_parallel_size: int
     flags: dict = field(default_factory=dict)  # the run's flags, Megatron-LM's names
@@ -161,7 +179,20 @@ def content_metadata(record: CheckpointRecord) -> dict:
 def megatron_args(record: CheckpointRecord) -> argparse.Namespace:
     """``args`` as Megatron-LM's loader reads it: our flags plus its bookkeeping attributes."""
     flags = dict(record.flags)
-    untie = record.model_shape["untie_embeddings_and_output_weights"]
+    shape = record.model_shape
+    untie = shape["untie_embeddings_and_output_weights"]
+    flags.update(
+        kv_channels=shape["kv_channels"],
+        normalization=shape["normalization"],
+        layernorm_zero_centered_gamma=shape["apply_layernorm_1p"],
+        apply_layernorm_1p=shape["apply_layernorm_1p"],
+        swiglu=shape["activation"] == "swiglu",
+        squared_relu=shape["activation"] == "squared_relu",
+        add_bias_linear=shape["add_bias_linear"],
+        add_qkv_bias=shape["add_qkv_bias"],
+        position_embedding_type=shape["position_embedding_type"],
+        rotary_percent=shape["rotary_percent"],
+    )
     flags.update(
         num_layers=record.model_shape["num_layers"],
         hidden_size=record.model_shape["hidden_size"],
@@ -240,7 +271,7 @@ def _read_schema_2(common: dict, path: str) -> CheckpointRecord:
     return CheckpointRecord(
         iteration=int(common.get("iteration", 0)),
         patch_size=int(own["patch_size"]),
-        model_shape=dict(own["model_shape"]),
+        model_shape=complete_model_shape(own["model_shape"]),
         tensor_model_parallel_size=int(args.get("tensor_model_parallel_size", 1)),
         pipeline_model_parallel_size=int(args.get("pipeline_model_parallel_size", 1)),
         flags=args,
@@ -266,18 +297,6 @@ def scheduler_in_samples(scheduler: dict | None, global_batch_size: int) -> dict
             for k, v in scheduler.items()}
 
 
-def scheduler_in_iterations(scheduler: dict | None, global_batch_size: int) -> dict | None:
-    """A scheduler state counted in samples, counted in steps of ``global_batch_size``.
-
-    This project's scheduler steps once per iteration; on disk it counts
-    samples as Megatron-LM's does (see ``scheduler_in_samples``).
-    """
-    if scheduler is None:
-        return None
-    return {k: (v // global_batch_size if k in _SCHEDULER_STEP_KEYS and v is not None else v)
-            for k, v in scheduler.items()}
-
-
 def _read_schema_1(common: dict, path: str) -> CheckpointRecord:
     shape, args = common.get("model_shape"), common.get("args")
     if not isinstance(shape, dict) or not isinstance(args, dict) or "patch_size" not in common:
@@ -289,7 +308,7 @@ def _read_schema_1(common: dict, path: str) -> CheckpointRecord:
     return CheckpointRecord(
         iteration=int(common.get("iteration", 0)),
         patch_size=int(common["patch_size"]),
-        model_shape={k: shape.get(k) for k in SHAPE_KEYS},
+        model_shape=complete_model_shape({k: shape.get(k) for k in SHAPE_KEYS}),
         tensor_model_parallel_size=int(layout.get("tensor_model_parallel_size", 1)),
         pipeline_model_parallel_size=int(layout.get("pipeline_model_parallel_size", 1)),
         flags=plain_flags(args),
@@ -339,6 +358,19 @@ def _read_megatron_lm(common: dict, path: str) -> CheckpointRecord:
             "vocab_size": args.padded_vocab_size,
             "untie_embeddings_and_output_weights":
                 bool(getattr(args, "untie_embeddings_and_output_weights", False)),
+            "kv_channels": getattr(args, "kv_channels", None) or args.hidden_size // heads,
+            "normalization": getattr(args, "normalization", "LayerNorm"),
+            # --apply-layernorm-1p: layernorm_zero_centered_gamma since the flags come from
+            # TransformerConfig's fields; older Megatron-LM named it after the flag.
+            "apply_layernorm_1p": bool(getattr(args, "layernorm_zero_centered_gamma",
+                                               getattr(args, "apply_layernorm_1p", False))),
+            "activation": ("swiglu" if getattr(args, "swiglu", False) else
+                           "squared_relu" if getattr(args, "squared_relu", False) else "gelu"),
+            "add_bias_linear": bool(getattr(args, "add_bias_linear", True)),
+            "add_qkv_bias": bool(getattr(args, "add_qkv_bias", False)),
+            "position_embedding_type": getattr(args, "position_embedding_type",
+                                               "learned_absolute"),
+            "rotary_percent": float(getattr(args, "rotary_percent", 1.0)),
         },
         tensor_model_parallel_size=int(getattr(args, "tensor_model_parallel_size", 1)),
         pipeline_model_parallel_size=int(getattr(args, "pipeline_model_parallel_size", 1)),

@@ -28,6 +28,7 @@ still verifies.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -40,18 +41,17 @@ from patch_megatron.training import safe_load
 from patch_megatron.training.checkpoint_record import (
     DISTRIBUTED_OPTIMIZER,
     LOCAL_OPTIMIZER,
-    SHAPE_KEYS,
+    MODEL_KEYS,
     CheckpointRecord,
     RecordError,
     content_metadata,
     describe,
     plain_flags,
     read_record,
-    scheduler_in_iterations,
-    scheduler_in_samples,
     to_common,
 )
 
+logger = logging.getLogger(__name__)
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 INCOMPLETE_SUFFIX = ".incomplete"
 
@@ -319,7 +319,7 @@ def record_of_run(model, scheduler, state, args, plan) -> CheckpointRecord:
         skipped_iters=state.skipped_iters,
         nan_iters=state.nan_iters,
         optimizer_format=optimizer_format(args),
-        scheduler=scheduler_in_samples(scheduler.state_dict(), plan.global_batch_size),
+        scheduler=scheduler.state_dict(),  # in samples, as Megatron-LM's
         flops_so_far=getattr(state, "flops_so_far", 0.0),
     )
 
@@ -365,10 +365,20 @@ def save_checkpoint(save_dir, model, optimizer, scheduler, state, args, plan) ->
 
 
 def model_shape_of(model) -> dict:
-    """The numbers that fix the parameters' shapes (RoPE and T have none)."""
+    """The numbers that fix the parameters' shapes (T has none) and the architecture."""
     module = model.module
     config = module.config
+    gated = config.gated_linear_unit
+    squared = getattr(config.activation_func, "__name__", "") == "squared_relu"
     return {
+        "kv_channels": config.kv_channels,
+        "normalization": config.normalization,
+        "apply_layernorm_1p": config.layernorm_zero_centered_gamma,
+        "activation": "swiglu" if gated else "squared_relu" if squared else "gelu",
+        "add_bias_linear": config.add_bias_linear,
+        "add_qkv_bias": config.add_qkv_bias,
+        "position_embedding_type": module.position_embedding_type,
+        "rotary_percent": float(module.rotary_percent),
         "num_layers": config.num_layers,
         "hidden_size": config.hidden_size,
         "ffn_hidden_size": config.ffn_hidden_size,
@@ -460,7 +470,7 @@ def _on_any_rank(flag: bool) -> bool:
 def _check_compatible(record: CheckpointRecord, model, plan, args, path: str) -> None:
     here = model_shape_of(model)
     saved_shape = record.model_shape
-    diffs = [f"{k}: checkpoint {saved_shape.get(k)} vs run {here[k]}" for k in SHAPE_KEYS
+    diffs = [f"{k}: checkpoint {saved_shape.get(k)} vs run {here[k]}" for k in MODEL_KEYS
              if saved_shape.get(k) != here[k]]
     if diffs:
         hint = ""
@@ -506,15 +516,17 @@ def _vocabulary_hint(saved: dict, args) -> str:
             "tokenizer, and a --make-vocab-size-divisible-by x TP that pads to its size)")
 
 
-def _check_scheduler_units(record: CheckpointRecord, plan, path: str) -> None:
-    """The saved schedule counts samples; this run's scheduler counts steps of its global batch."""
-    done = record.scheduler.get("num_steps", 0)
-    if done % plan.global_batch_size:
+def _load_scheduler(scheduler, saved: dict, path: str) -> None:
+    """As in Megatron-LM: the flags' schedule must agree with the checkpoint's unless one of
+    the two scheduler flags says which wins (megatron-core asserts; the message names them)."""
+    try:
+        scheduler.load_state_dict(saved)
+    except AssertionError as error:
         raise CheckpointError(
-            f"checkpoint {path} has a learning-rate schedule {done} samples in, which is not a "
-            f"whole number of this run's global batches of {plan.global_batch_size}: resume with "
-            f"the global batch size it was trained with ({record.global_batch_size}), or pass "
-            "--finetune to start a fresh schedule")
+            f"checkpoint {path}: the learning-rate schedule of the flags differs from the "
+            f"checkpoint's ({error}). Pass --use-checkpoint-opt_param-scheduler to continue the "
+            "checkpoint's schedule, or --override-opt_param-scheduler to apply the flags' "
+            "(as in Megatron-LM)") from None
 
 
 def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) -> str | None:
@@ -561,12 +573,20 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
     sharded = _sharded_state_dict(model, optimizer, metadata, with_optimizer=with_optimizer,
                                   with_rng=with_rng, is_loading=True)
     # common.pt again, with weights_only=True (megatron-core's own reader takes torch's default).
-    loaded = dist_checkpointing.load(sharded, path, common_strategy=safe_load.safe_common_strategy())
+    loaded = dist_checkpointing.load(sharded, path, common_strategy=safe_load.safe_common_strategy(),
+                                     strict=args.dist_ckpt_strictness)
+    if isinstance(loaded, tuple):  # the return_* strictness modes add the key lists
+        loaded = loaded[0]
     missing, unexpected = model.module.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]  # not read, see above
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing}, "
-                              f"unexpected {unexpected}")
+        message = (f"checkpoint {path} does not match the model: missing {missing}, "
+                   f"unexpected {unexpected}")
+        if args.dist_ckpt_strictness in ("assume_ok_unexpected", "raise_unexpected", "raise_all"):
+            raise CheckpointError(message + " (--dist-ckpt-strictness log_all loads the rest, "
+                                  "leaving the missing parameters at their initial values)")
+        logger.warning("%s; continuing (--dist-ckpt-strictness %s)", message,
+                       args.dist_ckpt_strictness)
     if with_optimizer:
         with torch.no_grad():  # fp32 runs: the distributed optimizer copies into the parameters
             optimizer.load_state_dict(loaded["optimizer"])
@@ -582,9 +602,7 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
         _set_rng_state(states[dp_rank] if len(states) > 1 else states[0])
     if not weights_only:
         if record.scheduler is not None:
-            _check_scheduler_units(record, plan, path)
-            scheduler.load_state_dict(scheduler_in_iterations(record.scheduler,
-                                                              plan.global_batch_size))
+            _load_scheduler(scheduler, record.scheduler, path)
         state.iteration = record.iteration
         state.consumed_samples = record.consumed_train_samples
         state.skipped_iters = record.skipped_iters

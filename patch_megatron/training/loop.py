@@ -121,8 +121,8 @@ def train_step(model, optimizer, scheduler, data_iterator, num_microbatches, arg
             )
         return StepResult(loss, None, skipped=True, reason=problem)
     update_successful, grad_norm, _ = optimizer.step()
-    if update_successful:
-        scheduler.step(increment=1)
+    if update_successful:  # the schedule counts samples, as Megatron-LM's
+        scheduler.step(increment=args.stage.global_batch_size)
     return StepResult(loss, grad_norm, skipped=not update_successful)
 
 

@@ -22,6 +22,8 @@ def model_shape(config) -> flops.ModelShape:
         num_attention_heads=config.num_attention_heads,
         vocab_size=config.vocab_size,
         num_query_groups=config.num_query_groups,
+        kv_channels=config.kv_channels,
+        gated_linear_unit=config.activation == "swiglu",
     )
 
 

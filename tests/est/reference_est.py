@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from reference_llama import patch_nll, rms_norm, rope
+from reference_gpt import patch_nll, rms_norm, rope
 
 
 def attention_subset(x, w_qkv, w_proj, heads, groups, base, kept_heads):

@@ -7,9 +7,10 @@ from patch_megatron import est
 from patch_megatron.est.sampler import LayerChoice, Subnetwork
 from patch_megatron.model import PatchGPTConfig, build_model
 import reference_est
+from patch_megatron.llama_recipe import LLAMA_ARCHITECTURE
 
 SHAPE = dict(num_layers=3, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-             ffn_hidden_size=48, vocab_size=64, seq_length=6)
+             ffn_hidden_size=48, vocab_size=64, seq_length=6, **LLAMA_ARCHITECTURE)
 BATCH = 3
 
 

@@ -12,9 +12,10 @@ import torch
 
 from distributed_harness import run_on_ranks
 from megatron_layout import global_name, tp_concat, tp_slice
+from patch_megatron.llama_recipe import LLAMA_ARCHITECTURE
 
 SHAPE = dict(num_layers=4, hidden_size=32, num_attention_heads=8, num_query_groups=4,
-             ffn_hidden_size=48, vocab_size=64, seq_length=6)
+             ffn_hidden_size=48, vocab_size=64, seq_length=6, **LLAMA_ARCHITECTURE)
 BATCH = 4
 CASES = {1: "groups", 4: "heads"}  # patch size K -> GQA sampling mode
 

@@ -1,9 +1,10 @@
 """TP=2, PP=2, DP=2 and TP=2 with sequence parallelism against TP=1/PP=1/DP=1.
 
 Each layout runs on two real gloo processes through megatron-core's own
-pipeline schedule, DDP and finalize_model_grads, for K=1 and K=4, on the same
-full weights and data as the single-process model; loss and every gathered
-gradient must match.
+pipeline schedule, DDP and finalize_model_grads, for K=1 and K=4 and for both
+architectures (the paper's LLaMA and Megatron-LM's default GPT: LayerNorm
+biases, learned positions, linear biases, GeLU), on the same full weights and
+data as the single-process model; loss and every gathered gradient must match.
 """
 
 import pytest
@@ -11,10 +12,14 @@ import torch
 
 from distributed_harness import run_on_ranks
 from megatron_layout import global_name, tp_concat, tp_slice
+from patch_megatron.llama_recipe import LLAMA_ARCHITECTURE
 
 SHAPE = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
              ffn_hidden_size=48, vocab_size=64, seq_length=6)
-PATCH_SIZES = (1, 4)
+# Dropout off in both, so that layouts can be compared exactly.
+ARCHITECTURES = {"llama": LLAMA_ARCHITECTURE,
+                 "gpt": dict(hidden_dropout=0.0, attention_dropout=0.0)}
+CASES = [(arch, K) for arch in ARCHITECTURES for K in (1, 4)]
 BATCH = 4
 
 
@@ -39,13 +44,16 @@ def _layout_worker(tp, pp, sp, full_weights):
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     results = {}
-    for K in PATCH_SIZES:
-        cfg = PatchGPTConfig(**SHAPE, patch_size=K, tensor_model_parallel_size=tp,
-                             pipeline_model_parallel_size=pp, sequence_parallel=sp)
+    for arch, K in CASES:
+        cfg = PatchGPTConfig(**SHAPE, **ARCHITECTURES[arch], patch_size=K,
+                             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                             sequence_parallel=sp)
         model = build_model(cfg)
         layers_per_stage = SHAPE["num_layers"] // pp
+        gated = arch == "llama"
         local = {
-            name: tp_slice(name, full_weights[K][global_name(name, pp_rank, layers_per_stage)], tp, tp_rank)
+            name: tp_slice(name, full_weights[arch, K][global_name(name, pp_rank, layers_per_stage)],
+                           tp, tp_rank, gated)
             for name in model.state_dict() if not name.endswith("_extra_state")
         }
         model.load_state_dict(local, strict=False)
@@ -79,16 +87,16 @@ def _layout_worker(tp, pp, sp, full_weights):
         grads = {global_name(n, pp_rank, layers_per_stage): p.main_grad.clone()
                  for n, p in model.named_parameters()}
         loss_and_count = torch.stack([d["loss"] for d in losses]).sum(0) if losses else None
-        results[K] = dict(grads=grads, loss_and_count=loss_and_count)
+        results[arch, K] = dict(grads=grads, loss_and_count=loss_and_count)
     return dict(tp=(tp, tp_rank), pp_rank=pp_rank, dp_rank=dp_rank, results=results)
 
 
-def _assemble(rank_results, K):
+def _assemble(rank_results, case):
     """Full gradients and the global mean loss from the ranks' pieces."""
     loss_sum = count = 0.0
     pieces = {}
     for r in rank_results:
-        (tp, tp_rank), res = r["tp"], r["results"][K]
+        (tp, tp_rank), res = r["tp"], r["results"][case]
         if res["loss_and_count"] is not None and tp_rank == 0:
             loss_sum += float(res["loss_and_count"][0])
             count += float(res["loss_and_count"][1])
@@ -96,16 +104,17 @@ def _assemble(rank_results, K):
             continue
         for name, g in res["grads"].items():
             pieces.setdefault(name, {})[tp_rank] = g
-    full = {name: tp_concat(name, [by_rank[i] for i in sorted(by_rank)])
+    gated = case[0] == "llama"
+    full = {name: tp_concat(name, [by_rank[i] for i in sorted(by_rank)], gated)
             for name, by_rank in pieces.items()}
     return loss_sum / count, full
 
 
-def _dp_replicas_agree(rank_results, K):
+def _dp_replicas_agree(rank_results, case):
     """Data-parallel replicas of one model shard hold identical reduced gradients."""
     replicas = {}
     for r in rank_results:
-        replicas.setdefault((r["tp"][1], r["pp_rank"]), []).append(r["results"][K]["grads"])
+        replicas.setdefault((r["tp"][1], r["pp_rank"]), []).append(r["results"][case]["grads"])
     return all(
         torch.equal(group[0][n], other[n])
         for group in replicas.values() for other in group[1:] for n in group[0]
@@ -120,12 +129,12 @@ def single_process_reference():
 
     init_world_of_one()
     out = {}
-    for K in PATCH_SIZES:
-        model = build_model(PatchGPTConfig(**SHAPE, patch_size=K))
+    for arch, K in CASES:
+        model = build_model(PatchGPTConfig(**SHAPE, **ARCHITECTURES[arch], patch_size=K))
         tokens, labels, mask = _data(K, seed=K)
         loss = (model(tokens, labels=labels) * mask).sum() / mask.sum()
         loss.backward()
-        out[K] = dict(
+        out[arch, K] = dict(
             weights={k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")},
             loss=loss.detach(),
             grads={n: p.grad.clone() for n, p in model.named_parameters()},
@@ -136,12 +145,12 @@ def single_process_reference():
 @pytest.mark.parametrize("tp, pp, sp", [(2, 1, False), (1, 2, False), (1, 1, False), (2, 1, True)],
                          ids=["TP2", "PP2", "DP2", "TP2-SP"])
 def test_layout_matches_single_process(tp, pp, sp, single_process_reference):
-    weights = {K: ref["weights"] for K, ref in single_process_reference.items()}
+    weights = {case: ref["weights"] for case, ref in single_process_reference.items()}
     ranks = run_on_ranks(_layout_worker, 2, tp, pp, sp, weights)
-    for K, ref in single_process_reference.items():
-        loss, grads = _assemble(ranks, K)
+    for case, ref in single_process_reference.items():
+        loss, grads = _assemble(ranks, case)
         torch.testing.assert_close(torch.tensor(loss), ref["loss"], rtol=1e-5, atol=1e-6)
         assert grads.keys() == ref["grads"].keys()
         for name, g in ref["grads"].items():
-            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=f"K={K} {name}")
-        assert _dp_replicas_agree(ranks, K)
+            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=f"{case} {name}")
+        assert _dp_replicas_agree(ranks, case)

@@ -7,10 +7,11 @@ from megatron.core.models.gpt import GPTModel
 from patch_megatron.model import PatchGPTConfig, build_model
 from patch_megatron.model.generate import generate
 from patch_megatron.model.spec import decoder_block_spec
-import reference_llama
+import reference_gpt
+from patch_megatron.llama_recipe import LLAMA_ARCHITECTURE
 
 SHAPE = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-             ffn_hidden_size=48, vocab_size=64, seq_length=6)
+             ffn_hidden_size=48, vocab_size=64, seq_length=6, **LLAMA_ARCHITECTURE)
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +52,7 @@ def test_loss_and_every_gradient_match_reference(K, masked):
     loss.backward()
 
     weights = _weights(model)
-    ref_loss = reference_llama.patch_loss(
+    ref_loss = reference_gpt.patch_loss(
         weights, window, patch_size=K, loss_mask=mask if masked else None,
         num_layers=SHAPE["num_layers"], heads=4, groups=2,
     )
@@ -96,7 +97,7 @@ def test_logits_without_labels_and_greedy_generation():
     with torch.no_grad():
         seq = prompt
         for _ in range(3):
-            h = reference_llama.hidden_states(weights, seq, num_layers=2, heads=4, groups=2, patch_size=1)
+            h = reference_gpt.hidden_states(weights, seq, num_layers=2, heads=4, groups=2, patch_size=1)
             nxt = (h[:, -1] @ weights["output_layer.weight"].t()).argmax(-1)
             seq = torch.cat([seq, nxt[:, None]], 1)
     assert torch.equal(out, seq)
@@ -166,3 +167,65 @@ def test_local_layers_checkpoint_under_transformer_engines_key_names():
             "decoder.layers.mlp.linear_fc1.layer_norm_weight",
             "decoder.final_layernorm.weight"} <= keys
     assert not any("input_layernorm" in k or "pre_mlp_layernorm" in k for k in keys)
+
+
+# Megatron-LM's default GPT and the variants its flags name, against the reference's equations.
+VARIANTS = {
+    "gpt": dict(normalization="LayerNorm", activation="gelu", add_bias_linear=True,
+                position_embedding_type="learned_absolute"),
+    "gpt-1p-squared-relu-no-positions": dict(
+        normalization="LayerNorm", apply_layernorm_1p=True, activation="squared_relu",
+        add_bias_linear=False, add_qkv_bias=True, position_embedding_type="none"),
+    "rmsnorm-gelu-learned": dict(normalization="RMSNorm", activation="gelu", add_bias_linear=True,
+                                 position_embedding_type="learned_absolute"),
+}
+
+
+@pytest.mark.parametrize("K", [1, 4])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_megatron_lm_architectures_match_reference(variant, K):
+    arch = VARIANTS[variant]
+    shape = {**SHAPE, **arch, "hidden_dropout": 0.0, "attention_dropout": 0.0}
+    model = build_model(PatchGPTConfig(**shape, patch_size=K))
+    # Non-trivial norm weights and biases, so that a dropped bias or gamma offset shows.
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    window = _window(K, seed=11)
+    tokens, labels = window[:, :-K], window[:, K:]
+    loss = model(tokens, labels=labels).mean()
+    loss.backward()
+    weights = _weights(model)
+    positions = {"learned_absolute": "learned_absolute", "none": "none"}[arch["position_embedding_type"]]
+    ref_loss = reference_gpt.patch_loss(
+        weights, window, patch_size=K, num_layers=SHAPE["num_layers"], heads=4, groups=2,
+        normalization=arch["normalization"], activation=arch["activation"], positions=positions,
+        zero_centered=arch.get("apply_layernorm_1p", False),
+    )
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    expected_biases = arch["add_bias_linear"] or arch.get("add_qkv_bias", False)
+    assert any(n.endswith("linear_qkv.bias") for n in weights) == expected_biases
+    assert ("embedding.position_embeddings.weight" in weights) == (positions == "learned_absolute")
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, weights[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_dropout_is_applied_in_training_only():
+    model = build_model(PatchGPTConfig(**{**SHAPE, "hidden_dropout": 0.5, "attention_dropout": 0.5,
+                                          "patch_size": 4}))
+    tokens = _window(4)[:, :-4]
+    model.train()
+    first, second = model(tokens), model(tokens)
+    assert not torch.equal(first, second)
+    model.eval()
+    assert torch.equal(model(tokens), model(tokens))
+
+
+def test_megatron_lm_ffn_default():
+    # 4h for GeLU; SwiGLU's two input projections: 8h/3 rounded down to a multiple of 64.
+    base = {k: v for k, v in SHAPE.items() if k not in ("ffn_hidden_size", "hidden_size")}
+    assert PatchGPTConfig(**{**base, "hidden_size": 512, "activation": "gelu"}).ffn_hidden_size == 2048
+    assert PatchGPTConfig(**{**base, "hidden_size": 512}).ffn_hidden_size == 1344

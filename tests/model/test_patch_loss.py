@@ -5,7 +5,7 @@ import torch
 from megatron.core import tensor_parallel
 
 from patch_megatron.model.patch_loss import vocab_parallel_patch_cross_entropy
-from reference_llama import patch_nll
+from reference_gpt import patch_nll
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ def _world(model_parallel_world_of_one):
 @pytest.mark.parametrize("groups", [4, 2, 1])
 def test_matches_megatron_dot_product_attention(groups):
     cfg = PatchGPTConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=groups,
-                         vocab_size=64, seq_length=7).transformer_config(cpu=True)
+                         vocab_size=64, seq_length=7, attention_dropout=0.0).transformer_config(cpu=True)
     kwargs = dict(config=cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
     ours, theirs = SDPAttention(**kwargs), DotProductAttention(**kwargs)
     g = torch.Generator().manual_seed(groups)
@@ -37,7 +37,7 @@ def test_matches_megatron_dot_product_attention(groups):
 
 def test_explicit_padding_mask_combines_with_causal():
     cfg = PatchGPTConfig(num_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=64,
-                         seq_length=5).transformer_config(cpu=True)
+                         seq_length=5, attention_dropout=0.0).transformer_config(cpu=True)
     attn = SDPAttention(cfg, 1, AttnMaskType.causal, "self")
     q, k, v = (torch.randn(5, 1, 2, 8) for _ in range(3))
     forbidden = torch.zeros(1, 1, 5, 5, dtype=torch.bool)

@@ -2,12 +2,13 @@
 
 import pytest
 
+from patch_megatron.llama_recipe import RECIPE_FLAGS
 from patch_megatron.training.arguments import (
     ArgumentError, build_parser, check_world_size, num_microbatches, parse_args,
 )
 
 BASE = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 16 "
-        "--micro-batch-size 2 --mock-data --vocab-size 100 --cpu").split()
+        "--micro-batch-size 2 --mock-data --vocab-size 100 --cpu --lr 3e-4").split() + list(RECIPE_FLAGS)
 
 
 def parse(*extra, base=BASE):
@@ -55,7 +56,7 @@ def test_warmup_fraction_and_world_size():
 
 def test_help_is_grouped():
     text = build_parser().format_help()
-    for title in ("model shape", "patch-level training", "batch and length", "optimizer",
+    for title in ("model (Megatron-LM", "patch-level training", "batch and length", "optimizer",
                   "precision", "parallelism", "data", "checkpoints", "logging", "exit"):
         assert title in text
 
@@ -77,10 +78,13 @@ BAD = [
     ("--train-iters 5 --group-query-attention --num-query-groups 3", "must divide"),
     ("--train-iters 5 --tensor-model-parallel-size 3", "not divisible by --tensor-model-parallel-size"),
     ("--train-iters 5 --pipeline-model-parallel-size 4 --num-layers 2", "split evenly"),
-    ("--train-iters 5 --sequence-parallel", "needs --tensor-model-parallel-size > 1"),
+    ("--train-iters 5 --swiglu --squared-relu", "pick one"),
+    ("--train-iters 5 --position-embedding-type relative", "invalid choice"),
+    ("--train-iters 5 --position-embedding-type learned_absolute --no-position-embedding",
+     "--position-embedding-type none"),
     ("--train-iters 5 --max-position-embeddings 8", "below --seq-length"),
-    ("--train-iters 5 --hidden-dropout 0.1", "no dropout"),
-    ("--train-iters 5 --normalization LayerNorm", "invalid choice"),
+    ("--train-iters 5 --hidden-dropout 1.5", "[0, 1)"),
+    ("--train-iters 5 --normalization ScaleNorm", "invalid choice"),
     ("--train-iters 5 --global-batch-size 8 --lr-warmup-iters 5", "does not fit"),
     ("--train-iters 5 --lr-warmup-iters 2 --lr-warmup-fraction 0.1", "keep one"),
     ("--train-iters 5 --min-lr 1.0", "--min-lr <= --lr"),
@@ -89,7 +93,7 @@ BAD = [
     ("--train-iters 5 --finetune", "needs --load"),
     ("--train-iters 5 --split 100,0,0", "validation part"),
     ("--train-iters 5 --split abc", "validation part"),
-    ("--train-iters 5 --ckpt-format torch", "invalid choice"),
+    ("--train-iters 5 --ckpt-format torch", "reads and writes torch_dist"),
 ]
 
 
@@ -161,3 +165,16 @@ def test_a_non_finite_learning_rate_is_refused(flags):
 def test_overwrite_save_is_off_unless_asked_for():
     assert parse("--global-batch-size 8 --train-iters 10").overwrite_save is False
     assert parse("--global-batch-size 8 --train-iters 10 --overwrite-save").overwrite_save is True
+
+
+def test_sequence_parallel_without_tensor_parallelism_is_turned_off_with_a_warning():
+    # Megatron-LM warns and turns it off rather than failing.
+    with pytest.warns(UserWarning, match="--sequence-parallel is turned off"):
+        args = parse("--train-iters 5 --sequence-parallel")
+    assert args.sequence_parallel is False
+
+
+def test_a_missing_learning_rate_is_named():
+    base = [flag for flag in BASE if flag not in ("--lr", "3e-4")]
+    with pytest.raises(ArgumentError, match="--lr"):
+        parse("--train-iters 5", base=base)

@@ -9,7 +9,7 @@ from patch_megatron.training.metrics import eval_line, train_line
 
 def plan(name, K):
     return StagePlan(name=name, patch_size=K, seq_length=8, global_batch_size=2, train_iters=10,
-                     lr_warmup_iters=1, lr_decay_iters=10, data_start_token=0)
+                     lr_warmup_samples=2, lr_decay_samples=20, data_start_token=0)
 
 
 def training(stage, iteration, rate):

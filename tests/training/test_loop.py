@@ -15,6 +15,7 @@ import torch
 from patch_megatron.flops import ModelShape
 from patch_megatron.training import loop, metrics
 from patch_megatron.training.arguments import StagePlan
+from patch_megatron.llama_recipe import RECIPE_FLAGS
 
 EVAL_LINE = re.compile(r"validation (\w+) stage at iteration (\d+) \| (.*)")
 
@@ -30,7 +31,7 @@ def fake_run(train_iters, *, eval_interval=2, eval_iters=1, save_interval=None, 
         fp16=False,
     )
     plan = StagePlan(name="token", patch_size=1, seq_length=8, global_batch_size=2,
-                     train_iters=train_iters, lr_warmup_iters=0, lr_decay_iters=train_iters,
+                     train_iters=train_iters, lr_warmup_samples=0, lr_decay_samples=2 * train_iters,
                      data_start_token=0)
     scheduler = types.SimpleNamespace(optimizer=types.SimpleNamespace(param_groups=[{"lr": 1e-3}]))
     run = loop.Run(
@@ -189,7 +190,8 @@ def test_real_run_ends_with_a_validation_and_logs_peak_memory(tmp_path):
     flags = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 8 "
              "--micro-batch-size 2 --global-batch-size 4 --train-iters 6 --mock-data --vocab-size 128 "
              "--make-vocab-size-divisible-by 64 --untie-embeddings-and-output-weights --patch-size 4 "
-             "--patch-data-fraction 0.667 --log-interval 2 --eval-interval 4 --eval-iters 1 --cpu").split()
+             "--patch-data-fraction 0.667 --log-interval 2 --eval-interval 4 --eval-iters 1 --cpu "
+             "--lr 3e-4").split() + list(RECIPE_FLAGS)
     result = subprocess.run(
         [sys.executable, os.path.join(repo, "pretrain_patch_gpt.py")] + flags,
         capture_output=True, text=True, timeout=240, cwd=str(tmp_path),

@@ -12,9 +12,11 @@ from patch_megatron.planning.commands import build_commands
 from patch_megatron.planning.plan import PlanInputs, compute_plan
 from patch_megatron.training import build, metrics
 from patch_megatron.training.arguments import parse_args
+from patch_megatron.llama_recipe import RECIPE_FLAGS
 
 PAPER_370M = ("--num-layers 24 --hidden-size 1024 --ffn-hidden-size 2752 --num-attention-heads 16 "
-              "--seq-length 2048 --micro-batch-size 2 --train-iters 10 --bf16").split()
+              "--seq-length 2048 --micro-batch-size 2 --train-iters 10 --bf16 --lr 3e-4").split() \
+    + list(RECIPE_FLAGS)
 
 
 def loop_step_flops(argv, vocab_size):

@@ -12,10 +12,12 @@ import torch
 from patch_megatron import flops
 from patch_megatron.training import two_stage
 from patch_megatron.training.arguments import parse_args
+from patch_megatron.llama_recipe import RECIPE_FLAGS
 
 # A tiny model: T=8 positions, token-stage batch B=8 samples -> 64 tokens per step.
 MODEL = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --ffn-hidden-size 64 "
-         "--seq-length 8 --micro-batch-size 2 --mock-data --vocab-size 100 --eval-iters 0").split()
+         "--seq-length 8 --micro-batch-size 2 --mock-data --vocab-size 100 --eval-iters 0 "
+         "--lr 3e-4").split() + list(RECIPE_FLAGS)
 TWO_THIRDS = 2 / 3
 STEP_TOKENS = 64
 

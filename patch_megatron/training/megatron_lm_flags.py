@@ -1,0 +1,180 @@
+"""Megatron-LM flags this project accepts without effect, and those it refuses with a reason.
+
+Every flag of ``pretrain_patch_gpt.py`` is one of three kinds, and
+``tests/training/test_flag_table.py`` walks the parser to keep it so:
+
+* **honoured**: it means what it means in Megatron-LM (the other groups of ``--help``);
+* **accepted without effect** (``NO_OP``): a switch that cannot change what is
+  trained here, because it picks a fused kernel this project never runs, an I/O
+  strategy that writes the same checkpoint, or a log line this project does not
+  print; given ones are named in the run's log;
+* **refused** (``REFUSED``): parsed only so that the error can say why and what
+  to do instead, because honouring it silently wrong would train another run.
+
+A Megatron-LM flag in none of these is refused by argparse as unrecognised.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+_FUSION = "a kernel-fusion switch; this project runs no fused path it would turn off"
+_CKPT_IO = "a checkpoint I/O strategy; the files written and read are the same"
+_NOT_LOGGED = "a logging switch; this log line is not printed here (training is unchanged)"
+
+NO_OP = {
+    "--no-gradient-accumulation-fusion": _FUSION,
+    "--no-masked-softmax-fusion": _FUSION,
+    "--no-bias-gelu-fusion": _FUSION,
+    "--no-bias-swiglu-fusion": _FUSION,
+    "--no-bias-dropout-fusion": _FUSION,
+    "--no-rope-fusion": _FUSION,
+    "--no-persist-layer-norm": _FUSION,
+    "--cross-entropy-loss-fusion": "the loss is this project's vocab-parallel patch loss, unfused",
+    "--attention-backend": "local layers run torch's scaled_dot_product_attention, Transformer "
+                           "Engine layers TE's own choice",
+    "--distributed-backend": "NCCL on GPUs and gloo in CPU mode, as megatron-core needs",
+    "--async-save": "checkpoints are written synchronously: the same files, the step waits",
+    "--ckpt-fully-parallel-load": _CKPT_IO,
+    "--ckpt-fully-parallel-save": _CKPT_IO,
+    "--no-ckpt-fully-parallel-save": _CKPT_IO,
+    "--ckpt-assume-constant-structure": _CKPT_IO,
+    "--use-persistent-ckpt-worker": _CKPT_IO,
+    "--auto-detect-ckpt-format": "checkpoints here are torch_dist, which the loader reads",
+    "--no-use-tokenizer-model-from-checkpoint-args": "the tokenizer always comes from the flags",
+    "--no-create-attention-mask-in-dataloader": "the causal mask is the kernel's; no mask tensor "
+                                                "is built",
+    "--no-mmap-bin-files": "the same tokens, read through megatron-core's indexed dataset",
+    "--calculate-per-token-loss": "the loss is always the mean over the global batch's scored "
+                                  "tokens here",
+    "--empty-unused-memory-level": "memory housekeeping only",
+    "--use-cpu-initialization": "where the initial weights are drawn (CPU mode: on the CPU); the "
+                                "same distribution",
+    "--manual-gc": "garbage-collection timing only",
+    "--manual-gc-interval": "garbage-collection timing only",
+    "--disable-gloo-process-groups": "process groups are created as megatron-core needs them",
+    "--check-weight-hash-across-dp-replicas-interval": "a consistency check, not performed here",
+    "--straggler-minmax-count": "straggler reporting, not performed here",
+    "--log-params-norm": _NOT_LOGGED,
+    "--log-num-zeros-in-grad": _NOT_LOGGED,
+    "--log-timers-to-tensorboard": _NOT_LOGGED,
+    "--log-memory-to-tensorboard": _NOT_LOGGED,
+    "--log-validation-ppl-to-tensorboard": _NOT_LOGGED,
+    "--log-learning-rate-to-tensorboard": _NOT_LOGGED,
+    "--log-loss-scale-to-tensorboard": _NOT_LOGGED,
+    "--log-batch-size-to-tensorboard": _NOT_LOGGED,
+    "--log-world-size-to-tensorboard": _NOT_LOGGED,
+    "--tensorboard-log-interval": _NOT_LOGGED,
+    "--tensorboard-queue-size": _NOT_LOGGED,
+    "--log-progress": _NOT_LOGGED,
+    "--timing-log-level": _NOT_LOGGED,
+    "--timing-log-option": _NOT_LOGGED,
+    "--log-throughput": "tokens/s, TFLOP/s and MFU are always in the log line here",
+}
+
+_NOT_YET = "not implemented in patch-megatron yet"
+
+REFUSED = {
+    "--vocab-file": "GPT2BPETokenizer (--vocab-file/--merge-file) is " + _NOT_YET + "; use "
+                    "--tokenizer-type HuggingFaceTokenizer with the same BPE as a tokenizer.json, "
+                    "or GPTSentencePieceTokenizer",
+    "--merge-file": "GPT2BPETokenizer (--vocab-file/--merge-file) is " + _NOT_YET + "; use "
+                    "--tokenizer-type HuggingFaceTokenizer with the same BPE as a tokenizer.json",
+    "--tiktoken-pattern": "TikTokenizer is " + _NOT_YET + "; use HuggingFaceTokenizer",
+    "--rampup-batch-size": "batch-size ramp-up is " + _NOT_YET + "; use a constant "
+                           "--global-batch-size",
+    "--decoupled-lr": "a separate learning rate for the embedding and output layer is " + _NOT_YET
+                      + "; drop it to train every parameter at --lr",
+    "--decoupled-min-lr": "a separate learning rate for the embedding and output layer is "
+                          + _NOT_YET + "; drop it",
+    "--num-layers-per-virtual-pipeline-stage": "interleaved pipeline schedules are " + _NOT_YET
+                                               + "; drop it (the same model, a larger bubble)",
+    "--num-virtual-stages-per-pipeline-rank": "interleaved pipeline schedules are " + _NOT_YET
+                                              + "; drop it (the same model, a larger bubble)",
+    "--microbatch-group-size-per-virtual-pipeline-stage": "interleaved pipeline schedules are "
+                                                          + _NOT_YET,
+    "--overlap-p2p-communication-warmup-flush": "interleaved pipeline schedules are " + _NOT_YET,
+    "--decoder-first-pipeline-num-layers": "uneven pipeline stages are " + _NOT_YET
+                                           + "; use --num-layers divisible by the PP size",
+    "--decoder-last-pipeline-num-layers": "uneven pipeline stages are " + _NOT_YET,
+    "--account-for-embedding-in-pipeline-split": "uneven pipeline stages are " + _NOT_YET,
+    "--account-for-loss-in-pipeline-split": "uneven pipeline stages are " + _NOT_YET,
+    "--overlap-param-gather": "overlapping the distributed optimizer's parameter all-gather is "
+                              + _NOT_YET + "; drop it (the same updates, gathered after the step)",
+    "--overlap-param-gather-with-optimizer-step": "overlapping the parameter all-gather is "
+                                                  + _NOT_YET,
+    "--dist-ckpt-optim-fully-reshardable": "the distributed optimizer is saved dp_reshardable "
+                                           "(Megatron-LM's default); drop the flag",
+    "--use-checkpoint-args": "model flags are not read from the checkpoint; give them on the "
+                             "command line (a mismatch is named when loading)",
+    "--save-retain-interval": "pruning old checkpoints is " + _NOT_YET + "; every save is kept",
+    "--qk-layernorm": "query/key layer norms are " + _NOT_YET,
+    "--rotary-interleaved": "interleaved RoPE is " + _NOT_YET + "; drop it for the standard "
+                            "rotate-half RoPE",
+    "--ddp-average-in-collective": "gradients are summed and divided by the global token count "
+                                   "(per-token loss); averaging in the collective would double "
+                                   "count",
+    "--defer-embedding-wgrad-compute": "needs fused weight-gradient accumulation, which this "
+                                       "project does not run",
+    "--wgrad-deferral-limit": "needs fused weight-gradient accumulation",
+    "--cuda-graph-impl": "CUDA graphs are " + _NOT_YET,
+    "--fp8-format": "fp8 training is " + _NOT_YET + "; use --bf16",
+    "--fp8-param-gather": "fp8 training is " + _NOT_YET,
+    "--fp8-amax-history-len": "fp8 training is " + _NOT_YET,
+    "--fp8-amax-compute-algo": "fp8 training is " + _NOT_YET,
+    "--num-experts": "mixture-of-experts layers are " + _NOT_YET + "; this project trains dense "
+                     "GPT/LLaMA models",
+    "--multi-latent-attention": "multi-latent attention is " + _NOT_YET,
+    "--wandb-project": "Weights & Biases logging is " + _NOT_YET + "; use --tensorboard-dir",
+    "--wandb-exp-name": "Weights & Biases logging is " + _NOT_YET + "; use --tensorboard-dir",
+    "--wandb-save-dir": "Weights & Biases logging is " + _NOT_YET,
+    "--wandb-entity": "Weights & Biases logging is " + _NOT_YET,
+    "--profile": "profiling is " + _NOT_YET + "; run under torch.profiler or nsys instead",
+    "--profile-step-start": "profiling is " + _NOT_YET,
+    "--profile-step-end": "profiling is " + _NOT_YET,
+    "--test-mode": "Megatron-LM's functional-test mode has no meaning here",
+    "--eod-mask-loss": "masking the loss at end-of-document tokens is " + _NOT_YET,
+    "--reset-position-ids": "per-document positions are " + _NOT_YET,
+    "--reset-attention-mask": "per-document attention masks are " + _NOT_YET,
+}
+
+
+def _dest(kind: str, flag: str) -> str:
+    return f"{kind}__{flag.lstrip('-').replace('-', '_')}"
+
+
+def add_to_parser(parser: argparse.ArgumentParser) -> None:
+    """The two tables as parser groups (each flag takes any values, as its Megatron-LM form does)."""
+    g = parser.add_argument_group(
+        "Megatron-LM flags accepted without effect",
+        "They cannot change what is trained here; the log names the ones given.")
+    for flag, why in NO_OP.items():
+        g.add_argument(flag, nargs="*", default=argparse.SUPPRESS, dest=_dest("no_op", flag),
+                       metavar="VALUE", help=why)
+    g = parser.add_argument_group(
+        "Megatron-LM flags refused",
+        "Honouring them wrongly would train another run; each is refused with this reason.")
+    for flag, why in REFUSED.items():
+        g.add_argument(flag, nargs="*", default=argparse.SUPPRESS, dest=_dest("refused", flag),
+                       metavar="VALUE", help=why)
+
+
+def refused_message(args) -> str | None:
+    """The refusal for the first refused flag given, or None."""
+    for flag, why in REFUSED.items():
+        if hasattr(args, _dest("refused", flag)):
+            return f"{flag}: {why}"
+    return None
+
+
+def accepted_without_effect(args) -> list[str]:
+    """The no-op flags given."""
+    return [flag for flag in NO_OP if hasattr(args, _dest("no_op", flag))]
+
+
+def strip(args) -> None:
+    """Remove the tables' entries, so that the parsed flags hold only honoured ones."""
+    for kind, table in (("no_op", NO_OP), ("refused", REFUSED)):
+        for flag in table:
+            if hasattr(args, _dest(kind, flag)):
+                delattr(args, _dest(kind, flag))
