@@ -508,15 +508,16 @@ def test_unusable_save_directories_are_refused_before_training(tmp_path):
 
 def test_a_full_disk_is_found_before_training_and_at_save_time(tmp_path):
     small, roomy = str(tmp_path / "small"), str(tmp_path / "roomy")
-    # One checkpoint of this model is ~1.6 MB: 1 MB holds none, 4 MB holds two.
+    # One checkpoint of this model (FFN 192) is ~1.6 MB: 1 MB holds none, 4 MB holds two.
+    wide = ["--ffn-hidden-size", "192"]
     if not (_mount_tmpfs(small, "size=1m") and _mount_tmpfs(roomy, "size=4m")):
         pytest.skip("needs small filesystems (tmpfs mounts)")
     try:
-        result = run(["--save", small])
+        result = run(["--save", small, *wide])
         error = _one_line_error(result)
         assert f"--save {small} has " in error and "one checkpoint needs about" in error
         assert " iteration " not in result.stdout  # not one step was taken
-        result = run(["--save", roomy, "--save-interval", "2"])
+        result = run(["--save", roomy, "--save-interval", "2", *wide])
         error = _one_line_error(result, code=3)
         assert (f"no space left on device while saving to --save {roomy}: the last good checkpoint "
                 "(iteration 4) stays latest") in error

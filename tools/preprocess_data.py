@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     config = PreprocessConfig(
         inputs=args.input, output_prefix=args.output_prefix,
         tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
-        vocab_size=args.vocab_size, json_keys=args.json_keys, append_eod=args.append_eod,
+        vocab_size=args.vocab_size, vocab_file=args.vocab_file, merge_file=args.merge_file,
+        json_keys=args.json_keys, append_eod=args.append_eod,
         workers=args.workers, log_interval=args.log_interval,
         skip_bad_lines=args.skip_bad_lines)
     try:

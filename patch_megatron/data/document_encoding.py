@@ -26,6 +26,8 @@ class EncoderSettings:
     json_keys: Tuple[str, ...]
     append_eod: bool
     token_dtype: type
+    vocab_file: Optional[str] = None  # GPT2BPETokenizer
+    merge_file: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ class DocumentEncoder:
     def __init__(self, settings: EncoderSettings) -> None:
         self.settings = settings
         self.tokenizer = build_tokenizer(settings.tokenizer_type, settings.tokenizer_model,
-                                         settings.vocab_size)
+                                         settings.vocab_size, settings.vocab_file,
+                                         settings.merge_file)
         self.eod = self.tokenizer.eod
         self._batch_encode = _sentencepiece_batch_encoder(self.tokenizer)
 

@@ -47,6 +47,8 @@ class PreprocessConfig:
     tokenizer_type: str
     tokenizer_model: Optional[str] = None
     vocab_size: Optional[int] = None
+    vocab_file: Optional[str] = None  # GPT2BPETokenizer
+    merge_file: Optional[str] = None
     json_keys: Sequence[str] = ("text",)
     append_eod: bool = False
     workers: int = 1  # 0: encode in this process
@@ -93,11 +95,11 @@ def preprocess(config: PreprocessConfig, progress_stream=None) -> PreprocessSumm
     if any(fmt == "txt" for fmt in formats.values()) and len(config.json_keys) != 1:
         raise ValueError("plain .txt inputs hold one field: pass a single --json-keys name.")
     tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model,
-                                config.vocab_size)
+                                config.vocab_size, config.vocab_file, config.merge_file)
     settings = EncoderSettings(
         config.tokenizer_type, config.tokenizer_model, config.vocab_size,
         tuple(config.json_keys), config.append_eod,
-        DType.optimal_dtype(tokenizer.vocab_size))
+        DType.optimal_dtype(tokenizer.vocab_size), config.vocab_file, config.merge_file)
     summary = PreprocessSummary(tokens={key: 0 for key in config.json_keys})
     started = time.time()
     outputs = {key: AtomicIndexedOutput(output_prefix_for_key(config.output_prefix, key),

@@ -12,6 +12,12 @@ Megatron-LM's ``build_tokenizer`` builds them, so ids match Megatron-LM's tools:
   through ``transformers.AutoTokenizer``; ``eod`` = its EOS token.
 * ``NullTokenizer``: text is space-separated integer ids; needs ``vocab_size``;
   ``eod`` = ``vocab_size`` and the vocabulary holds ``vocab_size + 1`` ids.
+* ``GPT2BPETokenizer``: GPT-2's byte-level BPE from ``--vocab-file`` (vocab.json)
+  and ``--merge-file`` (merges.txt); ``eod`` = ``<|endoftext|>``. megatron-core's
+  builder for this type asks the Hugging Face hub for gpt2's configuration
+  first, so this one is built here, on the ``tokenizers`` library's byte-level
+  BPE, which encodes as Megatron-LM's own GPT2Tokenizer does (tested against
+  its ids).
 """
 
 import argparse
@@ -20,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 SENTENCEPIECE_TYPES = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer")
-SUPPORTED_TYPES = SENTENCEPIECE_TYPES + ("HuggingFaceTokenizer", "NullTokenizer")
+SUPPORTED_TYPES = SENTENCEPIECE_TYPES + ("HuggingFaceTokenizer", "NullTokenizer",
+                                         "GPT2BPETokenizer")
 
 
 @dataclass(frozen=True)
@@ -41,11 +48,44 @@ def add_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                             "for HuggingFaceTokenizer.")
     group.add_argument("--vocab-size", type=int, default=None,
                        help="NullTokenizer only: number of ids before the EOD id.")
+    add_bpe_file_args(group)
     return parser
 
 
+def add_bpe_file_args(group) -> None:
+    group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: its vocab.json")
+    group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: its merges.txt")
+
+
+class GPT2BPETokenizer:
+    """GPT-2's byte-level BPE with megatron-core's tokenizer interface."""
+
+    def __init__(self, vocab_file: str, merge_file: str):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        # GPT-2's pre-tokenisation (its regex over bytes), no prefix space, no special tokens:
+        # "<|endoftext|>" inside a text is encoded as text, as Megatron-LM's tokenizer does.
+        self._tokenizer = Tokenizer(models.BPE.from_file(vocab_file, merge_file))
+        self._tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        self._tokenizer.decoder = decoders.ByteLevel()
+        vocab = self._tokenizer.get_vocab()
+        if "<|endoftext|>" not in vocab:
+            raise ValueError(f"{vocab_file} has no <|endoftext|> entry, GPT2BPETokenizer's "
+                             "end-of-document token: give GPT-2's vocab.json (or one trained "
+                             "with that special token)")
+        self.eod = vocab["<|endoftext|>"]
+        self.vocab_size = len(vocab)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text).ids
+
+    def detokenize(self, ids) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
 def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
-                    vocab_size: Optional[int] = None) -> Any:
+                    vocab_size: Optional[int] = None, vocab_file: Optional[str] = None,
+                    merge_file: Optional[str] = None) -> Any:
     """Return a megatron-core tokenizer (``.tokenize``, ``.detokenize``, ``.vocab_size``, ``.eod``).
 
     Raises ValueError with the fix when the flags do not describe a usable tokenizer.
@@ -58,6 +98,17 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
             raise ValueError("NullTokenizer needs --vocab-size (a positive number of ids).")
     elif tokenizer_type == "HuggingFaceTokenizer":
         tokenizer_model = _huggingface_directory(tokenizer_model)
+    elif tokenizer_type == "GPT2BPETokenizer":
+        for flag, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+            if not path or not os.path.isfile(path):
+                raise ValueError(f"GPT2BPETokenizer needs {flag} (GPT-2's vocab.json and "
+                                 f"merges.txt); got {path!r}")
+        try:
+            return GPT2BPETokenizer(vocab_file, merge_file)
+        except Exception as error:  # the tokenizers library raises its own types for bad files
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"--vocab-file {vocab_file!r} / --merge-file {merge_file!r} cannot "
+                             f"be loaded as GPT-2 BPE files ({first_line})") from None
     else:
         if not tokenizer_model or not os.path.isfile(tokenizer_model):
             raise ValueError(f"{tokenizer_type} needs --tokenizer-model pointing at a SentencePiece "
@@ -91,7 +142,8 @@ def tokenizer_info(tokenizer: Any) -> TokenizerInfo:
 def build_tokenizer_from_args(args: argparse.Namespace) -> Any:
     """:func:`build_tokenizer` from parsed ``add_tokenizer_args`` flags."""
     return build_tokenizer(args.tokenizer_type, args.tokenizer_model,
-                           getattr(args, "vocab_size", None))
+                           getattr(args, "vocab_size", None), getattr(args, "vocab_file", None),
+                           getattr(args, "merge_file", None))
 
 
 def _check_sentencepiece_model(tokenizer_type: str, path: str) -> None:

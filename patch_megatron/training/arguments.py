@@ -42,7 +42,7 @@ import os
 import warnings
 from dataclasses import dataclass
 
-from patch_megatron.data.tokenizers import SUPPORTED_TYPES
+from patch_megatron.data.tokenizers import SUPPORTED_TYPES, add_bpe_file_args
 from patch_megatron.training import megatron_lm_flags
 
 
@@ -121,8 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "--attention-softmax-in-fp32")
     g.add_argument("--attention-softmax-in-fp32", action="store_true",
                    help="half precision: attention scores and softmax in fp32")
-    g.add_argument("--use-mcore-models", action="store_true",
-                   help="deprecated in Megatron-LM; megatron-core's models are the only ones here")
     g.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default=None,
                    help="layers: Transformer Engine's, or megatron-core's local ones with torch's "
                         "scaled_dot_product_attention (flash / memory-efficient kernels on GPU); "
@@ -242,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default="969, 30, 1", help="train, valid, test weights")
     g.add_argument("--tokenizer-type", default=None, choices=SUPPORTED_TYPES)
     g.add_argument("--tokenizer-model", default=None)
+    add_bpe_file_args(g)
     g.add_argument("--vocab-size", type=int, default=None,
                    help="vocabulary size for --mock-data or NullTokenizer")
     g.add_argument("--data-cache-path", default=None)
@@ -529,6 +528,9 @@ def _check_data(a) -> None:
                  "--tokenizer-model")
         if a.tokenizer_type == "NullTokenizer":
             _require(a.vocab_size is not None, "NullTokenizer needs --vocab-size")
+        elif a.tokenizer_type == "GPT2BPETokenizer":
+            _require(a.vocab_file is not None and a.merge_file is not None,
+                     "GPT2BPETokenizer needs --vocab-file and --merge-file")
         else:
             _require(a.tokenizer_model is not None, f"{a.tokenizer_type} needs --tokenizer-model")
         if len(a.data_path) > 1:
@@ -632,8 +634,9 @@ def _check_stage(a) -> None:
              "--global-batch-size")
     _require(s.lr_warmup_samples < s.lr_decay_samples or s.lr_decay_samples == 0
              or a.lr_decay_style == "constant",
-             f"warmup of {s.lr_warmup_samples} samples does not fit in the {s.name} stage's "
-             f"{s.lr_decay_samples} decay samples: lower --lr-warmup-iters/-samples/-fraction")
+             f"warmup of {s.lr_warmup_iters} steps ({s.lr_warmup_samples} samples) does not fit "
+             f"in the {s.name} stage's {s.lr_decay_iters} decay steps: lower "
+             "--lr-warmup-iters/-samples/-fraction")
 
 
 def _check_installed(a) -> None:

@@ -116,6 +116,9 @@ class CheckpointRecord:
     source: str = "patch-megatron"  # or "megatron-lm"
     schema_version: int = SCHEMA_VERSION
 
+    def __post_init__(self):
+        object.__setattr__(self, "model_shape", complete_model_shape(self.model_shape))
+
     # What readers need from the saved flags, each with the default it had when absent.
     @property
     def stage(self) -> str:

@@ -23,6 +23,7 @@ _CKPT_IO = "a checkpoint I/O strategy; the files written and read are the same"
 _NOT_LOGGED = "a logging switch; this log line is not printed here (training is unchanged)"
 
 NO_OP = {
+    "--use-mcore-models": "megatron-core's models are the only ones here (deprecated in Megatron-LM)",
     "--no-gradient-accumulation-fusion": _FUSION,
     "--no-masked-softmax-fusion": _FUSION,
     "--no-bias-gelu-fusion": _FUSION,
@@ -75,11 +76,6 @@ NO_OP = {
 _NOT_YET = "not implemented in patch-megatron yet"
 
 REFUSED = {
-    "--vocab-file": "GPT2BPETokenizer (--vocab-file/--merge-file) is " + _NOT_YET + "; use "
-                    "--tokenizer-type HuggingFaceTokenizer with the same BPE as a tokenizer.json, "
-                    "or GPTSentencePieceTokenizer",
-    "--merge-file": "GPT2BPETokenizer (--vocab-file/--merge-file) is " + _NOT_YET + "; use "
-                    "--tokenizer-type HuggingFaceTokenizer with the same BPE as a tokenizer.json",
     "--tiktoken-pattern": "TikTokenizer is " + _NOT_YET + "; use HuggingFaceTokenizer",
     "--rampup-batch-size": "batch-size ramp-up is " + _NOT_YET + "; use a constant "
                            "--global-batch-size",

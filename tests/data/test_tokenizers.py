@@ -1,5 +1,8 @@
 """--tokenizer-model that is not a tokenizer: one-line errors that name the file and the fix."""
 
+import json
+import os
+
 import pytest
 
 from patch_megatron.data.tokenizers import build_tokenizer
@@ -40,3 +43,34 @@ def test_broken_huggingface_tokenizer_json(tmp_path):
 
 def test_good_model_still_loads(sentencepiece_model):
     assert build_tokenizer(SP, sentencepiece_model).vocab_size == 1024
+
+
+BPE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "megatron_lm", "gpt2_bpe")
+
+
+def test_gpt2_bpe_gives_megatron_lms_ids():
+    # ids.json: Megatron-LM core_v0.16.1's own GPT2Tokenizer on standard-library text
+    # (tests/fixtures/megatron_lm/make_gpt2_bpe.py).
+    with open(os.path.join(BPE, "ids.json"), encoding="utf-8") as f:
+        expected = json.load(f)
+    tokenizer = build_tokenizer("GPT2BPETokenizer", vocab_file=os.path.join(BPE, "vocab.json"),
+                                merge_file=os.path.join(BPE, "merges.txt"))
+    assert (tokenizer.vocab_size, tokenizer.eod) == (expected["vocab_size"], expected["eod"])
+    for sample in expected["samples"]:
+        assert tokenizer.tokenize(sample["text"]) == sample["ids"]
+        assert tokenizer.detokenize(sample["ids"]) == sample["text"]
+
+
+def test_gpt2_bpe_needs_both_files_and_an_end_of_document_token(tmp_path):
+    with pytest.raises(ValueError, match="GPT2BPETokenizer needs --merge-file"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=os.path.join(BPE, "vocab.json"))
+    vocab = json.load(open(os.path.join(BPE, "vocab.json"), encoding="utf-8"))
+    del vocab["<|endoftext|>"]
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(ValueError, match="no <|endoftext|> entry"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=str(tmp_path / "vocab.json"),
+                        merge_file=os.path.join(BPE, "merges.txt"))
+    (tmp_path / "bad.json").write_text("not json")
+    with pytest.raises(ValueError, match="cannot be loaded as GPT-2 BPE files"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=str(tmp_path / "bad.json"),
+                        merge_file=os.path.join(BPE, "merges.txt"))

@@ -255,3 +255,18 @@ def test_truncated_gzip_input(tmp_path, tool_loader, capsys, sentencepiece_model
     source.write_bytes(b"not gzip at all" * 10)
     code, _, err = run(tool_loader, capsys, *argv)
     assert code == 1 and "compressed file is damaged or not gzip" in err
+
+
+def test_gpt2_bpe_vocab_and_merge_files(tmp_path, tool_loader, capsys):
+    bpe = os.path.join(os.path.dirname(__file__), "..", "fixtures", "megatron_lm", "gpt2_bpe")
+    with open(os.path.join(bpe, "ids.json"), encoding="utf-8") as f:
+        samples = json.load(f)["samples"][:2]  # with Megatron-LM's ids for them
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": s["text"]} for s in samples])
+    code, out, err = run(tool_loader, capsys, "--input", source, "--output-prefix", tmp_path / "g",
+                         "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file",
+                         os.path.join(bpe, "vocab.json"), "--merge-file",
+                         os.path.join(bpe, "merges.txt"), "--workers", 0, "--append-eod")
+    assert code == 0, err
+    eod = 0  # <|endoftext|> is entry 0 of the fixture's vocabulary
+    expected = [i for s in samples for i in s["ids"] + [eod]]
+    assert numpy.fromfile(tmp_path / "g_text_document.bin", dtype=numpy.uint16).tolist() == expected

@@ -61,7 +61,10 @@ def test_reads_megatron_lm_checkpoints():
         assert record.iteration == 2 and record.consumed_train_samples == 8
         assert record.model_shape == {
             "num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4,
-            "num_query_groups": 4, "vocab_size": 192, "untie_embeddings_and_output_weights": True}
+            "num_query_groups": 4, "vocab_size": 192, "untie_embeddings_and_output_weights": True,
+            "kv_channels": 8, "normalization": "RMSNorm", "apply_layernorm_1p": False,
+            "activation": "swiglu", "add_bias_linear": False, "add_qkv_bias": False,
+            "position_embedding_type": "rope", "rotary_percent": 1.0}
         assert record.optimizer_format == optimizer_format and record.has_rng
         assert record.scheduler["num_steps"] == 8  # samples, Megatron-LM's unit
 
@@ -71,6 +74,9 @@ def test_reads_the_first_schema_with_its_scheduler_in_samples():
     assert record.schema_version == 1 and record.patch_size == 4 and record.stage == "patch"
     assert record.iteration == 2 and record.consumed_train_samples == 8
     assert record.model_shape["ffn_hidden_size"] == 64 and record.layout == (1, 1)
+    # the first schema predates the architecture keys: its models were LLaMA's
+    assert record.model_shape["normalization"] == "RMSNorm"
+    assert record.model_shape["activation"] == "swiglu" and record.model_shape["kv_channels"] == 8
     raw = safe_load.read_common(os.path.join(V1, "patch_stage", "iter_0000002"))
     assert raw["opt_param_scheduler"]["num_steps"] == 2  # iterations, as schema 1 counted
     assert record.scheduler["num_steps"] == 2 * 4 and record.scheduler["lr_warmup_steps"] == 1 * 4
@@ -85,7 +91,10 @@ def test_schema_2_round_trip():
         iteration=7, patch_size=4, tensor_model_parallel_size=2, pipeline_model_parallel_size=1,
         model_shape={"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64,
                      "num_attention_heads": 4, "num_query_groups": 2, "vocab_size": 256,
-                     "untie_embeddings_and_output_weights": False},
+                     "untie_embeddings_and_output_weights": False, "kv_channels": 8,
+                     "normalization": "LayerNorm", "apply_layernorm_1p": True,
+                     "activation": "gelu", "add_bias_linear": True, "add_qkv_bias": True,
+                     "position_embedding_type": "learned_absolute", "rotary_percent": 1.0},
         flags={"seq_length": 16, "global_batch_size": 8, "bf16": True, "data_parallel_size": 2},
         consumed_train_samples=56, skipped_iters=1, nan_iters=1, optimizer_format="dp_reshardable",
         scheduler={"num_steps": 56, "lr_warmup_steps": 8}, flops_so_far=1.5e9)
@@ -146,7 +155,12 @@ def test_our_checkpoint_has_every_entry_megatron_lm_asks_for(ours, name):
 def test_megatron_lm_checkpoint_resumes_here(tmp_path, name, extra):
     load = str(tmp_path / "load")
     shutil.copytree(os.path.join(MLM, name), load)
-    result = pretrain(*MLM_FLAGS, *extra, "--train-iters", "3", "--load", load)
+    # One step longer than the saved run: as in Megatron-LM, the schedules then differ (decay
+    # over 12 samples, not 8) and the checkpoint's is kept only when asked for.
+    differs = pretrain(*MLM_FLAGS, *extra, "--train-iters", "3", "--load", load)
+    assert differs.returncode == 3 and "--use-checkpoint-opt_param-scheduler" in differs.stderr
+    result = pretrain(*MLM_FLAGS, *extra, "--train-iters", "3", "--load", load,
+                      "--use-checkpoint-opt_param-scheduler")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"loaded {load}/iter_0000002 (iteration 2); a Megatron-LM checkpoint" in result.stdout
     assert "RNG state not restored" not in result.stdout and "Adam starts afresh" not in result.stdout
@@ -174,7 +188,8 @@ def test_first_schema_checkpoint_resumes(tmp_path):
              "--patch-data-fraction", "0.667", "--lr", "3e-3", "--lr-warmup-iters", "1", "--cpu",
              "--ffn-hidden-size", "64", "--eval-iters", "0", "--log-interval", "1",
              *ARCHITECTURE_FLAGS]  # schema 1 knew only this architecture
-    result = pretrain(*flags, "--train-iters", "3", "--load", load)
+    result = pretrain(*flags, "--train-iters", "3", "--load", load,
+                      "--use-checkpoint-opt_param-scheduler")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"loaded {load}/iter_0000002 (iteration 2)" in result.stdout
     assert "iteration        3/       3 | consumed samples:           12 |" in result.stdout

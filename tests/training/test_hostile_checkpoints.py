@@ -245,7 +245,8 @@ LOADS = textwrap.dedent("""
     for name, (ckpt, extra) in cases.items():
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            rc = main(flags + ["--train-iters", "6", "--load", ckpt] + extra)
+            rc = main(flags + ["--train-iters", "6", "--load", ckpt,
+                       "--use-checkpoint-opt_param-scheduler"] + extra)
         results[name] = (rc, err.getvalue())
     print(json.dumps(results))
 """)

@@ -85,7 +85,7 @@ def test_plan_numbers_are_what_the_real_parser_derives_from_the_commands(tmp_pat
     (dict(tokens=60), "the patch stage's flags (global batch 2) are refused by "
                       "pretrain_patch_gpt.py: the patch stage gets no full step"),
     (dict(tokens=100), "the token stage gets no full step of 64 tokens"),
-    (dict(extra=("--lr-warmup-iters", "15")), "warmup of 15 steps does not fit"),
+    (dict(extra=("--lr-warmup-iters", "15")), "warmup of 15 steps (120 samples) does not fit"),
     # B/K = 2 samples cannot spread over micro-batch 2 x DP 2
     (dict(launch=two_stage.Launch(nproc_per_node=2)),
      "the patch stage's global batch of 2 samples is not divisible by micro-batch-size x "

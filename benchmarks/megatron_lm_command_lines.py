@@ -1,0 +1,92 @@
+"""How many of Megatron-LM's own GPT command lines pretrain_patch_gpt.py's parser accepts.
+
+    python benchmarks/megatron_lm_command_lines.py --megatron-lm MLM
+
+MLM is a folder holding Megatron-LM's ``examples`` and
+``tests/functional_tests/test_cases/gpt`` at the release matching the pinned
+megatron-core (``git archive core_v0.16.1 examples tests/functional_tests``).
+Each dense GPT/LLaMA configuration (mixture-of-experts, multi-latent attention,
+RL, FSDP, hybrid and inference cases left out) is parsed as Megatron-LM's
+``pretrain_gpt.py`` would get it, with the patch flags ``--patch-size 4
+--patch-data-fraction 0.667`` added; the script prints how many parse, and
+which flags stop the others (refused with a reason, or unknown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+import warnings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from patch_megatron.training.arguments import ArgumentError, parse_args  # noqa: E402
+
+LEFT_OUT = ("moe", "mla", "_ep", "fsdp", "gdn", "modelopt", "mamba", "hybrid", "inference", "rl",
+            "grpo", "distill", "export", "experts", "fp8", "fp4", "multi_dist_optimizer")
+PATCH_FLAGS = ["--patch-size", "4", "--patch-data-fraction", "0.667"]
+
+
+def _placeholders(value: str) -> str:
+    return re.sub(r"\$\{?([A-Z_]+)\}?", lambda m: m.group(1).lower(), value)
+
+
+def functional_tests(root: str) -> dict[str, list[str]]:
+    import yaml
+
+    lines = {}
+    for path in sorted(glob.glob(os.path.join(root, "tests/functional_tests/test_cases/gpt/*/model_config.yaml"))):
+        name = os.path.basename(os.path.dirname(path))
+        if any(part in name for part in LEFT_OUT):
+            continue
+        argv = []
+        for flag, value in (yaml.safe_load(open(path)).get("MODEL_ARGS") or {}).items():
+            if value is True:
+                argv.append(flag)
+            elif value is not False and value is not None:
+                argv += [flag, *_placeholders(str(value)).split()]
+        lines[name] = argv
+    return lines
+
+
+def example(path: str) -> list[str]:
+    """The flags of an example script's argument arrays (variables replaced by placeholders)."""
+    text = open(path).read()
+    argv = []
+    for block in re.findall(r"^[A-Z_]+_ARGS=\(\n(.*?)^\)", text, flags=re.S | re.M):
+        for line in block.splitlines():
+            line = _placeholders(line.split("#")[0].strip().strip('"'))
+            argv += line.split()
+    return argv
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--megatron-lm", required=True)
+    options = p.parse_args()
+    lines = functional_tests(options.megatron_lm)
+    for script in ("examples/gpt3/train_gpt3_175b_distributed.sh",
+                   "examples/llama/train_llama3_8b_h100_fp8.sh"):
+        lines[script] = example(os.path.join(options.megatron_lm, script))
+    parsed, stops = [], collections.Counter()
+    for name, argv in lines.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                parse_args(argv + PATCH_FLAGS)
+                parsed.append(name)
+            except ArgumentError as error:
+                stops[str(error).split(" (")[0][:140]] += 1
+    print(f"{len(parsed)} of {len(lines)} Megatron-LM GPT command lines parse "
+          f"(with {' '.join(PATCH_FLAGS)})")
+    for reason, count in stops.most_common():
+        print(f"{count:4d}  {reason}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Every flag is honoured, accepted without effect (listed), or refused with its reason.
+
+The walk below goes through every option of ``pretrain_patch_gpt.py``'s parser:
+a flag in neither table must be read by the code (``args.<dest>`` somewhere in
+the package, the entry point or the tools), so that no flag is parsed and then
+silently dropped.
+"""
+
+import os
+import re
+import warnings
+
+import pytest
+
+from patch_megatron.llama_recipe import RECIPE_FLAGS
+from patch_megatron.training import build, megatron_lm_flags
+from patch_megatron.training.arguments import ArgumentError, build_parser, parse_args
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BASE = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 16 "
+        "--micro-batch-size 2 --mock-data --vocab-size 100 --cpu --lr 3e-4 "
+        "--train-iters 5").split()
+
+
+def _sources():
+    texts = []
+    roots = [os.path.join(REPO, "patch_megatron"), os.path.join(REPO, "tools")]
+    for root in roots:
+        for folder, _, files in os.walk(root):
+            texts += [open(os.path.join(folder, f), encoding="utf-8").read()
+                      for f in files if f.endswith(".py")]
+    texts.append(open(os.path.join(REPO, "pretrain_patch_gpt.py"), encoding="utf-8").read())
+    return "\n".join(texts)
+
+
+def test_every_flag_is_honoured_or_in_a_table():
+    source = _sources()
+    tables = set(megatron_lm_flags.NO_OP) | set(megatron_lm_flags.REFUSED)
+    unread = []
+    for action in build_parser()._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        if set(action.option_strings) & tables:
+            continue
+        # Read as an attribute of the parsed flags (args.x, a.x, options.x, getattr(args, "x")).
+        if not re.search(rf"\.{action.dest}\b|[\"']{action.dest}[\"']", source):
+            unread.append(action.option_strings[0])
+    assert unread == [], f"parsed but never read (silently ignored): {unread}"
+
+
+def test_the_tables_do_not_overlap_and_help_shows_them():
+    assert not set(megatron_lm_flags.NO_OP) & set(megatron_lm_flags.REFUSED)
+    text = build_parser().format_help()
+    assert "accepted without effect" in text and "Megatron-LM flags refused" in text
+    for flag in list(megatron_lm_flags.NO_OP) + list(megatron_lm_flags.REFUSED):
+        assert flag in text
+
+
+@pytest.mark.parametrize("flag", sorted(megatron_lm_flags.REFUSED))
+def test_refused_flags_name_why(flag):
+    with pytest.raises(ArgumentError) as error:
+        parse_args(BASE + [flag, "1"])
+    assert str(error.value) == f"{flag}: {megatron_lm_flags.REFUSED[flag]}"
+
+
+def test_no_op_flags_change_nothing_and_are_named():
+    plain = parse_args(BASE + list(RECIPE_FLAGS))
+    flags = []
+    for flag in megatron_lm_flags.NO_OP:
+        flags += [flag, "1"] if flag in ("--distributed-backend", "--attention-backend",
+                                         "--timing-log-level") else [flag]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        noisy = parse_args(BASE + list(RECIPE_FLAGS) + flags)
+    named = " ".join(str(w.message) for w in caught)
+    assert all(flag in named for flag in megatron_lm_flags.NO_OP)
+    assert vars(noisy) == vars(plain)  # the tables' entries are gone: nothing else differs
+    assert build.model_config(noisy, 100) == build.model_config(plain, 100)
