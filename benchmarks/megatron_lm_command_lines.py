@@ -75,6 +75,10 @@ def main() -> None:
         lines[script] = example(os.path.join(options.megatron_lm, script))
     parsed, stops = [], collections.Counter()
     for name, argv in lines.items():
+        if "--vocab-file" in argv and "--tokenizer-type" not in argv:
+            # The functional-test configurations leave the tokenizer type to their launcher;
+            # Megatron-LM itself has no default. Their files are GPT-2's BPE.
+            argv = argv + ["--tokenizer-type", "GPT2BPETokenizer"]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:

@@ -10,6 +10,8 @@ memory on a GPU, the process's peak RSS on CPU (which includes the libraries).
 
     python benchmarks/throughput.py        # GPU: the paper's 370M, bf16; CPU: a small model
     python benchmarks/throughput.py --num-layers 12 --micro-batch-tokens 32768   # override any part
+    python benchmarks/throughput.py --patch-sizes 4 --extra-args="--recompute-granularity full \
+        --recompute-method uniform --recompute-num-layers 1"   # any pretrain_patch_gpt.py flags
 """
 
 import argparse
@@ -57,7 +59,7 @@ def stage_command(args, K):
            "--lr", "3e-4", *RECIPE_FLAGS]
     if args.bf16:
         cmd.append("--bf16")
-    return cmd
+    return cmd + args.extra_args.split()
 
 
 def mean(values):
@@ -97,6 +99,7 @@ def main():
     p.add_argument("--patch-sizes", default="2,4,8")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--log-interval", type=int, default=5)
+    p.add_argument("--extra-args", default="", help="more pretrain_patch_gpt.py flags, for every run")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=defaults["bf16"],
                    help="default: on with a GPU, off on CPU")
     args = p.parse_args()
@@ -116,7 +119,8 @@ def main():
     print(f"\nconfig: {args.num_layers} layers, hidden {args.hidden_size}, ffn {args.ffn_hidden_size}, "
           f"{args.num_attention_heads} heads, T={args.seq_length}, vocab {args.vocab_size}, "
           f"{'bf16' if args.bf16 else 'fp32'}, {args.micro_batch_tokens} tokens per micro-batch and step, "
-          f"{args.iters} iterations, device {device}")
+          f"{args.iters} iterations, device {device}"
+          + (f", extra flags: {args.extra_args}" if args.extra_args else ""))
     print(f"peak MiB: {PEAK_MEMORY_MEANING[device[:3]]}; MFU: against the device's dense bf16 peak (none on CPU)")
     print(f"{'stage':<14}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU %':>8}{'x token':>9}{'/ K':>7}"
           f"{'peak MiB':>10}{'mem x token':>13}")

@@ -38,6 +38,16 @@ def test_hand_count_small_config():
     assert training_flops_per_iteration(SMALL, T, global_batch_size=8) == 8 * 3 * 7_471_104
 
 
+def test_gelu_mlp_has_one_input_projection():
+    # Megatron-LM's default GPT MLP: fc1 computes f outputs, not SwiGLU's 2f.
+    from dataclasses import replace
+
+    gelu = replace(SMALL, gated_linear_unit=False)
+    fc1_half = 2 * 32 * 64 * 176  # the up projection alone
+    assert forward_flops_per_sample(SMALL, T) - forward_flops_per_sample(gelu, T) == 2 * fc1_half
+    assert parameter_count(SMALL) - parameter_count(gelu) == 2 * 64 * 176
+
+
 def test_matches_megatron_lm_closed_form():
     # Megatron-LM's num_floating_point_operations for a dense SwiGLU GQA model,
     # written out independently: 12·b·s·L·h² · [(1 + g/a + s/h)·(a·d/h)

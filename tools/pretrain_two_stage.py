@@ -10,8 +10,9 @@ step, so both see B·T tokens per step), prints the plan, then runs
 pretrain_patch_gpt.py for the patch stage (DIR/patch),
 tools/convert_patch_to_token.py (DIR/token_init) and pretrain_patch_gpt.py for
 the token stage (DIR/token). PRETRAIN_FLAGS (model, data, optimizer, logging:
-Megatron-LM's names, see ``python pretrain_patch_gpt.py --help``) go unchanged
-to both stages.
+Megatron-LM's names and defaults, see ``python pretrain_patch_gpt.py --help``;
+the paper's LLaMA recipe is the flags of ``patch_megatron/llama_recipe.py``) go
+unchanged to both stages.
 
 Run the same command again to continue: finished stages are skipped, an
 interrupted one resumes from its last checkpoint. On several nodes run it on

@@ -41,6 +41,14 @@ NO_OP = {
     "--no-ckpt-fully-parallel-save": _CKPT_IO,
     "--ckpt-assume-constant-structure": _CKPT_IO,
     "--use-persistent-ckpt-worker": _CKPT_IO,
+    "--dist-ckpt-optim-fully-reshardable": "the distributed optimizer is saved dp_reshardable "
+                                           "(Megatron-LM's default): it resumes at any "
+                                           "data-parallel size, and a resume at another TP/PP is "
+                                           "refused with the fix",
+    "--num-workers": "batches are read in the training process: the same samples in the same "
+                     "order",
+    "--rerun-mode": "re-running steps to validate results is not performed here; training is "
+                    "unchanged",
     "--auto-detect-ckpt-format": "checkpoints here are torch_dist, which the loader reads",
     "--no-use-tokenizer-model-from-checkpoint-args": "the tokenizer always comes from the flags",
     "--no-create-attention-mask-in-dataloader": "the causal mask is the kernel's; no mask tensor "
@@ -99,8 +107,6 @@ REFUSED = {
                               + _NOT_YET + "; drop it (the same updates, gathered after the step)",
     "--overlap-param-gather-with-optimizer-step": "overlapping the parameter all-gather is "
                                                   + _NOT_YET,
-    "--dist-ckpt-optim-fully-reshardable": "the distributed optimizer is saved dp_reshardable "
-                                           "(Megatron-LM's default); drop the flag",
     "--use-checkpoint-args": "model flags are not read from the checkpoint; give them on the "
                              "command line (a mismatch is named when loading)",
     "--save-retain-interval": "pruning old checkpoints is " + _NOT_YET + "; every save is kept",

@@ -229,3 +229,20 @@ def test_megatron_lm_ffn_default():
     base = {k: v for k, v in SHAPE.items() if k not in ("ffn_hidden_size", "hidden_size")}
     assert PatchGPTConfig(**{**base, "hidden_size": 512, "activation": "gelu"}).ffn_hidden_size == 2048
     assert PatchGPTConfig(**{**base, "hidden_size": 512}).ffn_hidden_size == 1344
+
+
+@pytest.mark.parametrize("recompute", [dict(recompute_granularity="full", recompute_method="uniform",
+                                            recompute_num_layers=1),
+                                       dict(recompute_granularity="full", recompute_method="block",
+                                            recompute_num_layers=2),
+                                       dict(recompute_granularity="selective")],
+                         ids=["full-uniform", "full-block", "selective"])
+def test_activation_recompute_gives_the_same_loss_and_gradients(recompute):
+    plain, again = _model(4), _model(4, **recompute)
+    again.load_state_dict(plain.state_dict())
+    window = _window(4, seed=2)
+    tokens, labels = window[:, :-4], window[:, 4:]
+    for model in (plain, again):
+        model(tokens, labels=labels).mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), again.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=name)
