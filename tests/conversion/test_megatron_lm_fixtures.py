@@ -267,3 +267,14 @@ def test_converters_read_megatron_lm_checkpoints(tmp_path_factory, world_of_one)
     assert torch.equal(exported["model.embed_tokens.weight"],
                        sharded["embedding.word_embeddings.weight"][:129])
     assert json.load(open(os.path.join(out, "config.json")))["vocab_size"] == 129
+
+
+def test_hugging_face_export_refuses_a_gpt_architecture(tmp_path):
+    # Megatron-LM's default GPT (LayerNorm, GeLU, biases, learned positions) is no Llama.
+    from two_stage import run_tool
+
+    code, err = run_tool("convert_to_hf", ["--load", os.path.join(FIXTURES, "gpt_plain"),
+                                           "--output", str(tmp_path / "hf")])
+    assert code != 0 and "is not a Llama-architecture model" in err
+    assert "normalization 'LayerNorm' (Llama: 'RMSNorm')" in err
+    assert not os.path.exists(tmp_path / "hf")

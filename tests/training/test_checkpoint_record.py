@@ -167,6 +167,28 @@ def test_megatron_lm_checkpoint_resumes_here(tmp_path, name, extra):
     assert "iteration        3/       3 | consumed samples:           12 |" in result.stdout
 
 
+# gpt_plain: Megatron-LM's default GPT, from the same flags without the LLaMA ones.
+GPT_FLAGS = [f for f in MLM_FLAGS if f not in ("--normalization", "RMSNorm", "--swiglu",
+                                               "--position-embedding-type", "rope",
+                                               "--disable-bias-linear",
+                                               "--untie-embeddings-and-output-weights")]
+
+
+def test_megatron_lm_default_gpt_checkpoint_resumes_with_its_own_flags(tmp_path):
+    load = str(tmp_path / "load")
+    shutil.copytree(os.path.join(MLM, "gpt_plain"), load)
+    record = record_of(load)
+    assert record.model_shape["normalization"] == "LayerNorm"
+    assert record.model_shape["activation"] == "gelu" and record.model_shape["add_bias_linear"]
+    assert record.model_shape["position_embedding_type"] == "learned_absolute"
+    result = pretrain(*GPT_FLAGS, "--train-iters", "3", "--load", load,
+                      "--use-checkpoint-opt_param-scheduler")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"loaded {load}/iter_0000002 (iteration 2); a Megatron-LM checkpoint" in result.stdout
+    assert "RNG state not restored" not in result.stdout and "Adam starts afresh" not in result.stdout
+    assert "iteration        3/       3 | consumed samples:           12 |" in result.stdout
+
+
 def test_patch_stage_starts_from_a_megatron_lm_checkpoint(tmp_path):
     load = str(tmp_path / "load")
     shutil.copytree(os.path.join(MLM, "llama_plain"), load)
