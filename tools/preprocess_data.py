@@ -38,6 +38,13 @@ def get_args(argv=None):
     group = parser.add_argument_group(title="tokenization process")
     group.add_argument("--append-eod", action="store_true",
                        help="append the tokenizer's EOD id to every document")
+    group.add_argument("--split-sentences", action="store_true",
+                       help="refused: NLTK sentence splitting is not implemented here; give "
+                            "presplit documents (a JSON list of sentences per key) instead")
+    group.add_argument("--keep-newlines", action="store_true",
+                       help="refused with --split-sentences (see there)")
+    group.add_argument("--lang", default="english",
+                       help="refused with --split-sentences (see there)")
     group = parser.add_argument_group(title="output data")
     group.add_argument("--output-prefix", required=True,
                        help="writes OUTPUT_PREFIX_{key}_document.bin/.idx")
@@ -46,7 +53,19 @@ def get_args(argv=None):
                        help="tokenizer worker processes (0: tokenize in the main process)")
     group.add_argument("--log-interval", type=int, default=1000,
                        help="documents between progress lines")
-    return parser.parse_args(argv)
+    group.add_argument("--partitions", type=int, default=1,
+                       help="accepted without effect: --workers parallelises, and the output "
+                            "keeps the input's order (Megatron-LM's --keep-sequential-samples)")
+    group.add_argument("--keep-sequential-samples", action="store_true",
+                       help="accepted without effect: the output always keeps the input's order")
+    args = parser.parse_args(argv)
+    if args.split_sentences or args.keep_newlines or args.lang != "english":
+        parser.error("--split-sentences/--keep-newlines/--lang (NLTK sentence splitting) are not "
+                     "implemented in patch-megatron yet; split the documents beforehand and give "
+                     "each one's sentences as a JSON list (one sequence per sentence is written)")
+    if args.partitions < 1:
+        parser.error("--partitions must be >= 1")
+    return args
 
 
 def main(argv=None) -> int:

@@ -270,3 +270,22 @@ def test_gpt2_bpe_vocab_and_merge_files(tmp_path, tool_loader, capsys):
     eod = 0  # <|endoftext|> is entry 0 of the fixture's vocabulary
     expected = [i for s in samples for i in s["ids"] + [eod]]
     assert numpy.fromfile(tmp_path / "g_text_document.bin", dtype=numpy.uint16).tolist() == expected
+
+
+def test_megatron_lm_partition_flags_keep_the_output_and_sentence_splitting_is_refused(
+        tmp_path, tool_loader, capsys):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in ("1 2 3", "4 5", "6")])
+    common = ["--input", source, "--tokenizer-type", "NullTokenizer", "--vocab-size", 10,
+              "--workers", 0]
+    code, _, err = run(tool_loader, capsys, *common, "--output-prefix", tmp_path / "a")
+    assert code == 0, err
+    code, _, err = run(tool_loader, capsys, *common, "--output-prefix", tmp_path / "b",
+                       "--partitions", 2, "--keep-sequential-samples")
+    assert code == 0, err
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"a_text_document{suffix}").read_bytes() == \
+            (tmp_path / f"b_text_document{suffix}").read_bytes()
+    with pytest.raises(SystemExit):
+        run(tool_loader, capsys, *common, "--output-prefix", tmp_path / "c", "--split-sentences")
+    assert "give each one's sentences as a JSON list" in capsys.readouterr().err
+    assert not (tmp_path / "c_text_document.bin").exists()
