@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("optimizer and learning-rate schedule (per stage)")
     g.add_argument("--optimizer", choices=["adam"], default="adam", help="AdamW (decoupled decay)")
     g.add_argument("--lr", type=float, default=None, help="required (Megatron-LM has no default)")
+    g.add_argument("--decoupled-lr", type=float, default=None,
+                   help="peak learning rate of the input embedding and output layer (default: --lr)")
+    g.add_argument("--decoupled-min-lr", type=float, default=None,
+                   help="their minimum learning rate (default: --min-lr)")
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", default="linear",
                    choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
@@ -274,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100)
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--log-params-norm", action="store_true",
+                   help="add the parameters' L2 norm to the log line")
+    g.add_argument("--log-num-zeros-in-grad", action="store_true",
+                   help="add the number of zero gradient entries to the log line")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak for MFU; default: the known peak of the GPU, none on CPU")
 
@@ -476,6 +484,10 @@ def _check_patch_and_length(a) -> None:
 def _check_optimizer(a) -> None:
     _require(a.lr is not None, "give the peak learning rate with --lr (Megatron-LM has no "
              "default either); the paper's recipe uses 3e-4")
+    _require(a.decoupled_min_lr is None or a.decoupled_lr is not None,
+             "--decoupled-min-lr needs --decoupled-lr")
+    _require(a.decoupled_lr is None or (math.isfinite(a.decoupled_lr) and a.decoupled_lr > 0),
+             "--decoupled-lr must be a positive number")
     _require(math.isfinite(a.lr) and math.isfinite(a.min_lr),
              f"--lr and --min-lr must be finite numbers (got lr {a.lr}, min-lr {a.min_lr})")
     _require(a.lr > 0 and 0 <= a.min_lr <= a.lr,

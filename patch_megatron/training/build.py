@@ -85,6 +85,10 @@ def build_optimizer(args, ddp_model):
         optimizer="adam",  # megatron's "adam" is AdamW: decoupled weight decay
         lr=args.lr,
         min_lr=args.min_lr,
+        # megatron-core gives the embedding and output layer these (is_embedding_or_output_parameter)
+        decoupled_lr=args.decoupled_lr,
+        decoupled_min_lr=args.decoupled_min_lr,
+        log_num_zeros_in_grad=args.log_num_zeros_in_grad,
         weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2,

@@ -81,6 +81,7 @@ class StepResult:
     grad_norm: float | None
     skipped: bool
     reason: str | None = None  # why a finite-loss step was skipped (non-finite grads or lr)
+    num_zeros_in_grad: float | None = None  # with --log-num-zeros-in-grad
 
 
 def train_step(model, optimizer, scheduler, data_iterator, num_microbatches, args, iteration):
@@ -120,10 +121,11 @@ def train_step(model, optimizer, scheduler, data_iterator, num_microbatches, arg
                 "drop such steps"
             )
         return StepResult(loss, None, skipped=True, reason=problem)
-    update_successful, grad_norm, _ = optimizer.step()
+    update_successful, grad_norm, num_zeros_in_grad = optimizer.step()
     if update_successful:  # the schedule counts samples, as Megatron-LM's
         scheduler.step(increment=args.stage.global_batch_size)
-    return StepResult(loss, grad_norm, skipped=not update_successful)
+    return StepResult(loss, grad_norm, skipped=not update_successful,
+                      num_zeros_in_grad=num_zeros_in_grad)
 
 
 def _any_rank(flag: bool) -> bool:
@@ -280,7 +282,8 @@ def train(run: Run, state: TrainState) -> str:
     from patch_megatron import flops
     from patch_megatron.est.training import loop_controller
     from patch_megatron.training.exit_conditions import ExitConditions
-    from patch_megatron.training.metrics import (IntervalMeter, max_over_ranks, peak_memory_mib,
+    from patch_megatron.training.metrics import (IntervalMeter, max_over_ranks, params_norm,
+                                                 peak_memory_mib,
                                                  step_flops, synchronize, throughput, train_line)
 
     args, plan = run.args, run.plan
@@ -330,9 +333,14 @@ def train(run: Run, state: TrainState) -> str:
             grad_norm = step.grad_norm if step.grad_norm is not None else float("nan")
             memory = max_over_ranks(peak_memory_mib(device), device)
             loss_scale = run.optimizer.get_loss_scale().item() if args.fp16 else None
+            extra = {}  # Megatron-LM's optional fields, after the grad norm
+            if getattr(args, "log_num_zeros_in_grad", False) and step.num_zeros_in_grad is not None:
+                extra["num zeros"] = float(step.num_zeros_in_grad)
+            if getattr(args, "log_params_norm", False):
+                extra["params norm"] = params_norm(run.model)
             run.print(train_line(plan, state.iteration, state.consumed_samples, lr, step.loss,
                                  grad_norm, per_iter, tokens_per_s, tflops, mfu,
-                                 state.skipped_iters, state.nan_iters, memory, loss_scale))
+                                 state.skipped_iters, state.nan_iters, memory, loss_scale, extra))
             tokens = state.consumed_samples * plan.tokens_per_sample
             run.tensorboard.scalars({
                 f"train/{plan.loss_name}": step.loss, "train/learning-rate": lr,

@@ -64,8 +64,6 @@ NO_OP = {
     "--disable-gloo-process-groups": "process groups are created as megatron-core needs them",
     "--check-weight-hash-across-dp-replicas-interval": "a consistency check, not performed here",
     "--straggler-minmax-count": "straggler reporting, not performed here",
-    "--log-params-norm": _NOT_LOGGED,
-    "--log-num-zeros-in-grad": _NOT_LOGGED,
     "--log-timers-to-tensorboard": _NOT_LOGGED,
     "--log-memory-to-tensorboard": _NOT_LOGGED,
     "--log-validation-ppl-to-tensorboard": _NOT_LOGGED,
@@ -87,10 +85,6 @@ REFUSED = {
     "--tiktoken-pattern": "TikTokenizer is " + _NOT_YET + "; use HuggingFaceTokenizer",
     "--rampup-batch-size": "batch-size ramp-up is " + _NOT_YET + "; use a constant "
                            "--global-batch-size",
-    "--decoupled-lr": "a separate learning rate for the embedding and output layer is " + _NOT_YET
-                      + "; drop it to train every parameter at --lr",
-    "--decoupled-min-lr": "a separate learning rate for the embedding and output layer is "
-                          + _NOT_YET + "; drop it",
     "--num-layers-per-virtual-pipeline-stage": "interleaved pipeline schedules are " + _NOT_YET
                                                + "; drop it (the same model, a larger bubble)",
     "--num-virtual-stages-per-pipeline-rank": "interleaved pipeline schedules are " + _NOT_YET

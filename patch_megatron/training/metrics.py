@@ -115,11 +115,30 @@ def max_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, 
     return dict(zip(values, reduced.tolist()))
 
 
+def params_norm(model) -> float:
+    """The L2 norm of the model's parameters, each counted once (Megatron-LM's --log-params-norm):
+    tensor-parallel copies and the tied output layer's copy of the embedding are left out, and
+    the squares are summed over the tensor- and pipeline-parallel ranks."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    device = next(model.parameters()).device
+    total = torch.zeros(1, dtype=torch.float64, device=device)
+    for param in model.parameters():
+        if param_is_not_tensor_parallel_duplicate(param) and param_is_not_shared(param):
+            total += param.detach().double().pow(2).sum()
+    if torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized():
+        torch.distributed.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    return float(total.sqrt())
+
+
 def train_line(plan, iteration, consumed_samples, lr, loss, grad_norm, seconds_per_iter,
                tokens_per_s, tflops, mfu, skipped, nan_iters, memory_mib: dict | None = None,
-               loss_scale: float | None = None) -> str:
+               loss_scale: float | None = None, extra: dict | None = None) -> str:
     """Megatron-LM's training log line; ``memory_mib`` ({label: MiB}) adds peak-memory fields,
-    ``loss_scale`` fp16's dynamic loss scale."""
+    ``loss_scale`` fp16's dynamic loss scale, ``extra`` fields after the grad norm
+    (``num zeros``, ``params norm``)."""
     fields = [
         f"iteration {iteration:8d}/{plan.train_iters:8d}",
         f"consumed samples: {consumed_samples:12d}",
@@ -136,6 +155,7 @@ def train_line(plan, iteration, consumed_samples, lr, loss, grad_norm, seconds_p
         f"{plan.loss_name}: {loss:.6E}",
         *([f"loss scale: {loss_scale:.1f}"] if loss_scale is not None else []),
         f"grad norm: {grad_norm:.3f}",
+        *[f"{label}: {value:.3f}" for label, value in (extra or {}).items()],
         f"number of skipped iterations: {skipped:3d}",
         f"number of nan iterations: {nan_iters:3d}",
     ]

@@ -76,3 +76,44 @@ def test_no_op_flags_change_nothing_and_are_named():
     assert all(flag in named for flag in megatron_lm_flags.NO_OP)
     assert vars(noisy) == vars(plain)  # the tables' entries are gone: nothing else differs
     assert build.model_config(noisy, 100) == build.model_config(plain, 100)
+
+
+def test_log_params_norm_and_num_zeros_reach_the_log_line(tmp_path):
+    import subprocess
+    import sys
+
+    from repo_tools import child_environment
+
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "pretrain_patch_gpt.py"), *BASE[:-2], "--train-iters",
+         "2", "--log-interval", "1", "--eval-iters", "0", "--log-params-norm",
+         "--log-num-zeros-in-grad", *RECIPE_FLAGS],
+        capture_output=True, text=True, env=child_environment(), cwd=str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if " iteration " in line]
+    assert len(lines) == 2
+    for line in lines:
+        norm = float(re.search(r"params norm: ([0-9.]+)", line).group(1))
+        zeros = float(re.search(r"num zeros: ([0-9.]+)", line).group(1))
+        assert norm > 0 and zeros >= 0
+        assert line.index("grad norm") < line.index("num zeros") < line.index("params norm")
+
+
+def test_params_norm_counts_each_parameter_once(model_world):
+    import torch
+
+    from patch_megatron.model import PatchGPTConfig, build_model
+    from patch_megatron.training.metrics import params_norm
+
+    model = build_model(PatchGPTConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
+                                       vocab_size=64, seq_length=8,
+                                       untie_embeddings_and_output_weights=False))
+    expected = torch.sqrt(sum(p.detach().double().pow(2).sum() for p in model.parameters()))
+    assert abs(params_norm(model) - float(expected)) < 1e-9
+
+
+@pytest.fixture
+def model_world():
+    from distributed_harness import init_world_of_one
+
+    init_world_of_one()

@@ -19,7 +19,9 @@ from distributed_harness import init_world_of_one
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "megatron_lm")
 sys.path.insert(0, FIXTURES)
-from make_conformance import CONFIG_FIELDS, COMMAND_LINES, OPTIMIZER_FIELDS, SCHEDULER_FIELDS, argv_of  # noqa: E402
+from make_conformance import (  # noqa: E402
+    CONFIG_FIELDS, COMMAND_LINES, OPTIMIZER_FIELDS, SCHEDULER_FIELDS, argv_of, param_groups,
+)
 
 with open(os.path.join(FIXTURES, "conformance.json")) as f:
     EXPECTED = json.load(f)["command_lines"]
@@ -41,7 +43,7 @@ def built():
         ddp = build.build_ddp_model(args, config)
         optimizer = build.build_optimizer(args, ddp)
         scheduler = build.build_scheduler(args, args.stage, optimizer)
-        out[name] = (args, ddp, scheduler)
+        out[name] = (args, ddp, scheduler, optimizer)
     return out
 
 
@@ -54,7 +56,7 @@ def test_the_fixture_covers_gpt3_and_llama_command_lines():
 
 @pytest.mark.parametrize("name", sorted(COMMAND_LINES))
 def test_model_parameters_match_megatron_lm(built, name):
-    _, ddp, _ = built[name]
+    ddp = built[name][1]
     ours = {k: list(v.shape) for k, v in ddp.module.state_dict().items()
             if not k.endswith("_extra_state")}
     assert ours == EXPECTED[name]["parameters"]
@@ -62,7 +64,7 @@ def test_model_parameters_match_megatron_lm(built, name):
 
 @pytest.mark.parametrize("name", sorted(COMMAND_LINES))
 def test_transformer_config_matches_megatron_lm(built, name):
-    _, ddp, _ = built[name]
+    ddp = built[name][1]
     config, module, expected = ddp.module.config, ddp.module, EXPECTED[name]
     ours = {f: getattr(config, f) for f in CONFIG_FIELDS}
     assert ours == expected["config"]
@@ -77,10 +79,12 @@ def test_transformer_config_matches_megatron_lm(built, name):
 def test_optimizer_and_schedule_match_megatron_lm(built, name):
     from patch_megatron.training import build
 
-    args, _, scheduler = built[name]
+    args, _, scheduler, optimizer = built[name]
     expected = EXPECTED[name]
     assert {f: getattr(args, f) for f in OPTIMIZER_FIELDS} == expected["optimizer"]
     ours = {f: getattr(scheduler, f, None) for f in SCHEDULER_FIELDS}
     assert ours == expected["scheduler"]
     assert build.grad_reduce_in_fp32(args) == expected["grad_reduce_in_fp32"]
+    # weight decay off for biases and norms, --decoupled-lr for the embedding and output layer
+    assert param_groups(optimizer) == expected["param_groups"]
     assert args.stage.global_batch_size == expected["global_batch_size"]
