@@ -55,13 +55,25 @@ def functional_tests(root: str) -> dict[str, list[str]]:
 
 
 def example(path: str) -> list[str]:
-    """The flags of an example script's argument arrays (variables replaced by placeholders)."""
+    """The training flags of an example script's argument arrays (the launcher's left out),
+    with the script's own variable values, and placeholders for what it reads from its caller."""
     text = open(path).read()
+    values = {}
+    for name, value in re.findall(r"^([A-Z_]+)=(.*)$", text, flags=re.M):
+        value = value.split("#")[0].strip().strip('"')
+        default = re.fullmatch(r"\$\{[A-Z_0-9]+:-(.*)\}", value)
+        values[name] = default.group(1) if default else value
+
+    def substitute(line: str) -> str:
+        return re.sub(r"\$\{?([A-Z_]+)\}?", lambda m: values.get(m.group(1), m.group(1).lower()),
+                      line)
+
     argv = []
-    for block in re.findall(r"^[A-Z_]+_ARGS=\(\n(.*?)^\)", text, flags=re.S | re.M):
+    for name, block in re.findall(r"^([A-Z_]+_ARGS)=\(\n(.*?)^\)", text, flags=re.S | re.M):
+        if name == "DISTRIBUTED_ARGS":  # torchrun's
+            continue
         for line in block.splitlines():
-            line = _placeholders(line.split("#")[0].strip().strip('"'))
-            argv += line.split()
+            argv += substitute(line.split("#")[0].strip().strip('"')).split()
     return argv
 
 

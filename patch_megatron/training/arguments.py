@@ -278,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100)
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--profile", action="store_true",
+                   help="profile steps --profile-step-start..--profile-step-end: an nsys capture "
+                        "range (cudaProfilerStart/Stop), or torch.profiler with "
+                        "--use-pytorch-profiler")
+    g.add_argument("--profile-step-start", type=int, default=10)
+    g.add_argument("--profile-step-end", type=int, default=12)
+    g.add_argument("--use-pytorch-profiler", action="store_true",
+                   help="--profile with torch.profiler, its trace into --tensorboard-dir")
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0])
     g.add_argument("--log-params-norm", action="store_true",
                    help="add the parameters' L2 norm to the log line")
     g.add_argument("--log-num-zeros-in-grad", action="store_true",
@@ -571,6 +580,11 @@ def _check_io_and_logging(a) -> None:
     _require(a.log_interval >= 1 and a.eval_interval >= 1 and a.eval_iters >= 0,
              "need --log-interval >= 1, --eval-interval >= 1, --eval-iters >= 0")
     _require(a.exit_interval is None or a.exit_interval >= 1, "--exit-interval must be >= 1")
+    if a.profile:
+        _require(0 <= a.profile_step_start < a.profile_step_end,
+                 "--profile needs 0 <= --profile-step-start < --profile-step-end")
+        _require(not a.use_pytorch_profiler or a.tensorboard_dir,
+                 "--use-pytorch-profiler writes its trace into --tensorboard-dir: give one")
     _require(a.exit_duration_in_mins is None or a.exit_duration_in_mins > 0,
              "--exit-duration-in-mins must be > 0")
 

@@ -282,6 +282,7 @@ def train(run: Run, state: TrainState) -> str:
     from patch_megatron import flops
     from patch_megatron.est.training import loop_controller
     from patch_megatron.training.exit_conditions import ExitConditions
+    from patch_megatron.training.profiling import Profiler
     from patch_megatron.training.metrics import (IntervalMeter, max_over_ranks, params_norm,
                                                  peak_memory_mib,
                                                  step_flops, synchronize, throughput, train_line)
@@ -298,7 +299,9 @@ def train(run: Run, state: TrainState) -> str:
     est = loop_controller(args, plan, run.shape, run.print)
     full_step_flops = step_flops(plan, run.shape)
     interval_flops = 0.0
+    profiler = Profiler(args, torch.distributed.get_rank(), run.print)
     while state.iteration < plan.train_iters:
+        profiler.before_step(state.iteration)
         lr = run.scheduler.optimizer.param_groups[0]["lr"]
         kept = est.set_step([run.model], state.iteration + 1) if est else flops.FULL_MODEL
         this_step_flops = step_flops(plan, run.shape, kept)
@@ -312,6 +315,7 @@ def train(run: Run, state: TrainState) -> str:
         state.iteration += 1
         state.consumed_samples += plan.global_batch_size
         meter.add()
+        profiler.after_step(state.iteration)
         if step.skipped:
             state.skipped_iters += 1
             if not math.isfinite(step.loss):

@@ -117,3 +117,22 @@ def model_world():
     from distributed_harness import init_world_of_one
 
     init_world_of_one()
+
+
+def test_pytorch_profiler_writes_a_trace_of_the_profiled_steps(tmp_path):
+    import subprocess
+    import sys
+
+    from repo_tools import child_environment
+
+    board = tmp_path / "tb"
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "pretrain_patch_gpt.py"), *BASE[:-2], "--train-iters",
+         "3", "--eval-iters", "0", "--profile", "--use-pytorch-profiler", "--profile-step-start",
+         "1", "--profile-step-end", "2", "--tensorboard-dir", str(board), *RECIPE_FLAGS],
+        capture_output=True, text=True, env=child_environment(), cwd=str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    traces = [f for _, _, files in os.walk(board) for f in files if ".pt.trace.json" in f]
+    assert len(traces) == 1
+    with pytest.raises(ArgumentError, match="--tensorboard-dir"):
+        parse_args(BASE + ["--profile", "--use-pytorch-profiler"])
