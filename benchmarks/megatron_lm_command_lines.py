@@ -68,12 +68,16 @@ def example(path: str) -> list[str]:
         return re.sub(r"\$\{?([A-Z_]+)\}?", lambda m: values.get(m.group(1), m.group(1).lower()),
                       line)
 
+    blocks = [block for name, block in re.findall(r"^([A-Z_]+_ARGS)=\(\n(.*?)^\)", text,
+                                                   flags=re.S | re.M)
+              if name != "DISTRIBUTED_ARGS"]  # torchrun's
+    # A data list built conditionally: its last branch (real data rather than mock data).
+    data = re.findall(r"^\s*DATA_ARGS_LIST\+=\(\n(.*?)^\s*\)", text, flags=re.S | re.M)
     argv = []
-    for name, block in re.findall(r"^([A-Z_]+_ARGS)=\(\n(.*?)^\)", text, flags=re.S | re.M):
-        if name == "DISTRIBUTED_ARGS":  # torchrun's
-            continue
+    for block in blocks + data[-1:]:
         for line in block.splitlines():
-            argv += substitute(line.split("#")[0].strip().strip('"')).split()
+            line = substitute(line.split("#")[0].strip().strip('"'))
+            argv += [word.strip("'") for word in line.split()]
     return argv
 
 

@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="reduce each gradient bucket over data-parallel ranks while the backward "
                         "pass goes on, instead of all at once after it")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="with --use-distributed-optimizer: all-gather the updated parameters "
+                        "bucket by bucket during the next forward pass, instead of after the step")
     g.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=None,
                    help="--cpu forces CPU mode (gloo), --no-cpu forbids it; default: CPU mode "
                         "exactly when no GPU exists")
@@ -577,6 +580,9 @@ def _check_io_and_logging(a) -> None:
     _require(not (a.exit_signal_handler and not a.save),
              "--exit-signal-handler saves on SIGTERM and needs --save DIR")
     _require(not (a.finetune and not a.load), "--finetune needs --load DIR")
+    _require(not a.overlap_param_gather or a.use_distributed_optimizer,
+             "--overlap-param-gather overlaps the distributed optimizer's all-gather: add "
+             "--use-distributed-optimizer (as in Megatron-LM)")
     _require(a.log_interval >= 1 and a.eval_interval >= 1 and a.eval_iters >= 0,
              "need --log-interval >= 1, --eval-interval >= 1, --eval-iters >= 0")
     _require(a.exit_interval is None or a.exit_interval >= 1, "--exit-interval must be >= 1")

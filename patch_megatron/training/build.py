@@ -71,6 +71,7 @@ def build_ddp_model(args, config: PatchGPTConfig):
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32(args),
         overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
         use_distributed_optimizer=args.use_distributed_optimizer,
         check_for_nan_in_grad=False,  # the loop checks the loss and names the iteration
         average_in_collective=False,

@@ -277,6 +277,35 @@ def refuse_non_finite_end(run: Run, state: TrainState) -> None:
             "rerun or resume with a lower --lr or a --clip-grad > 0")
 
 
+class ParamGather:
+    """``--overlap-param-gather``: the distributed optimizer's all-gather of the updated
+    parameters runs in the next forward's pre-hooks (megatron-core's DDP), so between steps
+    the parameters are stale. As in Megatron-LM, the hooks start after a first successful
+    step, and whatever reads the parameters between steps (evaluation, a save, the end-of-run
+    check) finishes the gather first (``current``)."""
+
+    def __init__(self, model, enabled: bool):
+        self.model, self.enabled, self.hooked = model, enabled, False
+        if enabled:
+            model.disable_forward_pre_hook(param_sync=False)
+
+    def after_step(self, skipped: bool) -> None:
+        if self.enabled and not self.hooked and not skipped:
+            self.model.enable_forward_pre_hook()
+            self.hooked = True
+
+    @contextlib.contextmanager
+    def current(self):
+        if not self.hooked:
+            yield
+            return
+        self.model.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            self.model.enable_forward_pre_hook()
+
+
 def train(run: Run, state: TrainState) -> str:
     """Train this stage from ``state`` to its last step (or an exit condition); say why it ended."""
     from patch_megatron import flops
@@ -300,6 +329,7 @@ def train(run: Run, state: TrainState) -> str:
     full_step_flops = step_flops(plan, run.shape)
     interval_flops = 0.0
     profiler = Profiler(args, torch.distributed.get_rank(), run.print)
+    gather = ParamGather(run.model, args.overlap_param_gather)
     while state.iteration < plan.train_iters:
         profiler.before_step(state.iteration)
         lr = run.scheduler.optimizer.param_groups[0]["lr"]
@@ -316,6 +346,7 @@ def train(run: Run, state: TrainState) -> str:
         state.consumed_samples += plan.global_batch_size
         meter.add()
         profiler.after_step(state.iteration)
+        gather.after_step(step.skipped)
         if step.skipped:
             state.skipped_iters += 1
             if not math.isfinite(step.loss):
@@ -354,13 +385,15 @@ def train(run: Run, state: TrainState) -> str:
             }, state.iteration)
 
         if wants_validation(args, run.data) and state.iteration % args.eval_interval == 0:
-            validate(run, state.iteration)
+            with gather.current():
+                validate(run, state.iteration)
             last_evaluated = state.iteration
             meter.take()  # keep evaluation time out of the training throughput
             interval_flops = 0.0
 
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
-            run.save(state)
+            with gather.current():
+                run.save(state)
             last_saved = state.iteration
             meter.take()
             interval_flops = 0.0
@@ -368,19 +401,21 @@ def train(run: Run, state: TrainState) -> str:
         if reason is not None:
             # As in Megatron-LM, an early exit (signal, time, --exit-interval) saves and stops
             # without a final evaluation: a SIGTERM'd job has little time left.
-            refuse_non_finite_end(run, state)
-            if args.save and last_saved != state.iteration:
-                run.save(state)
+            with gather.current():
+                refuse_non_finite_end(run, state)
+                if args.save and last_saved != state.iteration:
+                    run.save(state)
             if est:
                 run.print(est.summary())
             return f"{reason} at iteration {state.iteration}"
-    refuse_non_finite_end(run, state)
-    if args.save and last_saved != state.iteration:
-        run.save(state)
-    # As in Megatron-LM, the finished run is evaluated once more (after its last save), so its
-    # last validation figure is of the final weights, unless the last iteration just was.
-    if wants_validation(args, run.data) and last_evaluated != state.iteration:
-        validate(run, state.iteration)
+    with gather.current():
+        refuse_non_finite_end(run, state)
+        if args.save and last_saved != state.iteration:
+            run.save(state)
+        # As in Megatron-LM, the finished run is evaluated once more (after its last save), so
+        # its last validation figure is of the final weights, unless the last iteration just was.
+        if wants_validation(args, run.data) and last_evaluated != state.iteration:
+            validate(run, state.iteration)
     if est:
         run.print(est.summary())
     return f"{plan.name} stage finished: {state.iteration} iterations"

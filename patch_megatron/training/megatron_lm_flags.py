@@ -49,6 +49,8 @@ NO_OP = {
                      "order",
     "--rerun-mode": "re-running steps to validate results is not performed here; training is "
                     "unchanged",
+    "--tiktoken-pattern": "only TikTokenizer reads it, and --tokenizer-type does not offer "
+                          "TikTokenizer here (use HuggingFaceTokenizer)",
     "--auto-detect-ckpt-format": "checkpoints here are torch_dist, which the loader reads",
     "--no-use-tokenizer-model-from-checkpoint-args": "the tokenizer always comes from the flags",
     "--no-create-attention-mask-in-dataloader": "the causal mask is the kernel's; no mask tensor "
@@ -82,7 +84,6 @@ NO_OP = {
 _NOT_YET = "not implemented in patch-megatron yet"
 
 REFUSED = {
-    "--tiktoken-pattern": "TikTokenizer is " + _NOT_YET + "; use HuggingFaceTokenizer",
     "--rampup-batch-size": "batch-size ramp-up is " + _NOT_YET + "; use a constant "
                            "--global-batch-size",
     "--num-layers-per-virtual-pipeline-stage": "interleaved pipeline schedules are " + _NOT_YET
@@ -97,8 +98,6 @@ REFUSED = {
     "--decoder-last-pipeline-num-layers": "uneven pipeline stages are " + _NOT_YET,
     "--account-for-embedding-in-pipeline-split": "uneven pipeline stages are " + _NOT_YET,
     "--account-for-loss-in-pipeline-split": "uneven pipeline stages are " + _NOT_YET,
-    "--overlap-param-gather": "overlapping the distributed optimizer's parameter all-gather is "
-                              + _NOT_YET + "; drop it (the same updates, gathered after the step)",
     "--overlap-param-gather-with-optimizer-step": "overlapping the parameter all-gather is "
                                                   + _NOT_YET,
     "--use-checkpoint-args": "model flags are not read from the checkpoint; give them on the "
