@@ -49,7 +49,8 @@ def forward_step(data_iterator, model):
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-    # RoPE positions are 0..T-1 from the decoder input; the causal mask is built inside.
+    # Positions are 0..T-1 (RoPE from the decoder input, learned ones set by the model); the
+    # causal mask is built inside.
     per_token_losses = model(tokens, None, None, labels=labels)
     return per_token_losses, partial(loss_func, loss_mask)
 
@@ -328,7 +329,8 @@ def train(run: Run, state: TrainState) -> str:
     est = loop_controller(args, plan, run.shape, run.print)
     full_step_flops = step_flops(plan, run.shape)
     interval_flops = 0.0
-    profiler = Profiler(args, torch.distributed.get_rank(), run.print)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    profiler = Profiler(args, rank, run.print)
     gather = ParamGather(run.model, args.overlap_param_gather)
     while state.iteration < plan.train_iters:
         profiler.before_step(state.iteration)

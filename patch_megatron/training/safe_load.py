@@ -93,6 +93,22 @@ class MetadataUnpickler(pickle.Unpickler):
         return getattr(importlib.import_module(module), name)
 
 
+def unpickling_error(source: str, item: str, error: Exception) -> UnsafeCheckpointError:
+    """Why a weights_only load of a checkpoint item failed: an object outside the allow-list,
+    or numpy arrays pickled under numpy 2 (``numpy._core``), which numpy 1.x cannot import."""
+    import numpy
+
+    text = str(error)
+    if "numpy._core" in text and int(numpy.__version__.split(".")[0]) < 2:
+        return UnsafeCheckpointError(
+            f"{source}: item {item} holds numpy arrays saved under numpy 2 (numpy._core), which "
+            f"numpy {numpy.__version__} cannot load: install numpy >= 2 to read this checkpoint")
+    return ForbiddenObjectError(
+        f"{source}: item {item} holds a non-allow-listed object (weights_only load failed: "
+        f"{_first_line(error)}); refusing to unpickle it. Do not load this checkpoint: it may "
+        "run code")
+
+
 def read_metadata(path: str):
     """The checkpoint's torch.distributed.checkpoint Metadata, unpickled through the allow-list."""
     from torch.distributed.checkpoint.metadata import Metadata
@@ -174,10 +190,7 @@ def check_byte_items(path: str, metadata) -> None:
         try:
             torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
-            raise ForbiddenObjectError(
-                f"{source}: item {index.fqn} holds a non-allow-listed object (weights_only load "
-                f"failed: {_first_line(error)}); refusing to unpickle it. Do not load this "
-                "checkpoint: it may run code") from None
+            raise unpickling_error(source, index.fqn, error) from None
         except Exception as error:  # noqa: BLE001
             raise UnsafeCheckpointError(f"{source}: item {index.fqn} cannot be read "
                                         f"({type(error).__name__}): the checkpoint is damaged") from None

@@ -136,3 +136,25 @@ def test_pytorch_profiler_writes_a_trace_of_the_profiled_steps(tmp_path):
     assert len(traces) == 1
     with pytest.raises(ArgumentError, match="--tensorboard-dir"):
         parse_args(BASE + ["--profile", "--use-pytorch-profiler"])
+
+
+def test_check_only_validates_for_a_world_size_and_prints_the_plan(tmp_path):
+    import subprocess
+    import sys
+
+    from repo_tools import child_environment
+
+    flags = [sys.executable, os.path.join(REPO, "pretrain_patch_gpt.py"), *BASE[:-2],
+             "--train-iters", "100", "--global-batch-size", "64", "--lr-warmup-samples", "640",
+             "--tensor-model-parallel-size", "2"]
+    ok = subprocess.run(flags + ["--check-only", "16"], capture_output=True, text=True,
+                        env=child_environment(), cwd=str(tmp_path), timeout=120)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "------------------------ arguments ------------------------" in ok.stdout
+    assert "normalization: LayerNorm" in ok.stdout and "activation: gelu" in ok.stdout
+    assert "over 10 warmup steps, then linear" in ok.stdout
+    assert "4 micro-batches of 2 per step on each of 8 data-parallel ranks" in ok.stdout
+    assert "valid for 16 processes" in ok.stdout and " iteration " not in ok.stdout
+    bad = subprocess.run(flags + ["--check-only", "6"], capture_output=True, text=True,
+                         env=child_environment(), cwd=str(tmp_path), timeout=120)
+    assert bad.returncode == 2 and "is not divisible by micro-batch-size x data-parallel" in bad.stderr

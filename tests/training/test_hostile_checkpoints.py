@@ -323,3 +323,20 @@ def test_two_ranks_share_the_hashing_and_rank_0_names_the_damage(saved, tmp_path
     assert result.returncode != 0
     assert f"{os.path.join(path, names[1])} (sha256 differs" in result.stderr, result.stderr[-3000:]
     assert "iteration 2 (" in result.stderr
+
+
+def test_numpy_2_arrays_under_numpy_1_are_named_as_such_not_as_unsafe(monkeypatch):
+    import numpy
+
+    error = pickle.UnpicklingError(
+        "Weights only load failed. Unsupported global: GLOBAL numpy._core.multiarray._reconstruct")
+    monkeypatch.setattr(numpy, "__version__", "1.26.0")
+    message = str(safe_load.unpickling_error("ckpt/__0_0.distcp", "rng_state", error))
+    assert "saved under numpy 2" in message and "install numpy >= 2" in message
+    assert "may run code" not in message
+    monkeypatch.setattr(numpy, "__version__", "2.4.0")  # under numpy 2 the same name is foreign
+    assert isinstance(safe_load.unpickling_error("x", "rng_state", error),
+                      safe_load.ForbiddenObjectError)
+    other = pickle.UnpicklingError("Unsupported global: GLOBAL os.system")
+    monkeypatch.setattr(numpy, "__version__", "1.26.0")
+    assert "may run code" in str(safe_load.unpickling_error("x", "item", other))
