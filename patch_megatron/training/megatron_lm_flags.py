@@ -135,20 +135,21 @@ def _dest(kind: str, flag: str) -> str:
     return f"{kind}__{flag.lstrip('-').replace('-', '_')}"
 
 
+_GROUPS = (
+    ("no_op", NO_OP, "Megatron-LM flags accepted without effect",
+     "They cannot change what is trained here; the log names the ones given."),
+    ("refused", REFUSED, "Megatron-LM flags refused",
+     "Honouring them wrongly would train another run; each is refused with this reason."),
+)
+
+
 def add_to_parser(parser: argparse.ArgumentParser) -> None:
     """The two tables as parser groups (each flag takes any values, as its Megatron-LM form does)."""
-    g = parser.add_argument_group(
-        "Megatron-LM flags accepted without effect",
-        "They cannot change what is trained here; the log names the ones given.")
-    for flag, why in NO_OP.items():
-        g.add_argument(flag, nargs="*", default=argparse.SUPPRESS, dest=_dest("no_op", flag),
-                       metavar="VALUE", help=why)
-    g = parser.add_argument_group(
-        "Megatron-LM flags refused",
-        "Honouring them wrongly would train another run; each is refused with this reason.")
-    for flag, why in REFUSED.items():
-        g.add_argument(flag, nargs="*", default=argparse.SUPPRESS, dest=_dest("refused", flag),
-                       metavar="VALUE", help=why)
+    for kind, table, title, description in _GROUPS:
+        group = parser.add_argument_group(title, description)
+        for flag, why in table.items():
+            group.add_argument(flag, nargs="*", default=argparse.SUPPRESS,
+                               dest=_dest(kind, flag), metavar="VALUE", help=why)
 
 
 def refused_message(args) -> str | None:
@@ -166,7 +167,7 @@ def accepted_without_effect(args) -> list[str]:
 
 def strip(args) -> None:
     """Remove the tables' entries, so that the parsed flags hold only honoured ones."""
-    for kind, table in (("no_op", NO_OP), ("refused", REFUSED)):
+    for kind, table, _, _ in _GROUPS:
         for flag in table:
             if hasattr(args, _dest(kind, flag)):
                 delattr(args, _dest(kind, flag))
