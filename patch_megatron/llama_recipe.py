@@ -28,12 +28,16 @@ OPTIMIZER_FLAGS = (
 
 RECIPE_FLAGS = ARCHITECTURE_FLAGS + OPTIMIZER_FLAGS
 
-# The same architecture as PatchGPTConfig fields (for code that builds a model directly).
+# The same architecture as PatchGPTConfig fields (for code that builds a model directly, and
+# for checkpoint records written before the architecture was recorded).
 LLAMA_ARCHITECTURE = dict(
     normalization="RMSNorm",
+    apply_layernorm_1p=False,
     activation="swiglu",
     add_bias_linear=False,
+    add_qkv_bias=False,
     position_embedding_type="rope",
+    rotary_percent=1.0,
     hidden_dropout=0.0,
     attention_dropout=0.0,
 )

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from patch_megatron import llama_recipe
+
 SCHEMA_VERSION = 2
 MEGATRON_CHECKPOINT_VERSION = 3.0
 OWN_KEY = "patch_megatron"
@@ -53,9 +55,8 @@ SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
 # the only architecture this project then built.
 ARCHITECTURE_KEYS = ("kv_channels", "normalization", "apply_layernorm_1p", "activation",
                      "add_bias_linear", "add_qkv_bias", "position_embedding_type", "rotary_percent")
-LLAMA_ARCHITECTURE = {"normalization": "RMSNorm", "apply_layernorm_1p": False,
-                      "activation": "swiglu", "add_bias_linear": False, "add_qkv_bias": False,
-                      "position_embedding_type": "rope", "rotary_percent": 1.0}
+LLAMA_ARCHITECTURE = {k: v for k, v in llama_recipe.LLAMA_ARCHITECTURE.items()
+                      if k in ARCHITECTURE_KEYS}
 MODEL_KEYS = SHAPE_KEYS + ARCHITECTURE_KEYS
 
 
