@@ -14,13 +14,13 @@ from patch_megatron.training import arguments, build
 
 
 def _vocab_size(args) -> tuple[int | None, str]:
-    if args.mock_data or args.tokenizer_type == "NullTokenizer":
-        return args.vocab_size + (args.tokenizer_type == "NullTokenizer"), "from --vocab-size"
+    """The vocabulary the run will size its model for (as training/data.py finds it)."""
+    if args.mock_data and args.vocab_size is not None:
+        return args.vocab_size, "from --vocab-size"
     try:
-        from patch_megatron.data.tokenizers import build_tokenizer
+        from patch_megatron.data.tokenizers import build_tokenizer_from_args
 
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
-        return tokenizer.vocab_size, f"from {args.tokenizer_model}"
+        return build_tokenizer_from_args(args).vocab_size, "from the tokenizer"
     except (OSError, ValueError) as error:
         return None, f"unknown here ({error})"
 
