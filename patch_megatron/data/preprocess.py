@@ -157,7 +157,14 @@ def _encoded_batches(files, formats, settings: EncoderSettings,
         return
     # Tasks are submitted from this thread with at most a fixed number pending
     # (Pool.imap would drain the whole input into memory), and collected in order.
-    pool = multiprocessing.get_context("fork").Pool(
+    # Workers come from a fork server, not from this process: a fork of a process that holds
+    # threads (torch's, a caller's) can inherit a held lock, and the pool's queue then hangs
+    # (seen in CI: a worker forked from the test process waited on its queue's lock forever).
+    context = multiprocessing.get_context("forkserver")
+    # The server imports the encoder once; each pool's workers are forked from it ready to run.
+    context.set_forkserver_preload(["patch_megatron.data.preprocess",
+                                    "megatron.core.tokenizers.text.utils.build_tokenizer"])
+    pool = context.Pool(
         workers, initializer=_quiet_worker_init, initargs=(settings,))
     pending = collections.deque()
     limit = workers * TASKS_IN_FLIGHT_PER_WORKER
