@@ -78,25 +78,33 @@ def test_no_op_flags_change_nothing_and_are_named():
     assert build.model_config(noisy, 100) == build.model_config(plain, 100)
 
 
-def test_log_params_norm_and_num_zeros_reach_the_log_line(tmp_path):
+def test_log_params_norm_num_zeros_and_the_pytorch_profiler(tmp_path):
     import subprocess
     import sys
 
     from repo_tools import child_environment
 
+    board = tmp_path / "tb"
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "pretrain_patch_gpt.py"), *BASE[:-2], "--train-iters",
-         "2", "--log-interval", "1", "--eval-iters", "0", "--log-params-norm",
-         "--log-num-zeros-in-grad", *RECIPE_FLAGS],
+         "3", "--log-interval", "1", "--eval-iters", "0", "--log-params-norm",
+         "--log-num-zeros-in-grad", "--profile", "--use-pytorch-profiler",
+         "--profile-step-start", "1", "--profile-step-end", "2", "--tensorboard-dir", str(board),
+         *RECIPE_FLAGS],
         capture_output=True, text=True, env=child_environment(), cwd=str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if " iteration " in line]
-    assert len(lines) == 2
+    assert len(lines) == 3
     for line in lines:
         norm = float(re.search(r"params norm: ([0-9.]+)", line).group(1))
         zeros = float(re.search(r"num zeros: ([0-9.]+)", line).group(1))
         assert norm > 0 and zeros >= 0
         assert line.index("grad norm") < line.index("num zeros") < line.index("params norm")
+    # torch.profiler recorded the profiled step and wrote one trace
+    traces = [f for _, _, files in os.walk(board) for f in files if ".pt.trace.json" in f]
+    assert len(traces) == 1
+    with pytest.raises(ArgumentError, match="--tensorboard-dir"):
+        parse_args(BASE + ["--profile", "--use-pytorch-profiler"])
 
 
 def test_params_norm_counts_each_parameter_once(model_world):
@@ -119,25 +127,6 @@ def model_world():
     init_world_of_one()
 
 
-def test_pytorch_profiler_writes_a_trace_of_the_profiled_steps(tmp_path):
-    import subprocess
-    import sys
-
-    from repo_tools import child_environment
-
-    board = tmp_path / "tb"
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "pretrain_patch_gpt.py"), *BASE[:-2], "--train-iters",
-         "3", "--eval-iters", "0", "--profile", "--use-pytorch-profiler", "--profile-step-start",
-         "1", "--profile-step-end", "2", "--tensorboard-dir", str(board), *RECIPE_FLAGS],
-        capture_output=True, text=True, env=child_environment(), cwd=str(tmp_path), timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    traces = [f for _, _, files in os.walk(board) for f in files if ".pt.trace.json" in f]
-    assert len(traces) == 1
-    with pytest.raises(ArgumentError, match="--tensorboard-dir"):
-        parse_args(BASE + ["--profile", "--use-pytorch-profiler"])
-
-
 def test_check_only_validates_for_a_world_size_and_prints_the_plan(tmp_path):
     import subprocess
     import sys
@@ -155,6 +144,8 @@ def test_check_only_validates_for_a_world_size_and_prints_the_plan(tmp_path):
     assert "over 10 warmup steps, then linear" in ok.stdout
     assert "4 micro-batches of 2 per step on each of 8 data-parallel ranks" in ok.stdout
     assert "valid for 16 processes" in ok.stdout and " iteration " not in ok.stdout
-    bad = subprocess.run(flags + ["--check-only", "6"], capture_output=True, text=True,
-                         env=child_environment(), cwd=str(tmp_path), timeout=120)
-    assert bad.returncode == 2 and "is not divisible by micro-batch-size x data-parallel" in bad.stderr
+    from patch_megatron.training.arguments import check_world_size
+
+    args = parse_args(flags[2:] + ["--check-only", "6"])  # what the entry point checks
+    with pytest.raises(ArgumentError, match="not divisible by micro-batch-size x data-parallel"):
+        check_world_size(args, args.check_only)
