@@ -168,7 +168,7 @@ def _train_loop(args, plan, dp_size, rank, world_size, on_cpu, print_rank0, conf
         args=args, plan=plan, model=model, optimizer=optimizer, scheduler=scheduler,
         data=stage_data, make_batches=make_batches,
         num_microbatches=plan.global_batch_size // (args.micro_batch_size * dp_size),
-        shape=metrics.model_shape(config), peak_tflops=metrics.mfu_peak_tflops(args, on_cpu),
+        shape=config.shape, peak_tflops=metrics.mfu_peak_tflops(args, on_cpu),
         world_size=world_size, print=print_rank0,
         tensorboard=metrics.TensorBoard(args.tensorboard_dir, enabled=rank == 0), save=save,
     )

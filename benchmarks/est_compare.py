@@ -57,7 +57,7 @@ def train_stage(model, stream, start, tokens, *, K, T, tokens_per_step, args, es
 
     samples_per_step = tokens_per_step // (K * T)
     steps = tokens // tokens_per_step
-    control = est.SubnetworkTraining(est_config, est.attention_shape(shape), est.Layout(), max(steps, 1))
+    control = est.SubnetworkTraining(est_config, shape, est.Layout(), max(steps, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                                   weight_decay=0.1)
     total_flops = seconds = 0.0
@@ -103,9 +103,7 @@ def run(name, stream, heldout, args, *, patch: bool, est_stages: tuple[str, ...]
     base = dict(num_layers=args.num_layers, hidden_size=args.hidden_size,
                 num_attention_heads=args.num_attention_heads, vocab_size=256, seq_length=args.seq_length,
                 num_query_groups=args.num_query_groups, **LLAMA_ARCHITECTURE)
-    shape = flops.ModelShape(args.num_layers, args.hidden_size,
-                             PatchGPTConfig(**base).ffn_hidden_size, args.num_attention_heads, 256,
-                             args.num_query_groups)
+    shape = PatchGPTConfig(**base).shape
     est_on = est.ESTConfig(enabled=True, seed=args.seed, **args.est_schedule)
     est_off = est.ESTConfig(enabled=False)
     tokens_per_step = args.batch_size * args.seq_length

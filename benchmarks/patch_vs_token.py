@@ -45,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from patch_megatron.model.shape import llama_shape, padded_vocab_size  # noqa: E402
 from patch_megatron import flops  # noqa: E402
 from patch_megatron.training.log_reading import tokens_per_second, validation_curve  # noqa: E402
 from patch_megatron.llama_recipe import RECIPE_FLAGS  # noqa: E402
@@ -210,9 +211,9 @@ def run_root(args):
 
 
 def model_shape(args):
-    return flops.ModelShape(num_layers=args.num_layers, hidden_size=args.hidden_size,
-                            num_attention_heads=args.num_attention_heads,
-                            ffn_hidden_size=args.ffn_hidden_size, vocab_size=flops.pad_vocab_size(args.vocab_size))
+    return llama_shape(num_layers=args.num_layers, hidden_size=args.hidden_size,
+                       num_attention_heads=args.num_attention_heads,
+                       ffn_hidden_size=args.ffn_hidden_size, vocab_size=padded_vocab_size(args.vocab_size))
 
 
 def step_flops(args, patch_size):
@@ -226,7 +227,7 @@ def mean_std(values):
 
 def report(args, results):
     arms = ARMS
-    n_params = flops.parameter_count(model_shape(args))
+    n_params = model_shape(args).parameter_count()
     print(f"\nmodel: {args.num_layers} layers, hidden {args.hidden_size}, ffn {args.ffn_hidden_size}, "
           f"vocab {args.vocab_size} ({n_params / 1e6:.2f}M parameters, embeddings included); T={args.seq_length}, "
           f"{args.global_batch_size * args.seq_length} tokens per step; K={args.patch_size}, "

@@ -155,10 +155,10 @@ def main():
 
 def report(w):
     from patch_megatron import flops
+    from patch_megatron.model.shape import llama_shape, padded_vocab_size
 
     print(f"[9/9] evaluation", flush=True)
-    vocab = flops.pad_vocab_size(VOCAB)
-    shape = flops.ModelShape(vocab_size=vocab, **MODEL)
+    shape = llama_shape(vocab_size=padded_vocab_size(VOCAB), **MODEL)
     per_step = {  # FLOPs of one optimizer step in each stage (same tokens per step)
         "patch": flops.training_flops_per_iteration(shape, SEQ, patch_size=K,
                                                     global_batch_size=TOKENS_PER_STEP // SEQ // K),

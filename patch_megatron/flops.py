@@ -51,6 +51,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from patch_megatron.model.shape import ModelShape
+
 # Dense bf16 peak of one GPU, in TFLOP/s, from the vendors' data sheets
 # (SXM parts, without structured sparsity). H200 has H100's compute units.
 GPU_PEAK_BF16_TFLOPS = {
@@ -81,44 +83,6 @@ def peak_tflops_of_gpu(device_name: str) -> Optional[float]:
 
 
 @dataclass(frozen=True)
-class ModelShape:
-    """Shape of the decoder. ``vocab_size`` is the number of embedding rows
-    the model holds, i.e. the padded vocabulary (see ``pad_vocab_size``)."""
-
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    vocab_size: int
-    num_query_groups: Optional[int] = None  # None: plain multi-head attention
-    kv_channels: Optional[int] = None  # None: hidden_size // num_attention_heads
-    gated_linear_unit: bool = True  # SwiGLU: fc1 computes gate and up halves
-
-    def __post_init__(self):
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size",
-                     "num_attention_heads", "vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ModelShape.{name} must be a positive integer, got {value!r}")
-        if self.num_query_groups is None:
-            object.__setattr__(self, "num_query_groups", self.num_attention_heads)
-        if self.num_query_groups < 1 or self.num_attention_heads % self.num_query_groups:
-            raise ValueError(
-                f"num_query_groups={self.num_query_groups} must be a positive divisor of "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
-        if self.kv_channels is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ValueError(
-                    f"hidden_size={self.hidden_size} is not divisible by "
-                    f"num_attention_heads={self.num_attention_heads}; pass kv_channels explicitly"
-                )
-            object.__setattr__(self, "kv_channels", self.hidden_size // self.num_attention_heads)
-        if self.kv_channels < 1:
-            raise ValueError(f"kv_channels must be positive, got {self.kv_channels}")
-
-
-@dataclass(frozen=True)
 class KeptFractions:
     """Expected fraction of each part that runs in a training step (EST).
 
@@ -143,15 +107,6 @@ class KeptFractions:
 
 
 FULL_MODEL = KeptFractions()
-
-
-def pad_vocab_size(vocab_size: int, divisible_by: int = 128, tensor_model_parallel_size: int = 1) -> int:
-    """Vocabulary rows after Megatron's padding (to a multiple of
-    ``divisible_by × tensor_model_parallel_size``)."""
-    if vocab_size < 1 or divisible_by < 1 or tensor_model_parallel_size < 1:
-        raise ValueError("vocab_size, divisible_by and tensor_model_parallel_size must be positive")
-    multiple = divisible_by * tensor_model_parallel_size
-    return -(-vocab_size // multiple) * multiple
 
 
 def _check_positions(seq_length: int, patch_size: int) -> None:
@@ -224,21 +179,6 @@ def flops_per_token(
 ) -> float:
     """Training FLOPs per data token: per-sample FLOPs over the K·T tokens a sample holds."""
     return training_flops_per_sample(shape, seq_length, patch_size, kept) / (patch_size * seq_length)
-
-
-def parameter_count(shape: ModelShape, include_embeddings: bool = True) -> int:
-    """Number of parameters: no biases, two RMSNorm weights per layer plus the
-    final norm; with embeddings, the input table and the untied LM head
-    (V × h each). RoPE has no parameters."""
-    h, f, d = shape.hidden_size, shape.ffn_hidden_size, shape.kv_channels
-    qkv = h * (shape.num_attention_heads * d + 2 * shape.num_query_groups * d)
-    out_proj = shape.num_attention_heads * d * h
-    mlp = h * (2 if shape.gated_linear_unit else 1) * f + f * h
-    norms = 2 * h
-    total = shape.num_layers * (qkv + out_proj + mlp + norms) + h  # + final norm
-    if include_embeddings:
-        total += 2 * shape.vocab_size * h
-    return total
 
 
 def model_flops_utilization(achieved_flops_per_second: float, peak_flops_per_second: float) -> float:

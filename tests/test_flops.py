@@ -4,18 +4,16 @@ import pytest
 
 from patch_megatron.flops import (
     KeptFractions,
-    ModelShape,
     flops_per_token,
     forward_flops_per_sample,
-    pad_vocab_size,
-    parameter_count,
     training_flops_per_iteration,
     training_flops_per_sample,
 )
+from patch_megatron.model.shape import llama_shape
 
 # Small GQA config: 2 layers, h=64, 4 heads of d=16 in 2 groups, ffn 176, V=256.
-SMALL = ModelShape(num_layers=2, hidden_size=64, ffn_hidden_size=176,
-                   num_attention_heads=4, num_query_groups=2, vocab_size=256)
+SMALL = llama_shape(num_layers=2, hidden_size=64, ffn_hidden_size=176,
+                    num_attention_heads=4, num_query_groups=2, vocab_size=256)
 T = 32
 
 
@@ -42,18 +40,18 @@ def test_gelu_mlp_has_one_input_projection():
     # Megatron-LM's default GPT MLP: fc1 computes f outputs, not SwiGLU's 2f.
     from dataclasses import replace
 
-    gelu = replace(SMALL, gated_linear_unit=False)
+    gelu = replace(SMALL, activation="gelu")
     fc1_half = 2 * 32 * 64 * 176  # the up projection alone
     assert forward_flops_per_sample(SMALL, T) - forward_flops_per_sample(gelu, T) == 2 * fc1_half
-    assert parameter_count(SMALL) - parameter_count(gelu) == 2 * 64 * 176
+    assert SMALL.parameter_count() - gelu.parameter_count() == 2 * 64 * 176
 
 
 def test_matches_megatron_lm_closed_form():
     # Megatron-LM's num_floating_point_operations for a dense SwiGLU GQA model,
     # written out independently: 12·b·s·L·h² · [(1 + g/a + s/h)·(a·d/h)
     #   + (f/h)·3/2 + V/(2·L·h)].
-    shape = ModelShape(num_layers=24, hidden_size=2048, ffn_hidden_size=5504,
-                       num_attention_heads=16, num_query_groups=4, vocab_size=32000)
+    shape = llama_shape(num_layers=24, hidden_size=2048, ffn_hidden_size=5504,
+                        num_attention_heads=16, num_query_groups=4, vocab_size=32000)
     b, s, L, h, a, g, d, f, V = 3, 2048, 24, 2048, 16, 4, 128, 5504, 32000
     expected = 12 * b * s * L * h**2 * (
         (1 + g / a + s / h) * (a * d / h) + (f / h) * 1.5 + V / (2 * L * h)
@@ -98,30 +96,10 @@ def test_est_fractions_scale_their_terms():
     assert training_flops_per_sample(SMALL, T, kept=kept) == 3 * forward_flops_per_sample(SMALL, T, kept=kept)
 
 
-def test_parameter_count_small_config():
-    per_layer = 64 * (64 + 2 * 32) + 64 * 64 + 64 * 2 * 176 + 176 * 64 + 2 * 64
-    assert parameter_count(SMALL, include_embeddings=False) == 2 * per_layer + 64
-    assert parameter_count(SMALL) == 2 * per_layer + 64 + 2 * 256 * 64
-
-
-def test_paper_370m_parameter_count():
-    # The patch paper's "370M" LLaMA (h=1024, ffn=2752, 24 layers, 16 heads, V=32000).
-    shape = ModelShape(24, 1024, 2752, 16, 32000)
-    assert parameter_count(shape) == pytest.approx(370e6, rel=0.03)
-
-
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="patch_size"):
         flops_per_token(SMALL, T, patch_size=0)
     with pytest.raises(ValueError, match="seq_length"):
         training_flops_per_sample(SMALL, 0)
-    with pytest.raises(ValueError, match="num_query_groups"):
-        ModelShape(2, 64, 176, 4, 256, num_query_groups=3)
     with pytest.raises(ValueError, match="layers"):
         KeptFractions(layers=0.0)
-
-
-def test_pad_vocab_size():
-    assert pad_vocab_size(32000) == 32000
-    assert pad_vocab_size(50257) == 50304
-    assert pad_vocab_size(50257, tensor_model_parallel_size=2) == 50432

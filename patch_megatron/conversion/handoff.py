@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from patch_megatron.conversion import megatron_checkpoint, vocab
 from patch_megatron.conversion.errors import ConversionError
 from patch_megatron.conversion.output_dir import check_target, publish_directory
+from patch_megatron.model.shape import padded_vocab_size
 
 
 @dataclass
@@ -84,7 +85,7 @@ def convert_patch_to_token(options: HandoffOptions) -> tuple[str, dict]:
         # Megatron pads the vocabulary to a multiple of divisible_by x TP: at another TP the
         # token stage expects another row count, so the rows are re-padded for it.
         true_vocab = vocab.resolve_vocab_size(source_padded, options.vocab_size, None, args)
-        padded = vocab.padded_size(true_vocab, divisible_by, tp)
+        padded = padded_vocab_size(true_vocab, divisible_by, tp)
         if padded != source_padded:
             weights = vocab.repad(weights, true_vocab, padded)
             description = description.with_vocab(padded, true_vocab)

@@ -12,6 +12,7 @@ import torch
 
 from patch_megatron.conversion.errors import ConversionError
 from patch_megatron.conversion.model_description import DTYPES, ModelDescription
+from patch_megatron.model.shape import LLAMA_SHAPE_ARCHITECTURE
 
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -102,14 +103,15 @@ def description_from_llama_config(config: dict, directory: str) -> ModelDescript
         ffn_hidden_size=config["intermediate_size"],
         num_attention_heads=heads,
         num_query_groups=config.get("num_key_value_heads") or heads,
-        padded_vocab_size=config["vocab_size"],
+        vocab_size=config["vocab_size"],
         max_position_embeddings=config.get("max_position_embeddings", 2048),
         rotary_base=rope_theta(config),
         norm_epsilon=config.get("rms_norm_eps", 1e-6),
         untie_embeddings_and_output_weights=not config.get("tie_word_embeddings", False),
         patch_size=1,
         dtype=DTYPES.get(dtype_name, torch.float32),
-        vocab_size=config["vocab_size"],
+        tokenizer_vocab_size=config["vocab_size"],
+        **LLAMA_SHAPE_ARCHITECTURE,
     )
 
 

@@ -11,6 +11,7 @@ from patch_megatron.conversion.errors import ConversionError
 from patch_megatron.conversion.output_dir import check_target, publish_directory
 from patch_megatron.conversion.safetensors_io import read_weights
 from patch_megatron.llama_recipe import ARCHITECTURE_FLAGS
+from patch_megatron.model.shape import padded_vocab_size
 
 
 @dataclass
@@ -72,7 +73,7 @@ def import_from_hf(options: ImportOptions) -> tuple[str, list[str]]:
         description = replace(description, dtype=options.dtype)
     tp, pp = options.tensor_parallel_size, options.pipeline_parallel_size
     true_vocab = description.padded_vocab_size
-    padded = vocab.padded_size(true_vocab, options.make_vocab_size_divisible_by, tp)
+    padded = padded_vocab_size(true_vocab, options.make_vocab_size_divisible_by, tp)
     description = description.with_vocab(padded, true_vocab)
     _check_layout(description, tp, pp)
 

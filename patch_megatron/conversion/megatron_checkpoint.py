@@ -21,6 +21,7 @@ import torch
 
 from patch_megatron.conversion.errors import ConversionError
 from patch_megatron.conversion.model_description import ModelDescription, from_record
+from patch_megatron.model.shape import ModelShape
 from patch_megatron.training.checkpoint_record import (
     CheckpointRecord,
     RecordError,
@@ -179,21 +180,6 @@ def load_full_weights(checkpoint: Checkpoint) -> dict:
     return _weights_of(model)
 
 
-def model_shape_record(description: ModelDescription) -> dict:
-    """The model-shape record pretrain_patch_gpt.py compares against its own model."""
-    return {
-        "num_layers": description.num_layers,
-        "hidden_size": description.hidden_size,
-        "ffn_hidden_size": description.ffn_hidden_size,
-        "num_attention_heads": description.num_attention_heads,
-        "num_query_groups": description.num_query_groups,
-        "vocab_size": description.padded_vocab_size,
-        "untie_embeddings_and_output_weights": description.untie_embeddings_and_output_weights,
-        **description.architecture,
-        "kv_channels": description.kv_channels,
-    }
-
-
 def weights_only_record(description: ModelDescription, flags: dict, tensor_parallel_size: int,
                         pipeline_parallel_size: int, **extra) -> CheckpointRecord:
     """The record of a weights-only token-level checkpoint at iteration 0.
@@ -204,7 +190,7 @@ def weights_only_record(description: ModelDescription, flags: dict, tensor_paral
     return CheckpointRecord(
         iteration=0,
         patch_size=1,
-        model_shape=model_shape_record(description),
+        model_shape=ModelShape(**description.shape_fields()),
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
         flags={**flags, "patch_size": 1, "tensor_model_parallel_size": tensor_parallel_size,

@@ -8,7 +8,6 @@ tokens do not depend on them, so export trims them.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
@@ -16,15 +15,6 @@ import torch
 from patch_megatron.conversion.errors import ConversionError
 
 VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
-
-
-def padded_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
-    """Megatron's padded vocabulary (the same rule as pretrain_patch_gpt.py)."""
-    from patch_megatron.training.arguments import padded_vocab_size
-
-    args = argparse.Namespace(make_vocab_size_divisible_by=divisible_by,
-                              tensor_model_parallel_size=tensor_parallel_size)
-    return padded_vocab_size(vocab_size, args)
 
 
 def tokenizer_vocab_size(tokenizer_model: str) -> int:
@@ -101,5 +91,5 @@ def repad(weights: dict, vocab_size: int, padded: int) -> dict:
     return out
 
 
-__all__ = ["padded_size", "resolve_vocab_size", "trim", "repad",
+__all__ = ["resolve_vocab_size", "trim", "repad",
            "vocab_size_from_args", "tokenizer_vocab_size"]

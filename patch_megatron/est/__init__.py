@@ -6,8 +6,8 @@ from patch_megatron.lazy_exports import exports
 # flag parser needs only the arguments, the schedule and the sampler's layout checks.
 _HOMES = {
     "add_est_args": "arguments", "est_config_from_args": "arguments",
-    "SubnetworkTraining": "control", "apply_subnetwork": "control", "attention_shape": "control",
-    "AttentionShape": "sampler", "LayerChoice": "sampler", "Layout": "sampler",
+    "SubnetworkTraining": "control", "apply_subnetwork": "control",
+    "LayerChoice": "sampler", "Layout": "sampler",
     "Subnetwork": "sampler", "sample_subnetwork": "sampler",
     "ESTConfig": "schedule", "StageRates": "schedule",
 }
@@ -15,7 +15,7 @@ _HOMES = {
 __getattr__ = exports(__name__, _HOMES)
 
 __all__ = [
-    "AttentionShape", "ESTConfig", "LayerChoice", "Layout", "StageRates", "Subnetwork",
-    "SubnetworkTraining", "add_est_args", "apply_subnetwork", "attention_shape",
+    "ESTConfig", "LayerChoice", "Layout", "StageRates", "Subnetwork",
+    "SubnetworkTraining", "add_est_args", "apply_subnetwork",
     "est_config_from_args", "sample_subnetwork",
 ]

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 from patch_megatron import flops
 from patch_megatron.est.modules import SubnetTransformerLayer
-from patch_megatron.est.sampler import AttentionShape, Layout, Subnetwork, check_layout, sample_subnetwork
+from patch_megatron.est.sampler import Layout, Subnetwork, check_layout, sample_subnetwork
 from patch_megatron.est.schedule import ESTConfig
+from patch_megatron.model.shape import ModelShape
 
 
 def apply_subnetwork(model_chunks, subnetwork: Subnetwork | None) -> int:
@@ -69,7 +70,7 @@ class SubnetworkTraining:
     """The schedule and sampler bound to one run's shape, layout and length."""
 
     config: ESTConfig
-    shape: AttentionShape
+    shape: ModelShape
     layout: Layout
     train_iters: int
     records: list[StepRecord] = field(default_factory=list)
@@ -126,13 +127,3 @@ class SubnetworkTraining:
         else:
             line += "; wall-clock saved: not measured (fewer than 3 full-model steps in this run)"
         return line
-
-
-def attention_shape(model_config) -> AttentionShape:
-    """From a PatchGPTConfig or megatron TransformerConfig."""
-    return AttentionShape(
-        num_layers=model_config.num_layers,
-        num_attention_heads=model_config.num_attention_heads,
-        num_query_groups=model_config.num_query_groups or model_config.num_attention_heads,
-        ffn_hidden_size=model_config.ffn_hidden_size,
-    )

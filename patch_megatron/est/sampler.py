@@ -30,18 +30,7 @@ import torch
 
 from patch_megatron.est.schedule import StageRates
 from patch_megatron.flops import KeptFractions
-
-
-@dataclass(frozen=True)
-class AttentionShape:
-    num_layers: int
-    num_attention_heads: int
-    num_query_groups: int
-    ffn_hidden_size: int
-
-    @property
-    def heads_per_group(self) -> int:
-        return self.num_attention_heads // self.num_query_groups
+from patch_megatron.model.shape import ModelShape
 
 
 @dataclass(frozen=True)
@@ -72,7 +61,7 @@ class Subnetwork:
     def is_full(self) -> bool:
         return all(c is not None and c.heads is None and c.units is None for c in self.layers)
 
-    def kept_fractions(self, shape: AttentionShape) -> KeptFractions:
+    def kept_fractions(self, shape: ModelShape) -> KeptFractions:
         """Fractions for patch_megatron.flops: exact, because kept layers keep equal counts."""
         kept = [c for c in self.layers if c is not None]
         if not kept:
@@ -115,7 +104,7 @@ def _stratified(generator, total: int, strata: int, rate: float) -> tuple[int, .
     return tuple(i for b in range(strata) for i in _choose(generator, b * per_block, per_block, count))
 
 
-def check_layout(shape: AttentionShape, layout: Layout, gqa_sampling: str) -> None:
+def check_layout(shape: ModelShape, layout: Layout, gqa_sampling: str) -> None:
     """Refuse layouts where equal per-rank counts are impossible; say what to change."""
     tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
     if shape.num_layers % pp:
@@ -129,7 +118,7 @@ def check_layout(shape: AttentionShape, layout: Layout, gqa_sampling: str) -> No
         raise ValueError(f"ffn hidden size {shape.ffn_hidden_size} does not split over TP {tp}")
 
 
-def sample_subnetwork(rates: StageRates, shape: AttentionShape, layout: Layout, seed: int,
+def sample_subnetwork(rates: StageRates, shape: ModelShape, layout: Layout, seed: int,
                       iteration: int, gqa_sampling: str = "groups") -> Subnetwork:
     """The global mask of ``iteration``; the full model when every rate is 1."""
     check_layout(shape, layout, gqa_sampling)

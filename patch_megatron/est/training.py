@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from patch_megatron.est.arguments import est_config_from_args
-from patch_megatron.est.control import SubnetworkTraining, attention_shape
+from patch_megatron.est.control import SubnetworkTraining
 from patch_megatron.est.sampler import Layout
 
 
@@ -18,7 +18,7 @@ def loop_controller(args, plan, model_shape, print_fn=print) -> SubnetworkTraini
         return None
     control = SubnetworkTraining(
         config=est_config_from_args(args),
-        shape=attention_shape(model_shape),
+        shape=model_shape,
         layout=Layout(args.tensor_model_parallel_size, args.pipeline_model_parallel_size),
         train_iters=plan.train_iters,
     )

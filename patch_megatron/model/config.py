@@ -1,4 +1,4 @@
-"""The model's shape and options as a plain dataclass, and its megatron TransformerConfig."""
+"""The model's config (its shape plus a run's options) and its megatron TransformerConfig."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from patch_megatron.model.shape import ModelShape
 from patch_megatron.model.spec import have_transformer_engine
-
-
-ACTIVATIONS = ("gelu", "swiglu", "squared_relu")
 
 
 def activation_function(name: str):
@@ -20,52 +18,29 @@ def activation_function(name: str):
     return {"gelu": F.gelu, "swiglu": F.silu, "squared_relu": squared_relu}[name]
 
 
-def default_ffn_hidden_size(hidden_size: int, activation: str = "gelu") -> int:
-    """Megatron-LM's FFN width: 4h, or with SwiGLU's two input projections 2/3 of that,
-    rounded down to a multiple of 64."""
-    if activation == "swiglu":
-        return int((4 * hidden_size * 2 / 3) / 64) * 64
-    return 4 * hidden_size
-
-
-@dataclass
-class PatchGPTConfig:
+@dataclass(frozen=True, kw_only=True)
+class PatchGPTConfig(ModelShape):
     """A GPT decoder with patch size K (K=1: ordinary next-token training).
 
-    ``seq_length`` is T, the number of model positions: patches when K > 1,
-    tokens when K = 1. A sample then carries K*T input tokens.
+    The shape and architecture fields are ``ModelShape``'s, with Megatron-LM's defaults (a
+    GPT-3-style decoder: LayerNorm, GeLU, biases, learned absolute positions);
+    ``patch_megatron.llama_recipe.LLAMA_ARCHITECTURE`` holds the paper's LLaMA values.
+    ``vocab_size`` is already padded (``shape.padded_vocab_size``).
 
-    The architecture fields default to Megatron-LM's defaults (a GPT-3-style
-    decoder: LayerNorm, GeLU, biases, learned absolute positions, dropout 0.1);
-    ``patch_megatron.llama_recipe.LLAMA_ARCHITECTURE`` holds the paper's LLaMA
-    values. Learned absolute positions, like RoPE's, index the T model positions.
+    ``seq_length`` is T, the number of model positions: patches when K > 1, tokens when
+    K = 1. A sample then carries K*T input tokens. Learned absolute positions, like RoPE's,
+    index the T model positions.
     """
 
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    vocab_size: int  # already padded to a multiple of 128*TP by the caller
     seq_length: int
-    ffn_hidden_size: int | None = None  # None: Megatron-LM's default (see default_ffn_hidden_size)
-    num_query_groups: int | None = None  # None: multi-head attention
-    kv_channels: int | None = None  # None: hidden_size // num_attention_heads
-    normalization: str = "LayerNorm"  # or "RMSNorm"
-    apply_layernorm_1p: bool = False  # the norm's weight holds gamma - 1
-    activation: str = "gelu"  # "gelu", "swiglu" (gated SiLU) or "squared_relu"
-    add_bias_linear: bool = True
-    add_qkv_bias: bool = False  # biases on the QKV projection only (implied by add_bias_linear)
-    position_embedding_type: str = "learned_absolute"  # or "rope" or "none"
-    rotary_percent: float = 1.0
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     apply_query_key_layer_scaling: bool = False
     attention_softmax_in_fp32: bool = False
     patch_size: int = 1
-    max_position_embeddings: int | None = None
     rotary_base: int = 10000
     init_method_std: float = 0.02
     norm_epsilon: float = 1e-5
-    untie_embeddings_and_output_weights: bool = True
     params_dtype: torch.dtype = torch.float32
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -82,94 +57,40 @@ class PatchGPTConfig:
     deterministic_mode: bool = False
 
     def __post_init__(self):
-        if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = default_ffn_hidden_size(self.hidden_size, self.activation)
-        if self.add_bias_linear:
-            self.add_qkv_bias = True  # as Megatron-LM keeps the two in step
-        if self.apply_query_key_layer_scaling:
-            self.attention_softmax_in_fp32 = True  # as in Megatron-LM: the scaling needs it
         if self.max_position_embeddings is None:
-            self.max_position_embeddings = self.seq_length
+            object.__setattr__(self, "max_position_embeddings", self.seq_length)
+        super().__post_init__()
+        if self.vocab_size is None:
+            raise ValueError("PatchGPTConfig needs the padded vocabulary size (vocab_size)")
+        if self.apply_query_key_layer_scaling:
+            # as in Megatron-LM: the scaling needs it
+            object.__setattr__(self, "attention_softmax_in_fp32", True)
         if self.transformer_impl is None:
-            self.transformer_impl = "transformer_engine" if have_transformer_engine() else "local"
+            impl = "transformer_engine" if have_transformer_engine() else "local"
+            object.__setattr__(self, "transformer_impl", impl)
         self.validate()
 
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape(**self.shape_fields())
+
     def validate(self) -> None:
-        """Every shape/parallel combination megatron would reject later, named up front."""
-        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        groups = self.num_query_groups or self.num_attention_heads
+        """What megatron would reject later about this run's layout, named up front."""
+        tp = self.tensor_model_parallel_size
+        self.check_parallel(tp, self.pipeline_model_parallel_size)
         checks = [
-            (self.patch_size >= 1, f"patch size must be >= 1, got {self.patch_size}"),
-            (tp >= 1 and pp >= 1, "tensor and pipeline parallel sizes must be >= 1"),
-            (
-                self.hidden_size % self.num_attention_heads == 0,
-                f"hidden size {self.hidden_size} is not divisible by the "
-                f"{self.num_attention_heads} attention heads",
-            ),
-            (
-                self.num_attention_heads % tp == 0,
-                f"{self.num_attention_heads} attention heads cannot be split over tensor parallel "
-                f"size {tp}; use a tensor parallel size that divides the head count",
-            ),
-            (
-                self.num_attention_heads % groups == 0,
-                f"{self.num_attention_heads} attention heads are not divisible into "
-                f"{groups} query groups",
-            ),
-            (
-                groups % tp == 0,
-                f"{groups} query groups cannot be split over tensor parallel size {tp}",
-            ),
-            (
-                self.ffn_hidden_size % tp == 0,
-                f"ffn hidden size {self.ffn_hidden_size} is not divisible by tensor parallel "
-                f"size {tp}",
-            ),
-            (
-                self.vocab_size % tp == 0,
-                f"vocabulary size {self.vocab_size} is not divisible by tensor parallel size "
-                f"{tp}; pad it (--make-vocab-size-divisible-by)",
-            ),
-            (
-                not self.sequence_parallel or tp > 1,
-                "sequence parallel needs tensor parallel size > 1; drop --sequence-parallel "
-                "or raise --tensor-model-parallel-size",
-            ),
-            (
-                not self.sequence_parallel or self.seq_length % tp == 0,
-                f"sequence parallel splits the {self.seq_length} positions over {tp} ranks: "
-                "use a sequence length divisible by the tensor parallel size",
-            ),
-            (
-                self.num_layers % pp == 0,
-                f"{self.num_layers} layers cannot be split evenly over {pp} pipeline stages",
-            ),
-            (
-                self.max_position_embeddings >= self.seq_length,
-                f"max position embeddings {self.max_position_embeddings} is below the sequence "
-                f"length {self.seq_length} (positions are patch indices, so T not K*T)",
-            ),
-            (
-                self.normalization in ("LayerNorm", "RMSNorm"),
-                f"normalization {self.normalization!r}: use LayerNorm or RMSNorm",
-            ),
-            (
-                self.activation in ACTIVATIONS,
-                f"activation {self.activation!r}: use one of {', '.join(ACTIVATIONS)}",
-            ),
-            (
-                self.position_embedding_type in ("learned_absolute", "rope", "none"),
-                f"position embedding type {self.position_embedding_type!r}: use "
-                "learned_absolute, rope or none",
-            ),
-            (
-                0.0 < self.rotary_percent <= 1.0,
-                f"rotary percent must lie in (0, 1], got {self.rotary_percent}",
-            ),
-            (
-                0.0 <= self.hidden_dropout < 1.0 and 0.0 <= self.attention_dropout < 1.0,
-                "dropout probabilities must lie in [0, 1)",
-            ),
+            (self.patch_size >= 1, f"--patch-size must be >= 1, got {self.patch_size}"),
+            (not self.sequence_parallel or tp > 1,
+             "sequence parallel needs tensor parallel size > 1; drop --sequence-parallel "
+             "or raise --tensor-model-parallel-size"),
+            (not self.sequence_parallel or self.seq_length % tp == 0,
+             f"--sequence-parallel splits the {self.seq_length} positions over {tp} ranks: use "
+             "a --seq-length divisible by --tensor-model-parallel-size"),
+            (self.max_position_embeddings >= self.seq_length,
+             f"--max-position-embeddings {self.max_position_embeddings} is below --seq-length "
+             f"{self.seq_length} (positions are patch indices, so T not K*T)"),
+            (0.0 <= self.hidden_dropout < 1.0 and 0.0 <= self.attention_dropout < 1.0,
+             "--attention-dropout and --hidden-dropout must lie in [0, 1)"),
         ]
         if self.transformer_impl == "transformer_engine":
             checks.append((have_transformer_engine(),

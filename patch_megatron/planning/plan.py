@@ -29,7 +29,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from patch_megatron.flops import flops_per_token, pad_vocab_size, parameter_count
+from patch_megatron.flops import flops_per_token
+from patch_megatron.model.shape import padded_vocab_size
 from patch_megatron.planning import chinchilla
 from patch_megatron.planning.hardware import HardwareBudget, make_hardware_budget
 from patch_megatron.planning.shapes import SHAPE_TABLE, ShapeChoice, nearest_shape
@@ -179,7 +180,7 @@ def _token_flops_per_token(choice: ShapeChoice, inputs: PlanInputs, vocab_rows: 
 
 
 def _padded_vocab(choice: ShapeChoice, inputs: PlanInputs) -> int:
-    return pad_vocab_size(inputs.vocab_size, tensor_model_parallel_size=choice.tensor_model_parallel_size)
+    return padded_vocab_size(inputs.vocab_size, tensor_model_parallel_size=choice.tensor_model_parallel_size)
 
 
 def _choose_shape_and_tokens(inputs: PlanInputs, compute: Optional[float], fit: chinchilla.LossFit):
@@ -350,7 +351,7 @@ def compute_plan(inputs: PlanInputs) -> ComputePlan:
         inputs=inputs,
         shape=choice,
         parameters=n,
-        non_embedding_parameters=parameter_count(choice.model_shape(inputs.vocab_size), include_embeddings=False),
+        non_embedding_parameters=choice.model_shape(inputs.vocab_size).parameter_count(include_embeddings=False),
         padded_vocab_size=vocab_rows,
         flops_per_token_token_stage=fpt_token,
         flops_per_token_patch_stage=fpt_patch,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from patch_megatron.flops import ModelShape, parameter_count
+from patch_megatron.model.shape import ModelShape, llama_shape
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class ShapeChoice:
     global_batch_tokens: int
 
     def model_shape(self, vocab_size: int) -> ModelShape:
-        return ModelShape(
+        return llama_shape(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
             ffn_hidden_size=self.ffn_hidden_size,
@@ -48,7 +48,7 @@ class ShapeChoice:
         )
 
     def parameters(self, vocab_size: int) -> int:
-        return parameter_count(self.model_shape(vocab_size))
+        return self.model_shape(vocab_size).parameter_count()
 
 
 _M = 2**20  # tokens per step are given in units of 2^20 (the paper's "2M" is 2 * 2^20)

@@ -43,6 +43,7 @@ import warnings
 from dataclasses import dataclass
 
 from patch_megatron.data.tokenizers import SUPPORTED_TYPES, add_bpe_file_args
+from patch_megatron.model.shape import ModelShape, padded_vocab_size
 from patch_megatron.training import megatron_lm_flags
 
 
@@ -433,31 +434,17 @@ def _check_model(a) -> None:
     _require(a.add_position_embedding or a.position_embedding_type == "rope",
              "--no-position-embedding is deprecated (as in Megatron-LM): use "
              "--position-embedding-type none")
-    _require(0 < a.rotary_percent <= 1, "--rotary-percent must lie in (0, 1]")
-    _require(a.kv_channels is None or a.kv_channels >= 1, "--kv-channels must be >= 1")
-    _require(a.hidden_size % a.num_attention_heads == 0,
-             f"--hidden-size {a.hidden_size} is not divisible by --num-attention-heads "
-             f"{a.num_attention_heads}")
     if a.num_query_groups is not None:
         _require(a.group_query_attention,
                  "--num-query-groups needs --group-query-attention (as in Megatron-LM)")
     if a.group_query_attention:
         _require(a.num_query_groups is not None,
                  "--group-query-attention needs --num-query-groups")
-        _require(a.num_query_groups >= 1 and a.num_attention_heads % a.num_query_groups == 0,
-                 f"--num-query-groups {a.num_query_groups} must divide --num-attention-heads "
-                 f"{a.num_attention_heads}")
-    tp, pp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size
-    _require(a.num_attention_heads % tp == 0,
-             f"--num-attention-heads {a.num_attention_heads} is not divisible by "
-             f"--tensor-model-parallel-size {tp}")
-    if a.group_query_attention:
-        _require(a.num_query_groups % tp == 0,
-                 f"--num-query-groups {a.num_query_groups} is not divisible by "
-                 f"--tensor-model-parallel-size {tp}")
-    _require(a.num_layers % pp == 0,
-             f"--num-layers {a.num_layers} cannot be split evenly over "
-             f"--pipeline-model-parallel-size {pp}")
+    try:  # the shape's own checks, before the tokenizer gives the vocabulary
+        model_shape(a).check_parallel(a.tensor_model_parallel_size, a.pipeline_model_parallel_size)
+    except ValueError as error:
+        raise ArgumentError(str(error)) from None
+    tp = a.tensor_model_parallel_size
     _require(not a.sequence_parallel or a.seq_length % tp == 0,
              f"--sequence-parallel splits the {a.seq_length} positions over {tp} ranks: use a "
              "--seq-length divisible by --tensor-model-parallel-size")
@@ -637,8 +624,7 @@ def parse_args(argv=None):
 def _check_est(a) -> None:
     """EST's schedule and whether this model/TP/PP layout can keep equal per-rank counts."""
     from patch_megatron.est.arguments import est_config_from_args
-    from patch_megatron.model.config import default_ffn_hidden_size
-    from patch_megatron.est.sampler import AttentionShape, Layout, check_layout
+    from patch_megatron.est.sampler import Layout, check_layout
 
     try:
         config = est_config_from_args(a)
@@ -646,14 +632,11 @@ def _check_est(a) -> None:
             _require(a.transformer_impl != "transformer_engine",
                      "--est builds its layers on megatron-core's local ones: use --transformer-impl "
                      "local or leave it out")
-            groups = a.num_query_groups if a.group_query_attention else a.num_attention_heads
             _require(a.swiglu and not a.add_bias_linear and not a.add_qkv_bias,
                      "--est samples units of SwiGLU MLPs without biases: add --swiglu "
                      "--disable-bias-linear")
-            ffn = a.ffn_hidden_size or default_ffn_hidden_size(a.hidden_size, "swiglu")
-            check_layout(AttentionShape(a.num_layers, a.num_attention_heads, groups, ffn),
-                         Layout(a.tensor_model_parallel_size, a.pipeline_model_parallel_size),
-                         config.gqa_sampling)
+            layout = Layout(a.tensor_model_parallel_size, a.pipeline_model_parallel_size)
+            check_layout(model_shape(a), layout, config.gqa_sampling)
     except ValueError as error:
         raise ArgumentError(str(error)) from None
 
@@ -718,6 +701,30 @@ def num_microbatches(args, dp: int) -> int:
     return args.stage.global_batch_size // (args.micro_batch_size * dp)
 
 
-def padded_vocab_size(vocab_size: int, args) -> int:
-    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
-    return int(math.ceil(vocab_size / multiple) * multiple)
+def activation_name(args) -> str:
+    return "swiglu" if args.swiglu else "squared_relu" if args.squared_relu else "gelu"
+
+
+def model_shape(args, vocab_size: int | None = None) -> ModelShape:
+    """The shape the flags describe, with the tokenizer's ``vocab_size`` padded as Megatron-LM
+    pads it (None: not known yet, as when the flags are parsed)."""
+    rows = None if vocab_size is None else padded_vocab_size(
+        vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+    return ModelShape(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        vocab_size=rows,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        kv_channels=args.kv_channels,
+        normalization=args.normalization,
+        apply_layernorm_1p=args.apply_layernorm_1p,
+        activation=activation_name(args),
+        add_bias_linear=args.add_bias_linear,
+        add_qkv_bias=args.add_qkv_bias,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        max_position_embeddings=args.max_position_embeddings or args.seq_length,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+    )

@@ -5,40 +5,22 @@ from __future__ import annotations
 import torch
 
 from patch_megatron.model import PatchGPTConfig, build_model
-from patch_megatron.training.arguments import padded_vocab_size
-
-
-def activation_name(args) -> str:
-    return "swiglu" if args.swiglu else "squared_relu" if args.squared_relu else "gelu"
+from patch_megatron.training.arguments import model_shape
 
 
 def model_config(args, vocab_size: int) -> PatchGPTConfig:
+    """The model the flags describe, for the tokenizer's (unpadded) ``vocab_size``."""
     return PatchGPTConfig(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups if args.group_query_attention else None,
-        kv_channels=args.kv_channels,
-        normalization=args.normalization,
-        apply_layernorm_1p=args.apply_layernorm_1p,
-        activation=activation_name(args),
-        add_bias_linear=args.add_bias_linear,
-        add_qkv_bias=args.add_qkv_bias,
-        position_embedding_type=args.position_embedding_type,
-        rotary_percent=args.rotary_percent,
+        **model_shape(args, vocab_size).shape_fields(),
+        seq_length=args.seq_length,
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         apply_query_key_layer_scaling=args.apply_query_key_layer_scaling,
         attention_softmax_in_fp32=args.attention_softmax_in_fp32,
-        vocab_size=padded_vocab_size(vocab_size, args),
-        seq_length=args.seq_length,
-        max_position_embeddings=args.max_position_embeddings,
         patch_size=args.patch_size,
         rotary_base=args.rotary_base,
         init_method_std=args.init_method_std,
         norm_epsilon=args.norm_epsilon,
-        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,

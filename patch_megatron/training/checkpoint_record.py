@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from patch_megatron import llama_recipe
+from patch_megatron.model.shape import LLAMA_SHAPE_ARCHITECTURE, ModelShape
 
 SCHEMA_VERSION = 2
 MEGATRON_CHECKPOINT_VERSION = 3.0
@@ -55,17 +55,26 @@ SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
 # the only architecture this project then built.
 ARCHITECTURE_KEYS = ("kv_channels", "normalization", "apply_layernorm_1p", "activation",
                      "add_bias_linear", "add_qkv_bias", "position_embedding_type", "rotary_percent")
-LLAMA_ARCHITECTURE = {k: v for k, v in llama_recipe.LLAMA_ARCHITECTURE.items()
-                      if k in ARCHITECTURE_KEYS}
+LLAMA_ARCHITECTURE = {k: v for k, v in LLAMA_SHAPE_ARCHITECTURE.items() if k in ARCHITECTURE_KEYS}
 MODEL_KEYS = SHAPE_KEYS + ARCHITECTURE_KEYS
 
 
-def complete_model_shape(shape: dict) -> dict:
-    """A recorded model shape with the architecture of records that predate it filled in."""
+def complete_model_shape(shape: dict) -> ModelShape:
+    """A recorded model shape, with the architecture of records that predate it filled in."""
+    if not isinstance(shape, dict):
+        raise RecordError(f"the recorded model shape is a {type(shape).__name__}, not a dict: "
+                          "the checkpoint is damaged")
     full = {**LLAMA_ARCHITECTURE, **shape}
-    if full.get("kv_channels") is None:
-        full["kv_channels"] = full["hidden_size"] // full["num_attention_heads"]
-    return {k: full.get(k) for k in MODEL_KEYS}
+    try:
+        return ModelShape(**{k: full.get(k) for k in MODEL_KEYS})
+    except (TypeError, ValueError) as error:
+        raise RecordError(f"the recorded model shape is invalid ({error}): the checkpoint is "
+                          "damaged") from None
+
+
+def shape_record(shape: ModelShape) -> dict:
+    """What ``common.pt`` records of a model shape: plain values under MODEL_KEYS."""
+    return {k: getattr(shape, k) for k in MODEL_KEYS}
 
 # The scheduler's step counts: samples, as Megatron-LM's (schema 1 counted iterations).
 _SCHEDULER_STEP_KEYS = ("num_steps", "lr_warmup_steps", "lr_decay_steps", "wd_incr_steps",
@@ -97,7 +106,7 @@ class CheckpointRecord:
 
     iteration: int
     patch_size: int  # K: 1 for a token-level model
-    model_shape: dict  # MODEL_KEYS, vocab_size being the padded row count
+    model_shape: ModelShape  # or its record (a MODEL_KEYS dict); vocab_size: padded rows
     tensor_model_parallel_size: int
     pipeline_model_parallel_size: int
     flags: dict = field(default_factory=dict)  # the run's flags, Megatron-LM's names
@@ -118,7 +127,8 @@ class CheckpointRecord:
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
-        object.__setattr__(self, "model_shape", complete_model_shape(self.model_shape))
+        if not isinstance(self.model_shape, ModelShape):
+            object.__setattr__(self, "model_shape", complete_model_shape(self.model_shape))
 
     # What readers need from the saved flags, each with the default it had when absent.
     @property
@@ -184,27 +194,24 @@ def megatron_args(record: CheckpointRecord) -> argparse.Namespace:
     """``args`` as Megatron-LM's loader reads it: our flags plus its bookkeeping attributes."""
     flags = dict(record.flags)
     shape = record.model_shape
-    untie = shape["untie_embeddings_and_output_weights"]
     flags.update(
-        kv_channels=shape["kv_channels"],
-        normalization=shape["normalization"],
-        layernorm_zero_centered_gamma=shape["apply_layernorm_1p"],
-        apply_layernorm_1p=shape["apply_layernorm_1p"],
-        swiglu=shape["activation"] == "swiglu",
-        squared_relu=shape["activation"] == "squared_relu",
-        add_bias_linear=shape["add_bias_linear"],
-        add_qkv_bias=shape["add_qkv_bias"],
-        position_embedding_type=shape["position_embedding_type"],
-        rotary_percent=shape["rotary_percent"],
-    )
-    flags.update(
-        num_layers=record.model_shape["num_layers"],
-        hidden_size=record.model_shape["hidden_size"],
-        ffn_hidden_size=record.model_shape["ffn_hidden_size"],
-        num_attention_heads=record.model_shape["num_attention_heads"],
-        num_query_groups=record.model_shape["num_query_groups"],
-        padded_vocab_size=record.model_shape["vocab_size"],
-        untie_embeddings_and_output_weights=untie,
+        kv_channels=shape.kv_channels,
+        normalization=shape.normalization,
+        layernorm_zero_centered_gamma=shape.apply_layernorm_1p,
+        apply_layernorm_1p=shape.apply_layernorm_1p,
+        swiglu=shape.activation == "swiglu",
+        squared_relu=shape.activation == "squared_relu",
+        add_bias_linear=shape.add_bias_linear,
+        add_qkv_bias=shape.add_qkv_bias,
+        position_embedding_type=shape.position_embedding_type,
+        rotary_percent=shape.rotary_percent,
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_query_groups,
+        padded_vocab_size=shape.vocab_size,
+        untie_embeddings_and_output_weights=shape.untie_embeddings_and_output_weights,
         tensor_model_parallel_size=record.tensor_model_parallel_size,
         pipeline_model_parallel_size=record.pipeline_model_parallel_size,
         consumed_train_samples=record.consumed_train_samples,
@@ -233,7 +240,7 @@ def to_common(record: CheckpointRecord) -> dict:
         OWN_KEY: {
             "schema_version": SCHEMA_VERSION,
             "patch_size": record.patch_size,
-            "model_shape": dict(record.model_shape),
+            "model_shape": shape_record(record.model_shape),
             "skipped_iters": record.skipped_iters,
             "nan_iters": record.nan_iters,
             "optimizer_format": record.optimizer_format,

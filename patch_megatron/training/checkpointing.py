@@ -36,6 +36,7 @@ import shutil
 import numpy as np
 import torch
 
+from patch_megatron.model.shape import ModelShape
 from patch_megatron import parallel
 from patch_megatron.training import safe_load
 from patch_megatron.training.checkpoint_record import (
@@ -364,13 +365,13 @@ def save_checkpoint(save_dir, model, optimizer, scheduler, state, args, plan) ->
     return final
 
 
-def model_shape_of(model) -> dict:
-    """The numbers that fix the parameters' shapes (T has none) and the architecture."""
+def model_shape_of(model) -> ModelShape:
+    """The shape of the model as megatron-core built it (T fixes no parameter)."""
     module = model.module
     config = module.config
     gated = config.gated_linear_unit
     squared = getattr(config.activation_func, "__name__", "") == "squared_relu"
-    return {
+    return ModelShape(**{
         "kv_channels": config.kv_channels,
         "normalization": config.normalization,
         "apply_layernorm_1p": config.layernorm_zero_centered_gamma,
@@ -386,7 +387,8 @@ def model_shape_of(model) -> dict:
         "num_query_groups": config.num_query_groups or config.num_attention_heads,
         "vocab_size": module.vocab_size,
         "untie_embeddings_and_output_weights": not module.share_embeddings_and_output_weights,
-    }
+        "max_position_embeddings": module.max_sequence_length,
+    })
 
 
 # ---------------------------------------------------------------------------
@@ -470,8 +472,8 @@ def _on_any_rank(flag: bool) -> bool:
 def _check_compatible(record: CheckpointRecord, model, plan, args, path: str) -> None:
     here = model_shape_of(model)
     saved_shape = record.model_shape
-    diffs = [f"{k}: checkpoint {saved_shape.get(k)} vs run {here[k]}" for k in MODEL_KEYS
-             if saved_shape.get(k) != here[k]]
+    diffs = [f"{k}: checkpoint {getattr(saved_shape, k)} vs run {getattr(here, k)}"
+             for k in MODEL_KEYS if getattr(saved_shape, k) != getattr(here, k)]
     if diffs:
         hint = ""
         if any(d.startswith("vocab_size") for d in diffs):

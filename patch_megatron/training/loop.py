@@ -247,7 +247,7 @@ class Run:
     data: object  # data.StageData
     make_batches: object  # (dataset, consumed_samples=0) -> micro-batch iterator
     num_microbatches: int
-    shape: object  # flops.ModelShape
+    shape: ModelShape
     peak_tflops: float | None
     world_size: int
     print: object  # prints on rank 0

@@ -14,19 +14,6 @@ from patch_megatron import flops
 MIB = 2**20
 
 
-def model_shape(config) -> flops.ModelShape:
-    return flops.ModelShape(
-        num_layers=config.num_layers,
-        hidden_size=config.hidden_size,
-        ffn_hidden_size=config.ffn_hidden_size,
-        num_attention_heads=config.num_attention_heads,
-        vocab_size=config.vocab_size,
-        num_query_groups=config.num_query_groups,
-        kv_channels=config.kv_channels,
-        gated_linear_unit=config.activation == "swiglu",
-    )
-
-
 def mfu_peak_tflops(args, on_cpu: bool) -> float | None:
     """The per-device peak for MFU: --peak-tflops, else a known GPU's bf16/fp16 peak, else none.
 

@@ -41,7 +41,8 @@ import time
 from dataclasses import dataclass
 
 from patch_megatron import flops
-from patch_megatron.training.arguments import ArgumentError, StagePlan, parse_args
+from patch_megatron.model.shape import ModelShape
+from patch_megatron.training.arguments import ArgumentError, StagePlan, model_shape, parse_args
 from patch_megatron.training import safe_load
 from patch_megatron.training.checkpoint_record import RecordError, read_record
 from patch_megatron.training.checkpointing import (
@@ -166,7 +167,7 @@ class TwoStagePlan:
     tensor_parallel_size: int
     pipeline_parallel_size: int
     data_parallel_size: int
-    shape: flops.ModelShape | None
+    shape: ModelShape | None
     no_flops_reason: str | None  # why FLOPs are missing, when they are
 
     @property
@@ -302,14 +303,6 @@ def tokenizer_vocab_size(args) -> tuple[int | None, str | None]:
         return None, f"the tokenizer cannot be loaded here ({first_line})"
 
 
-def _model_shape(args, vocab_size: int) -> flops.ModelShape:
-    """The shape the stages build (padded vocabulary, default FFN), as their FLOPs logging sees it."""
-    from patch_megatron.training.build import model_config
-    from patch_megatron.training.metrics import model_shape
-
-    return model_shape(model_config(args, vocab_size))
-
-
 def plan_two_stage(config: RunConfig) -> TwoStagePlan:
     """Both stages' plans from the real parser; raises TwoStageError naming the fix."""
     _check_config(config)
@@ -319,7 +312,7 @@ def plan_two_stage(config: RunConfig) -> TwoStagePlan:
     }
     args = parsed[TOKEN_DIR]
     vocab, no_flops_reason = tokenizer_vocab_size(args)
-    shape = _model_shape(args, vocab) if vocab is not None else None
+    shape = model_shape(args, vocab) if vocab is not None else None
     stages = []
     for name, stage_args in parsed.items():
         plan = stage_args.stage

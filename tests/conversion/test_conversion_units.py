@@ -3,19 +3,20 @@
 import pytest
 import torch
 
+from patch_megatron.model.shape import LLAMA_SHAPE_ARCHITECTURE
 from patch_megatron.conversion import ConversionError
 from patch_megatron.conversion.llama_layout import from_hf, fuse_qkv, split_qkv, to_hf
 from patch_megatron.conversion.model_description import ModelDescription
 from patch_megatron.conversion.safetensors_io import parse_size, plan_shards
-from patch_megatron.conversion.vocab import padded_size, repad, trim
+from patch_megatron.conversion.vocab import repad, trim
 
 
 def _description(heads=4, groups=2, tied=False):
     return ModelDescription(num_layers=2, hidden_size=16, ffn_hidden_size=24,
                             num_attention_heads=heads, num_query_groups=groups,
-                            padded_vocab_size=12, max_position_embeddings=8, rotary_base=10000,
+                            vocab_size=12, max_position_embeddings=8, rotary_base=10000,
                             norm_epsilon=1e-5, untie_embeddings_and_output_weights=not tied,
-                            patch_size=1, dtype=torch.float32)
+                            patch_size=1, dtype=torch.float32, **LLAMA_SHAPE_ARCHITECTURE)
 
 
 @pytest.mark.parametrize("heads, groups", [(4, 4), (4, 2), (4, 1)])
@@ -65,8 +66,6 @@ def test_megatron_to_hf_and_back_is_exact(tied):
 
 
 def test_vocab_rows_trim_and_repad():
-    assert padded_size(100, 64, 1) == 128 and padded_size(100, 64, 2) == 128
-    assert padded_size(130, 64, 2) == 256
     emb, out = torch.randn(128, 4), torch.randn(128, 4)
     weights = {"embedding.word_embeddings.weight": emb, "output_layer.weight": out, "x": torch.ones(2)}
     assert trim(weights, 100)["output_layer.weight"].shape == (100, 4)

@@ -46,7 +46,7 @@ def test_all_rates_one_equals_the_plain_model_exactly(K):
     cfg, plain, subnet = _pair(K)
     config = est.ESTConfig(enabled=True, stage_ends=(0.5,), layer_rates=(1.0,), head_rates=(1.0,),
                            mlp_rates=(1.0,))
-    control = est.SubnetworkTraining(config, est.attention_shape(cfg), est.Layout(), train_iters=4)
+    control = est.SubnetworkTraining(config, cfg, est.Layout(), train_iters=4)
     window = _window(K)
     ref_loss, ref_grads = _loss_and_grads(plain, window, K)
     for iteration in (1, 4):  # a "sampled" stage at rate 1 and the full stage
@@ -109,7 +109,7 @@ def test_sampled_masks_match_the_reference_and_eval_uses_the_full_model():
     cfg, plain, model = _pair(4)
     config = est.ESTConfig(enabled=True, stage_ends=(0.5,), layer_rates=(0.67,), head_rates=(0.5,),
                            mlp_rates=(0.5,), seed=3)
-    control = est.SubnetworkTraining(config, est.attention_shape(cfg), est.Layout(), train_iters=10)
+    control = est.SubnetworkTraining(config, cfg, est.Layout(), train_iters=10)
     window = _window(4, seed=5)
     kept = control.set_step([model], 2)
     mask = control.subnetwork(2)

@@ -22,8 +22,10 @@ CASES = {1: "groups", 4: "heads"}  # patch size K -> GQA sampling mode
 
 def _mask(mode):
     from patch_megatron import est
+    from patch_megatron.model.shape import ModelShape
 
-    shape = est.AttentionShape(4, 8, 4, 48)
+    shape = ModelShape(num_layers=4, hidden_size=64, num_attention_heads=8, num_query_groups=4,
+                       ffn_hidden_size=48, vocab_size=None)
     rates = est.StageRates(layers=0.5, heads=0.5, mlp_units=0.5)
     # Drawn for TP=2 x PP=2, so one mask is valid for every layout here.
     return est.sample_subnetwork(rates, shape, est.Layout(2, 2), seed=3, iteration=17, gqa_sampling=mode)

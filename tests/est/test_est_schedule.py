@@ -4,12 +4,14 @@ import argparse
 
 import pytest
 
+from patch_megatron.model.shape import ModelShape, llama_shape
 from patch_megatron import flops
-from patch_megatron.est import (AttentionShape, ESTConfig, Layout, StageRates, SubnetworkTraining,
+from patch_megatron.est import (ESTConfig, Layout, StageRates, SubnetworkTraining,
                                 add_est_args, est_config_from_args, sample_subnetwork)
 from patch_megatron.est.sampler import LayerChoice, Subnetwork
 
-SHAPE = AttentionShape(num_layers=8, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=64)
+SHAPE = ModelShape(num_layers=8, hidden_size=64, num_attention_heads=8, num_query_groups=4,
+                   ffn_hidden_size=64, vocab_size=None)
 HALF = StageRates(layers=0.5, heads=0.5, mlp_units=0.5)
 
 
@@ -90,9 +92,9 @@ def test_layouts_that_cannot_keep_equal_counts_are_refused():
 
 def test_flops_of_a_sampled_step_match_a_hand_count():
     """h=16, heads=4 (d=4), groups=2, f=32, V=64, s=8, 4 layers; keep 2 layers, 1 group, 8 units."""
-    shape = AttentionShape(num_layers=4, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=32)
-    model = flops.ModelShape(num_layers=4, hidden_size=16, ffn_hidden_size=32, num_attention_heads=4,
-                             vocab_size=64, num_query_groups=2)
+    model = llama_shape(num_layers=4, hidden_size=16, ffn_hidden_size=32, num_attention_heads=4,
+                        vocab_size=64, num_query_groups=2)
+    shape = model
     choice = LayerChoice(heads=(2, 3), units=(0, 3, 9, 12, 17, 20, 26, 31))
     kept = Subnetwork((None, choice, None, choice)).kept_fractions(shape)
     assert kept == flops.KeptFractions(layers=0.5, attention_heads=0.5, mlp_units=0.25, query_groups=0.5)

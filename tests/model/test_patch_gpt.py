@@ -128,15 +128,17 @@ def test_labels_must_match_inputs():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(patch_size=0), "patch size must be >= 1"),
-    (dict(tensor_model_parallel_size=3), "cannot be split over tensor parallel size 3"),
+    (dict(patch_size=0), "--patch-size must be >= 1"),
+    (dict(tensor_model_parallel_size=3), "--num-attention-heads 4 is not divisible by "
+                                         "--tensor-model-parallel-size 3"),
     (dict(sequence_parallel=True), "sequence parallel needs tensor parallel size > 1"),
-    (dict(num_query_groups=3), "not divisible into 3 query groups"),
-    (dict(hidden_size=30), "hidden size 30 is not divisible"),
-    (dict(num_layers=3, pipeline_model_parallel_size=2), "3 layers cannot be split evenly"),
-    (dict(tensor_model_parallel_size=2, sequence_parallel=True, seq_length=5), "divisible by the tensor parallel size"),
+    (dict(num_query_groups=3), "--num-query-groups 3 must divide --num-attention-heads 4"),
+    (dict(hidden_size=30), "--hidden-size 30 is not divisible"),
+    (dict(num_layers=3, pipeline_model_parallel_size=2), "--num-layers 3 cannot be split evenly"),
+    (dict(tensor_model_parallel_size=2, sequence_parallel=True, seq_length=5),
+     "--seq-length divisible by --tensor-model-parallel-size"),
     (dict(vocab_size=63, tensor_model_parallel_size=2, num_query_groups=2), "make-vocab-size-divisible-by"),
-    (dict(max_position_embeddings=4), "below the sequence length"),
+    (dict(max_position_embeddings=4), "below --seq-length"),
 ])
 def test_impossible_configurations_fail_at_construction(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -4,14 +4,15 @@ import math
 
 import pytest
 
-from patch_megatron.flops import flops_per_token, pad_vocab_size
+from patch_megatron.flops import flops_per_token
+from patch_megatron.model.shape import padded_vocab_size
 from patch_megatron.planning.commands import build_commands
 from patch_megatron.planning.plan import PlanInputs, PlanningError, compute_plan
 from patch_megatron.planning.shapes import SHAPE_TABLE
 
 
 def _exact_fpt(plan):
-    vocab = pad_vocab_size(plan.inputs.vocab_size, tensor_model_parallel_size=plan.shape.tensor_model_parallel_size)
+    vocab = padded_vocab_size(plan.inputs.vocab_size, tensor_model_parallel_size=plan.shape.tensor_model_parallel_size)
     return flops_per_token(plan.shape.model_shape(vocab), plan.inputs.seq_length)
 
 
@@ -28,7 +29,7 @@ def test_rule_sizing_picks_the_table_shape_closest_to_20_tokens_per_parameter(co
     plan = compute_plan(PlanInputs(compute=compute))
     ratios = {}
     for c in SHAPE_TABLE:
-        vocab = pad_vocab_size(32000, tensor_model_parallel_size=c.tensor_model_parallel_size)
+        vocab = padded_vocab_size(32000, tensor_model_parallel_size=c.tensor_model_parallel_size)
         ratios[c.name] = compute / flops_per_token(c.model_shape(vocab), 2048) / c.parameters(32000)
     assert plan.shape.name == min(ratios, key=lambda name: abs(math.log(ratios[name] / 20)))
     assert plan.tokens_per_parameter == pytest.approx(ratios[plan.shape.name])

@@ -20,6 +20,7 @@ from patch_megatron.training.checkpoint_record import (
     SCHEMA_VERSION,
     CheckpointRecord,
     read_record,
+    shape_record,
     to_common,
 )
 from repo_tools import REPO_ROOT, child_environment
@@ -59,7 +60,7 @@ def test_reads_megatron_lm_checkpoints():
         record = record_of(os.path.join(MLM, name))
         assert record.source == "megatron-lm" and record.patch_size == 1
         assert record.iteration == 2 and record.consumed_train_samples == 8
-        assert record.model_shape == {
+        assert shape_record(record.model_shape) == {
             "num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4,
             "num_query_groups": 4, "vocab_size": 192, "untie_embeddings_and_output_weights": True,
             "kv_channels": 8, "normalization": "RMSNorm", "apply_layernorm_1p": False,
@@ -73,10 +74,10 @@ def test_reads_the_first_schema_with_its_scheduler_in_samples():
     record = record_of(os.path.join(V1, "patch_stage"))
     assert record.schema_version == 1 and record.patch_size == 4 and record.stage == "patch"
     assert record.iteration == 2 and record.consumed_train_samples == 8
-    assert record.model_shape["ffn_hidden_size"] == 64 and record.layout == (1, 1)
+    assert record.model_shape.ffn_hidden_size == 64 and record.layout == (1, 1)
     # the first schema predates the architecture keys: its models were LLaMA's
-    assert record.model_shape["normalization"] == "RMSNorm"
-    assert record.model_shape["activation"] == "swiglu" and record.model_shape["kv_channels"] == 8
+    assert record.model_shape.normalization == "RMSNorm"
+    assert record.model_shape.activation == "swiglu" and record.model_shape.kv_channels == 8
     raw = safe_load.read_common(os.path.join(V1, "patch_stage", "iter_0000002"))
     assert raw["opt_param_scheduler"]["num_steps"] == 2  # iterations, as schema 1 counted
     assert record.scheduler["num_steps"] == 2 * 4 and record.scheduler["lr_warmup_steps"] == 1 * 4
@@ -178,9 +179,9 @@ def test_megatron_lm_default_gpt_checkpoint_resumes_with_its_own_flags(tmp_path)
     load = str(tmp_path / "load")
     shutil.copytree(os.path.join(MLM, "gpt_plain"), load)
     record = record_of(load)
-    assert record.model_shape["normalization"] == "LayerNorm"
-    assert record.model_shape["activation"] == "gelu" and record.model_shape["add_bias_linear"]
-    assert record.model_shape["position_embedding_type"] == "learned_absolute"
+    assert record.model_shape.normalization == "LayerNorm"
+    assert record.model_shape.activation == "gelu" and record.model_shape.add_bias_linear
+    assert record.model_shape.position_embedding_type == "learned_absolute"
     result = pretrain(*GPT_FLAGS, "--train-iters", "3", "--load", load,
                       "--use-checkpoint-opt_param-scheduler")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from patch_megatron.flops import ModelShape
+from patch_megatron.model.shape import ModelShape
 from patch_megatron.training import loop, metrics
 from patch_megatron.training.arguments import StagePlan
 from patch_megatron.llama_recipe import RECIPE_FLAGS

@@ -7,7 +7,8 @@ shape and ``metrics.step_flops``. Compared unrounded, not through the log text.
 
 import pytest
 
-from patch_megatron.flops import ModelShape, training_flops_per_iteration
+from patch_megatron.flops import training_flops_per_iteration
+from patch_megatron.model.shape import llama_shape
 from patch_megatron.planning.commands import build_commands
 from patch_megatron.planning.plan import PlanInputs, compute_plan
 from patch_megatron.training import build, metrics
@@ -23,7 +24,7 @@ def loop_step_flops(argv, vocab_size):
     """FLOPs per iteration as the training loop counts them for this command line."""
     args = parse_args(argv)
     config = build.model_config(args, vocab_size)
-    return metrics.step_flops(args.stage, metrics.model_shape(config))
+    return metrics.step_flops(args.stage, config.shape)
 
 
 @pytest.mark.parametrize("gqa", [[], ["--group-query-attention", "--num-query-groups", "4"]],
@@ -40,8 +41,8 @@ def test_loop_counts_what_patch_megatron_flops_counts(gqa, stage, tp):
     padded = {1: 32128, 2: 32256}[tp]
     groups = 4 if gqa else 16
     K, batch = (1, 8) if stage[1] == "1" else (4, 2)
-    shape = ModelShape(num_layers=24, hidden_size=1024, ffn_hidden_size=2752,
-                       num_attention_heads=16, num_query_groups=groups, vocab_size=padded)
+    shape = llama_shape(num_layers=24, hidden_size=1024, ffn_hidden_size=2752,
+                        num_attention_heads=16, num_query_groups=groups, vocab_size=padded)
     expected = training_flops_per_iteration(shape, 2048, batch, K)
     assert loop_step_flops(argv, 32001) == pytest.approx(expected, rel=1e-12)
 

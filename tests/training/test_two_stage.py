@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from patch_megatron.model.shape import llama_shape
 from patch_megatron import flops
 from patch_megatron.training import two_stage
 from patch_megatron.training.arguments import parse_args
@@ -46,8 +47,9 @@ def test_plan_splits_the_budget_with_equal_tokens_per_step(tmp_path):
 
 def test_cost_ratio_is_one_half_at_k4_two_thirds_from_the_real_flops(tmp_path):
     plan = two_stage.plan_two_stage(config(tmp_path))
-    shape = flops.ModelShape(num_layers=2, hidden_size=32, ffn_hidden_size=64,
-                             num_attention_heads=4, vocab_size=128)  # 100 padded to 128
+    shape = llama_shape(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                        vocab_size=128, max_position_embeddings=8,  # 100 padded to 128
+                        untie_embeddings_and_output_weights=False)
     assert plan.shape == shape
     per_token_step = flops.training_flops_per_iteration(shape, 8, 8, patch_size=1)
     per_patch_step = flops.training_flops_per_iteration(shape, 8, 2, patch_size=4)
