@@ -53,11 +53,14 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def train_stage(model, stream, start, tokens, *, K, T, tokens_per_step, args, est_config, shape):
     """One stage over stream[start : start + tokens]; returns (FLOPs, seconds, steps)."""
-    from patch_megatron import est, flops
+    from patch_megatron import flops
+    from patch_megatron.est.control import SubnetworkTraining
+    from patch_megatron.est.sampler import Layout
+    from patch_megatron.est.schedule import ESTConfig
 
     samples_per_step = tokens_per_step // (K * T)
     steps = tokens // tokens_per_step
-    control = est.SubnetworkTraining(est_config, shape, est.Layout(), max(steps, 1))
+    control = SubnetworkTraining(est_config, shape, Layout(), max(steps, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                                   weight_decay=0.1)
     total_flops = seconds = 0.0
@@ -96,16 +99,21 @@ def heldout_nll(model, heldout, T) -> float:
 
 
 def run(name, stream, heldout, args, *, patch: bool, est_stages: tuple[str, ...]):
-    from patch_megatron import est, flops, parallel
-    from patch_megatron.model import PatchGPTConfig, build_model
+    from patch_megatron import flops, parallel
+    from patch_megatron.est.control import SubnetworkTraining
+    from patch_megatron.est.sampler import Layout
+    from patch_megatron.est.schedule import ESTConfig
+    from patch_megatron.est.spec import subnetwork_block_spec
+    from patch_megatron.model.config import PatchGPTConfig
+    from patch_megatron.model.patch_gpt import build_model
 
     parallel.set_seed(args.seed)  # same initial weights in every run
     base = dict(num_layers=args.num_layers, hidden_size=args.hidden_size,
                 num_attention_heads=args.num_attention_heads, vocab_size=256, seq_length=args.seq_length,
                 num_query_groups=args.num_query_groups, **LLAMA_ARCHITECTURE)
     shape = PatchGPTConfig(**base).shape
-    est_on = est.ESTConfig(enabled=True, seed=args.seed, **args.est_schedule)
-    est_off = est.ESTConfig(enabled=False)
+    est_on = ESTConfig(enabled=True, seed=args.seed, **args.est_schedule)
+    est_off = ESTConfig(enabled=False)
     tokens_per_step = args.batch_size * args.seq_length
     total_tokens = args.train_tokens // tokens_per_step * tokens_per_step
     stages = [("token", 1, total_tokens)]
@@ -115,7 +123,7 @@ def run(name, stream, heldout, args, *, patch: bool, est_stages: tuple[str, ...]
         stages = [("patch", args.patch_size, patch_tokens), ("token", 1, total_tokens - patch_tokens)]
     weights, used_flops, seconds, start = None, 0.0, 0.0, 0
     for stage, K, tokens in stages:
-        model = build_model(PatchGPTConfig(**base, patch_size=K), subnetwork_training=True)
+        model = build_model(PatchGPTConfig(**base, patch_size=K), layer_spec=subnetwork_block_spec)
         if weights is not None:
             model.load_state_dict(weights)
         est_config = est_on if stage in est_stages else est_off
@@ -126,7 +134,7 @@ def run(name, stream, heldout, args, *, patch: bool, est_stages: tuple[str, ...]
         seconds += s
         start += tokens
         weights = model.state_dict()
-    token_model = build_model(PatchGPTConfig(**base, patch_size=1), subnetwork_training=True)
+    token_model = build_model(PatchGPTConfig(**base, patch_size=1), layer_spec=subnetwork_block_spec)
     token_model.load_state_dict(weights)
     nll = heldout_nll(token_model, heldout, args.seq_length)
     return dict(run=name, tokens=start, flops=used_flops, seconds=seconds, heldout_nll=nll)
@@ -151,7 +159,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the results here")
-    from patch_megatron.est import add_est_args, est_config_from_args
+    from patch_megatron.est.arguments import add_est_args, est_config_from_args
 
     add_est_args(p)
     args = p.parse_args(argv)

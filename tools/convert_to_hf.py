@@ -46,7 +46,7 @@ def main(argv=None) -> int:
 
     silence_fallback_warnings()
     args = build_parser().parse_args(argv)
-    from patch_megatron.conversion import ConversionError
+    from patch_megatron.conversion.errors import ConversionError
     from patch_megatron.conversion.output_dir import refuse_overlap
 
     try:

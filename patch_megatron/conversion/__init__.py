@@ -9,7 +9,3 @@ megatron-core's own dist_checkpointing (which reshards across TP/PP by
 itself); Hugging Face directories are mapped to and from it by
 :mod:`~patch_megatron.conversion.llama_layout`.
 """
-
-from patch_megatron.conversion.errors import ConversionError
-
-__all__ = ["ConversionError"]

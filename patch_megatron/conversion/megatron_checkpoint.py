@@ -123,7 +123,7 @@ def open_checkpoint(load_dir: str, iteration: int | None = None) -> Checkpoint:
 
 def _model_at_tp1(description: ModelDescription):
     from patch_megatron.conversion.cpu_world import ensure_world_of_one
-    from patch_megatron.model import build_model
+    from patch_megatron.model.patch_gpt import build_model
 
     ensure_world_of_one()
     # The weights do not depend on the patch size; K=1 builds the plain token model.

@@ -44,8 +44,8 @@ def apply_subnetwork(model_chunks, subnetwork: Subnetwork | None) -> int:
                     module.set_choice(subnetwork.layers[index])
                 count += 1
     if count == 0 and any(sum(1 for _ in c.parameters()) for c in model_chunks):
-        raise ValueError("the model has no EST layers: build it with subnetwork_training=True "
-                         "(patch_megatron.model.build_model) to use EST")
+        raise ValueError("the model has no EST layers: build it with "
+                         "layer_spec=subnetwork_block_spec (patch_megatron.est.spec) to use EST")
     return count
 
 

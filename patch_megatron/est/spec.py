@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import copy
 
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+
+from patch_megatron.est import modules
+from patch_megatron.model.sdpa_attention import SDPAttention
+from patch_megatron.model.spec import decoder_block_spec
+
 
 def subnetwork_block_spec(config):
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-
-    from patch_megatron.est import modules
-    from patch_megatron.model.sdpa_attention import SDPAttention
-    from patch_megatron.model.spec import decoder_block_spec
-
+    """EST's layer specs for a megatron TransformerConfig (``build_model``'s ``layer_spec``)."""
     block = decoder_block_spec(config, use_transformer_engine=False)
     if isinstance(block, ModuleSpec):  # with apex the local spec is one layer spec
-        from megatron.core.transformer.transformer_block import get_num_layers_to_build
-
         block = TransformerBlockSubmodules(layer_specs=[block] * get_num_layers_to_build(config))
     else:
         block = copy.copy(block)

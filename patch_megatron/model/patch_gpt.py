@@ -70,11 +70,12 @@ class PatchGPTModel(GPTModel):
 
 def build_model(config: PatchGPTConfig, pre_process: bool | None = None,
                 post_process: bool | None = None, cpu: bool | None = None,
-                subnetwork_training: bool = False) -> PatchGPTModel:
+                layer_spec=None) -> PatchGPTModel:
     """The model chunk of this pipeline rank (needs megatron's parallel state initialised).
 
-    ``subnetwork_training`` builds EST's layers (patch_megatron.est), which run
-    the plain model until a step's subnetwork is set; parameters are the same.
+    ``layer_spec(transformer_config)`` gives the decoder's layer specs; by default
+    ``spec.decoder_block_spec``'s. EST passes ``patch_megatron.est.spec.subnetwork_block_spec``,
+    whose layers run the plain model until a step's subnetwork is set (the same parameters).
     """
     from megatron.core import parallel_state
 
@@ -87,16 +88,14 @@ def build_model(config: PatchGPTConfig, pre_process: bool | None = None,
     if cpu is None:
         cpu = cpu_mode.is_installed()
     transformer_config = config.transformer_config(cpu=cpu)
-    if subnetwork_training:
-        from patch_megatron.est.spec import subnetwork_block_spec
-
-        layer_spec = subnetwork_block_spec(transformer_config)
-    else:
-        layer_spec = decoder_block_spec(
+    if layer_spec is None:
+        block_spec = decoder_block_spec(
             transformer_config, use_transformer_engine=config.transformer_impl == "transformer_engine")
+    else:
+        block_spec = layer_spec(transformer_config)
     model = PatchGPTModel(
         config=transformer_config,
-        transformer_layer_spec=layer_spec,
+        transformer_layer_spec=block_spec,
         vocab_size=config.vocab_size,
         max_sequence_length=config.max_position_embeddings,
         patch_size=config.patch_size,

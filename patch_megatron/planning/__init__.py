@@ -1,4 +1,4 @@
-"""Compute-optimal planning for patch-level pretraining (issue 8).
+"""Compute-optimal planning for patch-level pretraining.
 
 Modules:
     chinchilla  -- Chinchilla's 20-tokens-per-parameter rule and parametric loss fits
@@ -8,7 +8,3 @@ Modules:
     commands    -- pretrain_patch_gpt.py command lines for both stages
     report      -- readable table and JSON
 """
-
-from patch_megatron.planning.plan import ComputePlan, PlanInputs, PlanningError, compute_plan
-
-__all__ = ["ComputePlan", "PlanInputs", "PlanningError", "compute_plan"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from patch_megatron.model import PatchGPTConfig, build_model
+from patch_megatron.model.config import PatchGPTConfig
+from patch_megatron.model.patch_gpt import build_model
 from patch_megatron.training.arguments import model_shape
 
 
@@ -46,7 +47,10 @@ def build_ddp_model(args, config: PatchGPTConfig):
     """This pipeline rank's model in megatron's DDP (gradient buffers, DP all-reduce)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    model = build_model(config, subnetwork_training=getattr(args, "est", False))
+    layer_spec = None
+    if args.est:
+        from patch_megatron.est.spec import subnetwork_block_spec as layer_spec
+    model = build_model(config, layer_spec=layer_spec)
     # The loss is reduced per token over the whole global batch (sum of token losses / token
     # count), whatever the micro-batching and data-parallel layout: finalize_model_grads divides.
     model.config.calculate_per_token_loss = True

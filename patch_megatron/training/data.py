@@ -103,7 +103,8 @@ def _build_corpus_data(args, plan, train_samples, eval_samples, want_token_valid
     λ : 1-λ by tokens, which both stages compute identically whatever their
     step counts.
     """
-    from patch_megatron.data import build_stage_datasets, tokenizer_info
+    from patch_megatron.data.stage_datasets import build_stage_datasets
+    from patch_megatron.data.tokenizers import tokenizer_info
     from patch_megatron.data.index_validation import DatasetFileError
     from patch_megatron.data.patch_dataset import DatasetTooSmallError
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from patch_megatron.model.shape import LLAMA_SHAPE_ARCHITECTURE
-from patch_megatron.conversion import ConversionError
+from patch_megatron.conversion.errors import ConversionError
 from patch_megatron.conversion.llama_layout import from_hf, fuse_qkv, split_qkv, to_hf
 from patch_megatron.conversion.model_description import ModelDescription
 from patch_megatron.conversion.safetensors_io import parse_size, plan_shards

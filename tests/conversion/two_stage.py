@@ -60,7 +60,7 @@ def run_tool(name, argv):
 def our_model(checkpoint_dir, iteration=None):
     """Our K=1 model (TP=1) holding a checkpoint's weights, loaded by megatron-core."""
     from patch_megatron.conversion.megatron_checkpoint import load_full_weights, open_checkpoint
-    from patch_megatron.model import build_model
+    from patch_megatron.model.patch_gpt import build_model
 
     checkpoint = open_checkpoint(checkpoint_dir, iteration)
     model = build_model(checkpoint.description.model_config(patch_size=1), pre_process=True,

@@ -8,7 +8,7 @@ import shutil
 import numpy
 import pytest
 
-from patch_megatron.data import build_stage_datasets
+from patch_megatron.data.stage_datasets import build_stage_datasets
 from patch_megatron.data.index_cache import DEFAULT_CACHE_FOLDER, FINGERPRINTS
 from patch_megatron.data.index_validation import DatasetFileError
 

@@ -4,7 +4,8 @@ import numpy
 import pytest
 import torch
 
-from patch_megatron.data import DatasetTooSmallError, build_stage_datasets
+from patch_megatron.data.patch_dataset import DatasetTooSmallError
+from patch_megatron.data.stage_datasets import build_stage_datasets
 
 T, K, SEED = 32, 4, 1234
 BUDGET = 60_000  # tokens for the whole run, below the corpus size (~ 330k tokens)
@@ -129,6 +130,6 @@ def test_too_small_and_bad_arguments(builtin_data_prefix, sp_tokenizer, tmp_path
         build(builtin_data_prefix, sp_tokenizer, tmp_path, "patch", seq_length=200_000)
     with pytest.raises(ValueError, match="patch stage has no data"):
         build(builtin_data_prefix, sp_tokenizer, tmp_path, "patch", patch_data_fraction=0.0)
-    from patch_megatron.data import DatasetFileError
+    from patch_megatron.data.index_validation import DatasetFileError
     with pytest.raises(DatasetFileError, match="index file not found"):
         build(str(tmp_path / "missing"), sp_tokenizer, tmp_path, "token")

@@ -3,9 +3,13 @@
 import pytest
 import torch
 
-from patch_megatron import est
-from patch_megatron.est.sampler import LayerChoice, Subnetwork
-from patch_megatron.model import PatchGPTConfig, build_model
+from patch_megatron.est.control import SubnetworkTraining, apply_subnetwork
+from patch_megatron.est.sampler import LayerChoice, Layout, Subnetwork
+from patch_megatron.est.schedule import ESTConfig
+from patch_megatron.est.spec import subnetwork_block_spec
+from patch_megatron.flops import KeptFractions
+from patch_megatron.model.config import PatchGPTConfig
+from patch_megatron.model.patch_gpt import build_model
 import reference_est
 from patch_megatron.llama_recipe import LLAMA_ARCHITECTURE
 
@@ -35,7 +39,7 @@ def _pair(K, **overrides):
     """A plain model and an EST model with the same weights."""
     cfg = PatchGPTConfig(**{**SHAPE, **overrides}, patch_size=K)
     plain = build_model(cfg)
-    subnet = build_model(cfg, subnetwork_training=True)
+    subnet = build_model(cfg, layer_spec=subnetwork_block_spec)
     assert plain.state_dict().keys() == subnet.state_dict().keys()
     subnet.load_state_dict(plain.state_dict())
     return cfg, plain, subnet
@@ -44,9 +48,9 @@ def _pair(K, **overrides):
 @pytest.mark.parametrize("K", [1, 4])
 def test_all_rates_one_equals_the_plain_model_exactly(K):
     cfg, plain, subnet = _pair(K)
-    config = est.ESTConfig(enabled=True, stage_ends=(0.5,), layer_rates=(1.0,), head_rates=(1.0,),
+    config = ESTConfig(enabled=True, stage_ends=(0.5,), layer_rates=(1.0,), head_rates=(1.0,),
                            mlp_rates=(1.0,))
-    control = est.SubnetworkTraining(config, cfg, est.Layout(), train_iters=4)
+    control = SubnetworkTraining(config, cfg, Layout(), train_iters=4)
     window = _window(K)
     ref_loss, ref_grads = _loss_and_grads(plain, window, K)
     for iteration in (1, 4):  # a "sampled" stage at rate 1 and the full stage
@@ -61,7 +65,7 @@ def test_sliced_path_with_every_head_and_unit_equals_the_plain_model():
     """Explicit full index lists force the sliced matmuls: same numbers as the plain layers."""
     cfg, plain, subnet = _pair(2)
     everything = LayerChoice(heads=tuple(range(4)), units=tuple(range(48)))
-    est.apply_subnetwork([subnet], Subnetwork((everything,) * 3))
+    apply_subnetwork([subnet], Subnetwork((everything,) * 3))
     assert subnet.decoder.layers[0].mlp.linear_fc1.kept_rows is not None
     window = _window(2)
     ref_loss, ref_grads = _loss_and_grads(plain, window, 2)
@@ -82,7 +86,7 @@ HEADS_IN_GROUPS_MASK = (LayerChoice(heads=(1, 2), units=None), None,
 @pytest.mark.parametrize("mask", [GROUP_MASK, HEADS_IN_GROUPS_MASK], ids=["groups", "heads-in-groups"])
 def test_subnetwork_matches_the_papers_formulas(K, mask):
     cfg, _, model = _pair(K)
-    est.apply_subnetwork([model], Subnetwork(mask))
+    apply_subnetwork([model], Subnetwork(mask))
     window = _window(K, seed=K)
     loss, grads = _loss_and_grads(model, window, K)
 
@@ -107,14 +111,14 @@ def test_subnetwork_matches_the_papers_formulas(K, mask):
 
 def test_sampled_masks_match_the_reference_and_eval_uses_the_full_model():
     cfg, plain, model = _pair(4)
-    config = est.ESTConfig(enabled=True, stage_ends=(0.5,), layer_rates=(0.67,), head_rates=(0.5,),
+    config = ESTConfig(enabled=True, stage_ends=(0.5,), layer_rates=(0.67,), head_rates=(0.5,),
                            mlp_rates=(0.5,), seed=3)
-    control = est.SubnetworkTraining(config, cfg, est.Layout(), train_iters=10)
+    control = SubnetworkTraining(config, cfg, Layout(), train_iters=10)
     window = _window(4, seed=5)
     kept = control.set_step([model], 2)
     mask = control.subnetwork(2)
     assert sum(c is None for c in mask.layers) == 1
-    assert kept == est.sampler.KeptFractions(layers=2 / 3, attention_heads=0.5, mlp_units=0.5)
+    assert kept == KeptFractions(layers=2 / 3, attention_heads=0.5, mlp_units=0.5)
     loss, _ = _loss_and_grads(model, window, 4)
     weights = {k: v.detach() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     ref = reference_est.subnetwork_patch_loss(
@@ -132,5 +136,5 @@ def test_sampled_masks_match_the_reference_and_eval_uses_the_full_model():
 
 def test_apply_refuses_a_model_without_est_layers():
     plain = build_model(PatchGPTConfig(**SHAPE))
-    with pytest.raises(ValueError, match="subnetwork_training=True"):
-        est.apply_subnetwork([plain], Subnetwork.full(3))
+    with pytest.raises(ValueError, match="layer_spec=subnetwork_block_spec"):
+        apply_subnetwork([plain], Subnetwork.full(3))

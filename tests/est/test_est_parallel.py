@@ -21,14 +21,16 @@ CASES = {1: "groups", 4: "heads"}  # patch size K -> GQA sampling mode
 
 
 def _mask(mode):
-    from patch_megatron import est
+    from patch_megatron.est.control import apply_subnetwork
+    from patch_megatron.est.sampler import Layout, sample_subnetwork
+    from patch_megatron.est.schedule import StageRates
     from patch_megatron.model.shape import ModelShape
 
     shape = ModelShape(num_layers=4, hidden_size=64, num_attention_heads=8, num_query_groups=4,
                        ffn_hidden_size=48, vocab_size=None)
-    rates = est.StageRates(layers=0.5, heads=0.5, mlp_units=0.5)
+    rates = StageRates(layers=0.5, heads=0.5, mlp_units=0.5)
     # Drawn for TP=2 x PP=2, so one mask is valid for every layout here.
-    return est.sample_subnetwork(rates, shape, est.Layout(2, 2), seed=3, iteration=17, gqa_sampling=mode)
+    return sample_subnetwork(rates, shape, Layout(2, 2), seed=3, iteration=17, gqa_sampling=mode)
 
 
 def _data(K):
@@ -57,8 +59,13 @@ def _run_layout(tp, pp, full_weights):
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from patch_megatron import est, parallel
-    from patch_megatron.model import PatchGPTConfig, build_model
+    from patch_megatron import parallel
+    from patch_megatron.est.control import apply_subnetwork
+    from patch_megatron.est.sampler import Layout, sample_subnetwork
+    from patch_megatron.est.schedule import StageRates
+    from patch_megatron.model.config import PatchGPTConfig
+    from patch_megatron.est.spec import subnetwork_block_spec
+    from patch_megatron.model.patch_gpt import build_model
 
     parallel.initialize(parallel.ParallelConfig(tp, pp, cpu=True), seed=7)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
@@ -69,7 +76,7 @@ def _run_layout(tp, pp, full_weights):
         for sp in ((False, True) if tp > 1 else (False,)):
             cfg = PatchGPTConfig(**SHAPE, patch_size=K, tensor_model_parallel_size=tp,
                                  pipeline_model_parallel_size=pp, sequence_parallel=sp)
-            model = build_model(cfg, subnetwork_training=True)
+            model = build_model(cfg, layer_spec=subnetwork_block_spec)
             model.load_state_dict({n: tp_slice(n, full_weights[K][global_name(n, pp_rank, per_stage)], tp, tp_rank)
                                    for n in model.state_dict() if not n.endswith("_extra_state")},
                                   strict=False)
@@ -95,7 +102,7 @@ def _run_layout(tp, pp, full_weights):
             # A full step first: DDP's first step records which parameters report gradients
             # (its "golden" counts); the EST step after it must report the same ones.
             for subnetwork in (None, _mask(mode)):
-                assert est.apply_subnetwork([ddp], subnetwork) == per_stage
+                assert apply_subnetwork([ddp], subnetwork) == per_stage
                 batches = iter([(tokens[i:i + 1], labels[i:i + 1]) for i in range(tokens.shape[0])])
                 ddp.zero_grad_buffer()
                 losses = get_forward_backward_func()(
@@ -127,14 +134,18 @@ def _assemble(ranks, key):
 @pytest.fixture(scope="module")
 def single_process():
     from distributed_harness import init_world_of_one
-    from patch_megatron import est
-    from patch_megatron.model import PatchGPTConfig, build_model
+    from patch_megatron.est.control import apply_subnetwork
+    from patch_megatron.est.sampler import Layout, sample_subnetwork
+    from patch_megatron.est.schedule import StageRates
+    from patch_megatron.model.config import PatchGPTConfig
+    from patch_megatron.est.spec import subnetwork_block_spec
+    from patch_megatron.model.patch_gpt import build_model
 
     init_world_of_one()
     out = {}
     for K, mode in CASES.items():
-        model = build_model(PatchGPTConfig(**SHAPE, patch_size=K), subnetwork_training=True)
-        est.apply_subnetwork([model], _mask(mode))
+        model = build_model(PatchGPTConfig(**SHAPE, patch_size=K), layer_spec=subnetwork_block_spec)
+        apply_subnetwork([model], _mask(mode))
         tokens, labels = _data(K)
         loss = model(tokens, labels=labels).mean()
         loss.backward()

@@ -6,9 +6,10 @@ import pytest
 
 from patch_megatron.model.shape import ModelShape, llama_shape
 from patch_megatron import flops
-from patch_megatron.est import (ESTConfig, Layout, StageRates, SubnetworkTraining,
-                                add_est_args, est_config_from_args, sample_subnetwork)
-from patch_megatron.est.sampler import LayerChoice, Subnetwork
+from patch_megatron.est.arguments import add_est_args, est_config_from_args
+from patch_megatron.est.control import SubnetworkTraining
+from patch_megatron.est.sampler import LayerChoice, Layout, Subnetwork, sample_subnetwork
+from patch_megatron.est.schedule import ESTConfig, StageRates
 
 SHAPE = ModelShape(num_layers=8, hidden_size=64, num_attention_heads=8, num_query_groups=4,
                    ffn_hidden_size=64, vocab_size=None)

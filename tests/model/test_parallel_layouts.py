@@ -38,7 +38,8 @@ def _layout_worker(tp, pp, sp, full_weights):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from patch_megatron import parallel
-    from patch_megatron.model import PatchGPTConfig, build_model
+    from patch_megatron.model.config import PatchGPTConfig
+    from patch_megatron.model.patch_gpt import build_model
 
     parallel.initialize(parallel.ParallelConfig(tp, pp, sp, cpu=True), seed=7)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
@@ -125,7 +126,8 @@ def _dp_replicas_agree(rank_results, case):
 def single_process_reference():
     """Weights and the TP=1/PP=1/DP=1 loss and gradients of the same model in this process."""
     from distributed_harness import init_world_of_one
-    from patch_megatron.model import PatchGPTConfig, build_model
+    from patch_megatron.model.config import PatchGPTConfig
+    from patch_megatron.model.patch_gpt import build_model
 
     init_world_of_one()
     out = {}

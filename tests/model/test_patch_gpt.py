@@ -4,7 +4,8 @@ import pytest
 import torch
 from megatron.core.models.gpt import GPTModel
 
-from patch_megatron.model import PatchGPTConfig, build_model
+from patch_megatron.model.config import PatchGPTConfig
+from patch_megatron.model.patch_gpt import build_model
 from patch_megatron.model.generate import generate
 from patch_megatron.model.spec import decoder_block_spec
 import reference_gpt

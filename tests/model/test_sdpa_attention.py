@@ -5,7 +5,7 @@ import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-from patch_megatron.model import PatchGPTConfig
+from patch_megatron.model.config import PatchGPTConfig
 from patch_megatron.model.sdpa_attention import SDPAttention
 
 

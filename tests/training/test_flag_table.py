@@ -110,7 +110,8 @@ def test_log_params_norm_num_zeros_and_the_pytorch_profiler(tmp_path):
 def test_params_norm_counts_each_parameter_once(model_world):
     import torch
 
-    from patch_megatron.model import PatchGPTConfig, build_model
+    from patch_megatron.model.config import PatchGPTConfig
+    from patch_megatron.model.patch_gpt import build_model
     from patch_megatron.training.metrics import params_norm
 
     model = build_model(PatchGPTConfig(num_layers=2, hidden_size=32, num_attention_heads=4,

@@ -167,7 +167,7 @@ def test_a_tracker_file_that_is_not_text_is_named(saved, tmp_path):
 
 
 def test_a_deleted_tracker_file_is_named_with_the_iterations_to_pick(saved, tmp_path):
-    from patch_megatron.conversion import ConversionError
+    from patch_megatron.conversion.errors import ConversionError
     from patch_megatron.conversion.megatron_checkpoint import checkpoint_directory
 
     ckpt = copy(saved, tmp_path / "c")
@@ -217,7 +217,7 @@ def test_converters_refuse_a_planted_metadata_pickle(saved, tmp_path, tool):
 
 
 def test_converters_name_a_flipped_bit_and_the_last_good_iteration(saved, tmp_path):
-    from patch_megatron.conversion import ConversionError
+    from patch_megatron.conversion.errors import ConversionError
     from patch_megatron.conversion.megatron_checkpoint import open_checkpoint
 
     ckpt = copy(saved, tmp_path / "c")
