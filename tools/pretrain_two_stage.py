@@ -60,37 +60,40 @@ def build_parser(launch_defaults: dict) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from patch_megatron.training import two_stage
+    from patch_megatron.two_stage.launch import StageStopped, run_steps
+    from patch_megatron.two_stage.plan import (Launch, RunConfig, TwoStageError, format_plan,
+                                               launch_defaults, plan_two_stage)
+    from patch_megatron.two_stage.progress import format_steps, next_steps
 
     try:
-        parser = build_parser(two_stage.launch_defaults())
-    except two_stage.TwoStageError as error:
+        parser = build_parser(launch_defaults())
+    except TwoStageError as error:
         print(f"pretrain_two_stage.py: error: {error}", file=sys.stderr)
         return 2
     args, passthrough = parser.parse_known_args(argv)
-    launch = two_stage.Launch(args.nproc_per_node, args.nnodes, args.node_rank,
-                              args.master_addr, args.master_port)
-    config = two_stage.RunConfig(
+    launch = Launch(args.nproc_per_node, args.nnodes, args.node_rank,
+                    args.master_addr, args.master_port)
+    config = RunConfig(
         train_tokens=args.train_tokens, patch_size=args.patch_size,
         patch_data_fraction=args.patch_data_fraction, global_batch_size=args.global_batch_size,
         save=os.path.abspath(args.save), passthrough=tuple(passthrough), launch=launch)
     try:
-        plan = two_stage.plan_two_stage(config)
-        steps = two_stage.next_steps(plan, REPO)
-    except two_stage.TwoStageError as error:
+        plan = plan_two_stage(config)
+        steps = next_steps(plan, REPO)
+    except TwoStageError as error:
         print(f"pretrain_two_stage.py: error: {error}", file=sys.stderr)
         return 2
-    print(two_stage.format_plan(plan), flush=True)
+    print(format_plan(plan), flush=True)
     print(flush=True)
     if args.dry_run:
-        print(two_stage.format_steps(steps))
+        print(format_steps(steps))
         return 0
     try:
-        two_stage.run_steps(steps, launch, print_fn=lambda text: print(text, flush=True))
-    except two_stage.TwoStageError as error:
+        run_steps(steps, launch, print_fn=lambda text: print(text, flush=True))
+    except TwoStageError as error:
         print(f"pretrain_two_stage.py: error: {error}", file=sys.stderr)
         return 2
-    except two_stage.StageStopped as error:
+    except StageStopped as error:
         print(f"pretrain_two_stage.py: {error}", file=sys.stderr)
         return 1
     print(f"done: the token stage's checkpoint is {plan.token.save_dir}", flush=True)

@@ -1,4 +1,4 @@
-"""Both stages of a patch-level run back to back: the plan, the commands, the run.
+"""The plan of a two-stage run: both stages' command lines, schedules and FLOPs.
 
 The paper's recipe as one job: the patch stage (K > 1) on the first λ of a
 token budget, the weights-only handoff (tools/convert_patch_to_token.py), then
@@ -32,24 +32,15 @@ filesystem all nodes share.
 from __future__ import annotations
 
 import os
-import shlex
-import signal
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 from patch_megatron import flops
 from patch_megatron.model.shape import ModelShape
 from patch_megatron.training.arguments import ArgumentError, StagePlan, model_shape, parse_args
-from patch_megatron.training import safe_load
-from patch_megatron.training.checkpoint_record import RecordError, read_record
-from patch_megatron.training.checkpointing import (
-    CheckpointError, iteration_dir, read_latest_iteration,
-)
 
 PATCH_DIR, HANDOFF_DIR, TOKEN_DIR = "patch", "token_init", "token"
+
 
 # Flags the runner sets for each stage itself; given among the passed-through
 # flags they would contradict the plan.
@@ -61,22 +52,10 @@ REFUSED_FLAGS = {
     "--finetune": "the token stage already starts from the patch stage's weights only",
 }
 
-# How long nodes other than rank 0 wait for the handoff (converting a few
-# billion parameters on one CPU process takes minutes, not hours).
-HANDOFF_WAIT_SECONDS = 2 * 3600
-POLL_SECONDS = 10
-
 
 class TwoStageError(ValueError):
     """A flag, plan or directory problem; the message names the fix."""
 
-
-class StageStopped(RuntimeError):
-    """A stage process failed or stopped before its planned iteration."""
-
-
-# ---------------------------------------------------------------------------
-# What the user asks for.
 
 @dataclass(frozen=True)
 class Launch:
@@ -142,9 +121,6 @@ class RunConfig:
     def stage_dir(self, name: str) -> str:
         return os.path.join(self.save, name)
 
-
-# ---------------------------------------------------------------------------
-# The plan.
 
 @dataclass(frozen=True)
 class StageJob:
@@ -327,121 +303,6 @@ def plan_two_stage(config: RunConfig) -> TwoStagePlan:
                         args.pipeline_model_parallel_size, dp, shape, no_flops_reason)
 
 
-# ---------------------------------------------------------------------------
-# Where a previous run stopped, and what runs now.
-
-def saved_iteration(save_dir: str) -> int | None:
-    try:
-        return read_latest_iteration(save_dir)
-    except CheckpointError as error:
-        raise TwoStageError(f"{error}. Choose a new --save directory (nothing is deleted)") from None
-
-
-def _saved_record(save_dir: str, iteration: int):
-    """A checkpoint's record, read without unpickling anything else."""
-    path = iteration_dir(save_dir, iteration)
-    try:
-        return read_record(safe_load.read_common(path), path)
-    except (safe_load.UnsafeCheckpointError, RecordError) as error:
-        raise TwoStageError(f"cannot read the record of {path} ({error}); choose a new --save "
-                            "directory") from None
-
-
-def _refuse_other_plan(where: str, saved: dict, expected: dict) -> None:
-    diffs = [f"{key} {saved.get(key)!r} there, {value!r} now" for key, value in expected.items()
-             if saved.get(key) != value]
-    if diffs:
-        raise TwoStageError(f"{where} belongs to another plan ({'; '.join(diffs)}): run with the "
-                            "flags it was started with, or choose a new --save directory "
-                            "(nothing is overwritten)")
-
-
-def _stage_flags(stage: StageJob, config: RunConfig) -> dict:
-    """The flags that fix a stage's plan: a checkpoint to continue from must have the same."""
-    return {"patch_size": stage.plan.patch_size,
-            "patch_data_fraction": float(config.patch_data_fraction),
-            "train_tokens": config.train_tokens,
-            "global_batch_size": stage.plan.global_batch_size,
-            "seq_length": stage.plan.seq_length}
-
-
-def _training_progress(stage: StageJob, config: RunConfig) -> int | None:
-    """The stage's saved iteration after checking it belongs to this plan."""
-    iteration = saved_iteration(stage.save_dir)
-    if iteration is None:
-        return None
-    saved_args = _saved_record(stage.save_dir, iteration).flags
-    _refuse_other_plan(iteration_dir(stage.save_dir, iteration), saved_args,
-                       _stage_flags(stage, config))
-    if iteration > stage.plan.train_iters:
-        raise TwoStageError(f"{stage.save_dir} holds iteration {iteration}, past the {stage.name} "
-                            f"stage's planned {stage.plan.train_iters}: choose a new --save directory")
-    return iteration
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str  # "patch stage", "handoff", "token stage"
-    action: str  # "run", "resume", "skip" or "wait"
-    note: str
-    command: list[str]  # what runs (for "wait" and "skip": what ran or runs on node rank 0)
-    expected_iteration: int | None = None  # training steps: where the checkpoint must end up
-
-
-def next_steps(plan: TwoStagePlan, repo: str, python: str = sys.executable) -> list[Step]:
-    """The three steps as they stand now: what is done, what resumes, what starts."""
-    config, patch, token = plan.config, plan.patch, plan.token
-    launch = config.launch
-    patch_done = _training_progress(patch, config)
-    handoff_done = saved_iteration(plan.handoff_dir)
-    token_done = _training_progress(token, config)
-    if handoff_done is not None:
-        position = _saved_record(plan.handoff_dir, handoff_done).data_position or {}
-        _refuse_other_plan(plan.handoff_dir, position, {
-            "iteration": patch.plan.train_iters, "patch_size": patch.plan.patch_size,
-            "train_tokens": config.train_tokens,
-            "patch_data_fraction": float(config.patch_data_fraction)})
-    if (handoff_done is not None or token_done is not None) and patch_done != patch.plan.train_iters:
-        raise TwoStageError(f"{plan.handoff_dir} or {token.save_dir} exists but the patch stage in "
-                            f"{patch.save_dir} has not reached its planned iteration "
-                            f"{patch.plan.train_iters}: they come from another run; choose a new "
-                            "--save directory")
-
-    pretrain = os.path.join(repo, "pretrain_patch_gpt.py")
-    steps = [_training_step(patch, patch_done, launch.command(
-        pretrain, stage_argv(config, PATCH_DIR, load=patch.save_dir), python))]
-
-    convert = [python, os.path.join(repo, "tools", "convert_patch_to_token.py"),
-               "--load", patch.save_dir, "--iteration", str(patch.plan.train_iters),
-               "--save", plan.handoff_dir]
-    if handoff_done is not None:
-        steps.append(Step("handoff", "skip", f"done: {plan.handoff_dir}", convert))
-    elif launch.node_rank != 0:
-        steps.append(Step("handoff", "wait", f"node rank 0 converts; this node waits for "
-                          f"{plan.handoff_dir} (a shared filesystem)", convert))
-    else:
-        steps.append(Step("handoff", "run", f"weights of iteration {patch.plan.train_iters}, "
-                          "patch size 1", convert))
-
-    token_load = token.save_dir if token_done is not None else plan.handoff_dir
-    steps.append(_training_step(token, token_done, launch.command(
-        pretrain, stage_argv(config, TOKEN_DIR, load=token_load), python)))
-    return steps
-
-
-def _training_step(stage: StageJob, done: int | None, command: list[str]) -> Step:
-    planned = stage.plan.train_iters
-    name = f"{stage.name} stage"
-    if done == planned:
-        return Step(name, "skip", f"done: {iteration_dir(stage.save_dir, planned)}", command, planned)
-    if done is not None:
-        return Step(name, "resume", f"from iteration {done} of {planned}", command, planned)
-    return Step(name, "run", f"{planned} iterations", command, planned)
-
-
-# ---------------------------------------------------------------------------
-# Printing.
-
 def _count(n) -> str:
     return f"{n:,}"
 
@@ -481,83 +342,3 @@ def format_plan(plan: TwoStagePlan) -> str:
                      f"{_flops(plan.token_only_flops)} FLOPs. Cost ratio (FLOPs): "
                      f"{plan.cost_ratio:.4f}; the paper's λ/K + 1 - λ = {plan.paper_cost_ratio:.4f}")
     return "\n".join(lines)
-
-
-def format_steps(steps: list[Step]) -> str:
-    lines = []
-    for number, step in enumerate(steps, 1):
-        lines.append(f"[{number}/{len(steps)}] {step.name}: {step.action} ({step.note})")
-        lines.append("    " + shlex.join(step.command))
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------
-# Running.
-
-def _process_environment(command: list[str], environ) -> dict:
-    """A process started without torch.distributed.run is a world of one: give it a free local
-    port, so that it never collides with another job's default port (or the launch's)."""
-    if "torch.distributed.run" in command:
-        return dict(environ)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return {**environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-
-
-def _run_process(command: list[str], environ) -> int:
-    """Run a stage; a SIGTERM to the runner goes on to it (it saves with --exit-signal-handler)."""
-    process = subprocess.Popen(command, env=_process_environment(command, environ))
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
-    try:
-        return process.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def wait_for_checkpoint(save_dir: str, iteration: int, timeout_s: float,
-                        poll_s: float = POLL_SECONDS) -> bool:
-    """Wait until ``save_dir``'s latest checkpoint is ``iteration`` (another node writes it)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if read_latest_iteration(save_dir) == iteration:
-                return True
-        except CheckpointError:
-            pass  # being written
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(poll_s)
-
-
-def run_steps(steps: list[Step], launch: Launch, print_fn=print, environ=os.environ,
-              handoff_wait_s: float = HANDOFF_WAIT_SECONDS) -> None:
-    """Run what is not done yet, in order; raises StageStopped or TwoStageError."""
-    for number, step in enumerate(steps, 1):
-        title = f"[{number}/{len(steps)}] {step.name}"
-        if step.action == "skip":
-            print_fn(f"{title}: skipped, {step.note}")
-            continue
-        save_dir = step.command[step.command.index("--save") + 1]
-        if step.action == "wait":
-            print_fn(f"{title}: {step.note}")
-            if not wait_for_checkpoint(save_dir, 0, handoff_wait_s):
-                raise TwoStageError(f"{save_dir} did not appear within {handoff_wait_s / 60:.0f} "
-                                    "minutes: check node rank 0's output, and that --save is on a "
-                                    "filesystem all nodes share")
-            continue
-        print_fn(f"{title}: {step.action} ({step.note})\n    {shlex.join(step.command)}")
-        code = _run_process(step.command, environ)
-        if code != 0:
-            raise StageStopped(f"{step.name} failed (exit code {code}). Fix the cause and run the "
-                               "same command again: finished steps are skipped and an interrupted "
-                               "stage resumes from its last checkpoint")
-        expected = step.expected_iteration if step.expected_iteration is not None else 0
-        # Other nodes may see the shared filesystem's latest file a little later.
-        settle_s = 60 if launch.node_rank else 0
-        if not wait_for_checkpoint(save_dir, expected, settle_s, poll_s=5):
-            found = saved_iteration(save_dir)
-            raise StageStopped(f"{step.name} ended at iteration {found}, before its planned "
-                               f"{expected} (an exit condition: --exit-interval, "
-                               "--exit-duration-in-mins or a signal). Run the same command again "
-                               "to continue it")

@@ -1,0 +1,1 @@
+"""The paper's recipe as one job: plan both stages, see how far a run got, launch what remains."""
