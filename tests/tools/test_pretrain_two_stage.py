@@ -124,28 +124,27 @@ def dry_run(script, tmp_path, **env):
 PATCH_ITERS = round(360_000_000_000 * 2 / 3) // TWO_MILLION_TOKENS
 
 
-@pytest.mark.parametrize("size, nodes, saved", [
-    ("370m", {}, {}),
-    ("780m", {}, {"patch": PATCH_ITERS - 1}),  # an interrupted patch stage resumes itself
-    # a re-run after the handoff: only the token stage is left, resuming from its own checkpoints
-    ("1.3b", {"NNODES": "4", "NODE_RANK": "0", "MASTER_ADDR": "node0"},
-     {"patch": PATCH_ITERS, "token_init": 0, "token": 7}),
-    ("2.7b", {"NNODES": "4", "NODE_RANK": "2", "MASTER_ADDR": "node0"}, {}),  # waits for rank 0
+@pytest.mark.parametrize("size, nodes", [
+    ("370m", {}),
+    ("780m", {}),
+    ("1.3b", {"NNODES": "4", "NODE_RANK": "0", "MASTER_ADDR": "node0"}),
+    ("2.7b", {"NNODES": "4", "NODE_RANK": "2", "MASTER_ADDR": "node0"}),  # waits for rank 0
 ])
-def test_example_scripts_print_commands_the_real_parser_accepts(tmp_path, size, nodes, saved):
+def test_example_scripts_are_one_runner_command_with_the_papers_recipe(tmp_path, size, nodes):
+    # Resuming, skipping and waiting are the runner's (tests/two_stage); the scripts are its flags.
     checkpoints = tmp_path / "ckpt"
-    for name, iteration in saved.items():
-        (checkpoints / name).mkdir(parents=True)
-        (checkpoints / name / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     out = dry_run(f"pretrain_llama_{size}.sh", tmp_path, **nodes)
-    commands = [shlex.split(line) for line in out.splitlines() if line and not line.startswith("#")]
-    trainings = [c for c in commands if c[0] == "torchrun"]
-    converts = [c for c in commands if c[1].endswith("tools/convert_patch_to_token.py")]
-    assert len(commands) == len(trainings) + len(converts)
+    steps = [line.split(": ", 1) for line in out.splitlines() if line.startswith("[")]
+    assert [name.split("] ")[1] for name, _ in steps] == ["patch stage", "handoff", "token stage"]
+    handoff_action = steps[1][1].split(" ")[0]
+    assert handoff_action == ("run" if nodes.get("NODE_RANK", "0") == "0" else "wait")
+    commands = [shlex.split(line) for line in out.splitlines() if line.startswith("    ")]
+    pretrain = os.path.join(REPO_ROOT, "pretrain_patch_gpt.py")
     parsed = []
-    for command in trainings:
-        script = command.index(os.path.join(REPO_ROOT, "pretrain_patch_gpt.py"))
-        launcher = dict(zip(command[1:script:2], command[2:script:2]))
+    for command in (commands[0], commands[2]):
+        script = command.index(pretrain)
+        launcher = dict(flag.split("=", 1) for flag in command[3:script])
+        assert command[1:3] == ["-m", "torch.distributed.run"]
         assert launcher == {"--nproc-per-node": "8", "--nnodes": nodes.get("NNODES", "1"),
                             "--node-rank": nodes.get("NODE_RANK", "0"),
                             "--master-addr": nodes.get("MASTER_ADDR", "localhost"),
@@ -155,6 +154,9 @@ def test_example_scripts_print_commands_the_real_parser_accepts(tmp_path, size, 
         shape = (args.hidden_size, args.ffn_hidden_size, args.num_layers, args.num_attention_heads)
         assert shape == PAPER_MODELS[size]
         assert args.untie_embeddings_and_output_weights and args.init_method_std == 0.02
+        assert (args.normalization, args.swiglu, args.position_embedding_type) == \
+            ("RMSNorm", True, "rope")
+        assert not args.add_bias_linear and args.hidden_dropout == args.attention_dropout == 0
         assert (args.lr, args.min_lr, args.lr_decay_style, args.lr_warmup_iters) == \
             (3e-4, 0.0, "cosine", 2000)
         assert (args.adam_beta1, args.adam_beta2, args.adam_eps) == (0.9, 0.95, 1e-8)
@@ -162,22 +164,11 @@ def test_example_scripts_print_commands_the_real_parser_accepts(tmp_path, size, 
         assert args.stage.seq_length == 2048 and args.stage.tokens_per_step == TWO_MILLION_TOKENS
         assert args.tokenizer_type == "GPTSentencePieceTokenizer"
         assert (args.train_tokens, args.patch_data_fraction) == (360_000_000_000, 2 / 3)
-    token = parsed[-1]
-    assert token.stage.name == "token" and token.save == str(checkpoints / "token")
-    if saved.get("patch") == PATCH_ITERS:
-        assert len(trainings) == 1 and not converts and out.count("# done before") == 2
-        assert token.load == token.save  # resumes its own checkpoints
-        return
-    patch = parsed[0]
-    assert len(trainings) == 2 and (patch.stage.name, patch.patch_size) == ("patch", 4)
-    assert patch.stage.train_iters == PATCH_ITERS
+    patch, token = parsed
+    assert (patch.stage.name, patch.patch_size, patch.stage.train_iters) == ("patch", 4, PATCH_ITERS)
     assert patch.save == patch.load == str(checkpoints / "patch")  # resumes itself when re-run
+    assert token.stage.name == "token" and token.save == str(checkpoints / "token")
     assert token.load == str(checkpoints / "token_init")
-    if nodes.get("NODE_RANK", "0") == "0":
-        (convert,) = converts
-        assert convert[convert.index("--load") + 1] == patch.save
-        assert convert[convert.index("--save") + 1] == token.load
-        assert convert[convert.index("--iteration") + 1] == str(PATCH_ITERS)
-        assert commands.index(convert) == 1  # between the stages
-    else:
-        assert not converts and "waiting for node rank 0 to write" in out
+    convert = commands[1]
+    assert convert[convert.index("--iteration") + 1] == str(PATCH_ITERS)
+    assert convert[convert.index("--save") + 1] == token.load
