@@ -1,20 +1,22 @@
-"""Ready-to-run command lines for a plan: pretrain_patch_gpt.py per stage and
-the patch-to-token converter between them.
+"""Ready-to-run command lines for a plan.
 
-Conventions of pretrain_patch_gpt.py followed here:
+A plan with a patch stage is one ``tools/pretrain_two_stage.py`` command: the
+runner parses both stages' pretrain_patch_gpt.py command lines, splits
+``--train-tokens`` between them as the planner did (``stage_iterations``), runs
+the patch stage, the handoff of its last iteration and the token stage, and
+continues them when re-run. Its conventions:
+
 * ``--seq-length`` is T, model positions (patches in the patch stage), so a
   patch-stage sample holds K·T tokens.
-* ``--global-batch-size`` and ``--train-iters`` are this stage's samples per
-  step and steps (Megatron-LM's meaning). Both stages see the same tokens
-  per step, so the patch stage's batch is B/K samples of K·T tokens where
-  the token stage has B samples of T tokens.
-* ``--patch-data-fraction λ`` on both; ``--patch-size`` is K in the patch
-  stage and 1 in the token stage. With λ > 0 the token stage skips the data
-  the patch stage read, which it locates as its own tokens · λ/(1-λ); the
-  planner's step split keeps that at or past the patch stage's end.
-* Each stage has its own warmup (``--lr-warmup-iters``, per command) + cosine
-  over its own steps; the token stage starts from the converter's
-  weights-only checkpoint.
+* ``--global-batch-size`` is the token stage's B; the patch stage runs B/K
+  samples of K·T tokens, so both stages see the same tokens per step.
+* The flags after the runner's own go to both stages: each stage warms up for
+  ``--lr-warmup-iters`` steps and decays (cosine) over its own steps; the token
+  stage starts from the handoff's weights with a fresh optimizer.
+
+A token-only plan is one ``pretrain_patch_gpt.py`` command with its ``--train-iters``.
+Node ranks and the rendezvous address belong to the cluster: the runner reads
+them from Megatron-LM's variables (``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ import shlex
 from dataclasses import dataclass
 from typing import Optional
 
-from patch_megatron.planning.plan import ComputePlan, PlannedStage
 from patch_megatron.llama_recipe import ARCHITECTURE_FLAGS
+from patch_megatron.planning.plan import ComputePlan
 
 PRETRAIN_SCRIPT = "pretrain_patch_gpt.py"
-CONVERTER_SCRIPT = "tools/convert_patch_to_token.py"
+RUNNER_SCRIPT = "tools/pretrain_two_stage.py"
 GPUS_PER_NODE = 8
 
 
@@ -59,24 +61,20 @@ class Command:
         return shlex.join(self.launcher + [self.script] + self.args)
 
 
-def _launcher(gpus: Optional[int]) -> list[str]:
-    if gpus is None or gpus == 1:
-        return ["python"] if gpus is None else ["torchrun", "--nproc-per-node=1"]
+def _nodes(gpus: Optional[int]) -> tuple[int, int]:
+    """(processes per node, nodes) for ``gpus`` GPUs (one process without a GPU count)."""
+    if gpus is None:
+        return 1, 1
     nodes = math.ceil(gpus / GPUS_PER_NODE)
-    per_node = gpus // nodes
-    launcher = ["torchrun", f"--nproc-per-node={per_node}"]
-    if nodes > 1:
-        # Each node also needs its --node-rank and a rendezvous address; those
-        # belong to the cluster, not to the plan.
-        launcher.append(f"--nnodes={nodes}")
-    return launcher
+    return gpus // nodes, nodes
 
 
 def _fmt(value: float) -> str:
     return repr(float(value)) if value not in (0, 0.0) else "0.0"
 
 
-def stage_args(plan: ComputePlan, stage: PlannedStage, options: CommandOptions, save: str, load: Optional[str]) -> list[str]:
+def pretrain_args(plan: ComputePlan, options: CommandOptions) -> list[str]:
+    """The flags of every stage: model, optimizer, parallelism, data."""
     shape = plan.shape
     t = plan.inputs.seq_length
     args = [
@@ -88,16 +86,14 @@ def stage_args(plan: ComputePlan, stage: PlannedStage, options: CommandOptions, 
     args += list(ARCHITECTURE_FLAGS)  # the paper's LLaMA decoder (Megatron-LM's default is GPT-3's)
     if shape.num_query_groups != shape.num_attention_heads:
         args += ["--group-query-attention", "--num-query-groups", str(shape.num_query_groups)]
-    args += [
+    return args + [
         "--seq-length", str(t),
         "--max-position-embeddings", str(t),
         "--micro-batch-size", str(plan.inputs.micro_batch_size),
-        "--global-batch-size", str(stage.global_batch_size),
-        "--train-iters", str(stage.train_iters),
         "--lr", _fmt(shape.lr),
         "--min-lr", _fmt(options.min_lr),
         "--lr-decay-style", "cosine",
-        "--lr-warmup-iters", str(stage.warmup_iters),
+        "--lr-warmup-iters", str(plan.stages[0].warmup_iters),
         "--weight-decay", _fmt(options.weight_decay),
         "--adam-beta1", _fmt(options.adam_beta1),
         "--adam-beta2", _fmt(options.adam_beta2),
@@ -109,33 +105,29 @@ def stage_args(plan: ComputePlan, stage: PlannedStage, options: CommandOptions, 
         "--split", options.split,
         "--tokenizer-type", options.tokenizer_type,
         "--tokenizer-model", options.tokenizer_model,
-        "--save", save,
+        "--seed", str(options.seed),
     ]
-    if load is not None:
-        args += ["--load", load]
-    args += ["--seed", str(options.seed)]
-    args += ["--patch-size", str(stage.patch_size)]
-    if plan.uses_patch_stage:
-        args += ["--patch-data-fraction", _fmt(plan.inputs.patch_fraction)]
-    return args
 
 
 def build_commands(plan: ComputePlan, options: CommandOptions = CommandOptions()) -> list[Command]:
-    """Commands in the order to run them."""
-    launcher = _launcher(plan.inputs.gpus)
+    """The command that runs the plan (one: the runner, or token-only training)."""
+    per_node, nodes = _nodes(plan.inputs.gpus)
     run_dir = options.run_dir.rstrip("/")
     if not plan.uses_patch_stage:
         (stage,) = plan.stages
-        save = f"{run_dir}/token_only"
-        return [Command("token-only", launcher, PRETRAIN_SCRIPT, stage_args(plan, stage, options, save, None))]
-    patch_stage, token_stage = plan.stages
-    patch_save = f"{run_dir}/patch_stage"
-    token_init = f"{run_dir}/token_init"
-    token_save = f"{run_dir}/token_stage"
-    return [
-        Command("patch stage", launcher, PRETRAIN_SCRIPT,
-                stage_args(plan, patch_stage, options, patch_save, None)),
-        Command("convert", ["python"], CONVERTER_SCRIPT, ["--load", patch_save, "--save", token_init]),
-        Command("token stage", launcher, PRETRAIN_SCRIPT,
-                stage_args(plan, token_stage, options, token_save, token_init)),
+        launcher = ["python"] if plan.inputs.gpus is None else [
+            "torchrun", f"--nproc-per-node={per_node}", *([f"--nnodes={nodes}"] if nodes > 1 else [])]
+        return [Command("token-only", launcher, PRETRAIN_SCRIPT, [
+            *pretrain_args(plan, options), "--global-batch-size", str(stage.global_batch_size),
+            "--train-iters", str(stage.train_iters), "--patch-size", "1",
+            "--save", f"{run_dir}/token_only"])]
+    runner = [
+        "--train-tokens", str(plan.total_iters * plan.global_batch_size * plan.inputs.seq_length),
+        "--patch-size", str(plan.inputs.patch_size),
+        "--patch-data-fraction", _fmt(plan.inputs.patch_fraction),
+        "--global-batch-size", str(plan.global_batch_size),
+        "--save", run_dir,
+        "--nproc-per-node", str(per_node), "--nnodes", str(nodes),
     ]
+    return [Command("two-stage run", ["python"], RUNNER_SCRIPT,
+                    runner + pretrain_args(plan, options))]

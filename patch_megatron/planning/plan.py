@@ -31,6 +31,7 @@ from typing import Optional
 
 from patch_megatron.flops import flops_per_token
 from patch_megatron.model.shape import padded_vocab_size
+from patch_megatron.training.arguments import stage_iterations
 from patch_megatron.planning import chinchilla
 from patch_megatron.planning.hardware import HardwareBudget, make_hardware_budget
 from patch_megatron.planning.shapes import SHAPE_TABLE, ShapeChoice, nearest_shape
@@ -238,11 +239,10 @@ def _warmup(iters: int) -> int:
 def _stage_runs(plan_tokens: float, choice: ShapeChoice, inputs: PlanInputs, dp: Optional[int],
                 fpt_token: float, fpt_patch: float, warnings: list[str]) -> tuple[int, int, list[PlannedStage]]:
     """Returns (B, N, stages): B token-stage samples per step and N steps of the
-    whole run at B·T tokens per step. The patch stage runs floor(λ·N) steps of
-    B/K samples of K·T tokens, the token stage the remaining steps of B samples.
-    Rounding λ·N down keeps the token stage's data start, which
-    pretrain_patch_gpt.py derives as (its tokens)·λ/(1-λ), at or past the end
-    of the patch stage's data: the stages never share data."""
+    whole run at B·T tokens per step. The stages split the N·B·T tokens as
+    pretrain_patch_gpt.py splits its --train-tokens (``stage_iterations``): the
+    patch stage runs the whole steps of the first λ of them, B/K samples of K·T
+    tokens each, the token stage the rest of the N steps, B samples each."""
     k = inputs.patch_size
     use_patch = k > 1 and inputs.patch_fraction > 0
     batch_tokens = inputs.global_batch_tokens or choice.global_batch_tokens
@@ -253,8 +253,9 @@ def _stage_runs(plan_tokens: float, choice: ShapeChoice, inputs: PlanInputs, dp:
     tokens_per_step = token_batch * inputs.seq_length  # the same in both stages
     total_iters = max(1, math.ceil(plan_tokens / tokens_per_step))
     if use_patch:
-        patch_iters = math.floor(inputs.patch_fraction * total_iters)
-        token_iters = total_iters - patch_iters
+        # The split pretrain_patch_gpt.py makes of --train-tokens (the runner's command passes it).
+        patch_iters, token_iters = stage_iterations(total_iters * tokens_per_step,
+                                                    inputs.patch_fraction, tokens_per_step)
         runs = [
             PlannedStage("patch", k, patch_iters * tokens_per_step, token_batch // k, patch_iters, 0,
                      patch_iters * tokens_per_step * fpt_patch),
@@ -264,8 +265,10 @@ def _stage_runs(plan_tokens: float, choice: ShapeChoice, inputs: PlanInputs, dp:
     else:
         runs = [PlannedStage("token-only", 1, total_iters * tokens_per_step, token_batch, total_iters, 0,
                          total_iters * tokens_per_step * fpt_token)]
+    # One warmup for both stages: the runner passes the same flags to each.
+    warmup = _warmup(min(run.train_iters for run in runs))
     for run in runs:
-        run.warmup_iters = _warmup(run.train_iters)
+        run.warmup_iters = warmup
         if run.train_iters < 200:
             warnings.append(
                 f"the {run.name} stage has only {run.train_iters} steps at {tokens_per_step:,} tokens per step; "

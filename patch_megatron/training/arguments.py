@@ -371,6 +371,16 @@ class StagePlan:
         return "patch loss" if self.name == "patch" else "lm loss"
 
 
+def stage_iterations(train_tokens: int, patch_data_fraction: float, tokens_per_step: int) -> tuple[int, int]:
+    """(patch stage, token stage) steps of a ``train_tokens`` budget at ``tokens_per_step``:
+    the patch stage takes the whole steps of the budget's first λ, the token stage the rest of
+    the budget's whole steps. The token stage's data starts at round(λ·D), at or past the end
+    of the patch stage's, so the two never share data."""
+    patch_share = round(train_tokens * patch_data_fraction)
+    patch = patch_share // tokens_per_step
+    return patch, train_tokens // tokens_per_step - patch
+
+
 def stage_plan(args) -> StagePlan:
     K, lam, B = args.patch_size, args.patch_data_fraction, args.global_batch_size
     name = "patch" if K > 1 else "token"
@@ -380,9 +390,8 @@ def stage_plan(args) -> StagePlan:
     elif args.train_samples is not None:
         train_iters = args.train_samples // B
     else:
-        patch_share = round(args.train_tokens * lam)
-        share = patch_share if name == "patch" else args.train_tokens - patch_share
-        train_iters = share // tokens_per_step
+        patch_iters, token_iters = stage_iterations(args.train_tokens, lam, tokens_per_step)
+        train_iters = patch_iters if name == "patch" else token_iters
     stage_tokens = train_iters * tokens_per_step
     if name == "patch":
         data_start = 0

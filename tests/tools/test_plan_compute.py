@@ -30,22 +30,19 @@ def test_json_plan_for_gpu_hours(capsys):
     assert out["token_only"]["compute"] == pytest.approx(64 * 72 * 3600 * 989e12 * 0.4)
     assert out["patch_level"]["cost_factor"] == pytest.approx(0.5)
     assert out["planned_hours"] == pytest.approx(36.0)
-    assert [c["name"] for c in out["commands"]] == ["patch stage", "convert", "token stage"]
-    convert = out["commands"][1]
-    assert convert["script"] == "tools/convert_patch_to_token.py"
-    patch_save = convert["args"][convert["args"].index("--load") + 1]
-    token_init = convert["args"][convert["args"].index("--save") + 1]
-    patch_args, token_args = out["commands"][0]["args"], out["commands"][2]["args"]
-    assert patch_args[patch_args.index("--save") + 1] == patch_save
-    assert token_args[token_args.index("--load") + 1] == token_init
-    assert "--load" not in patch_args
+    (command,) = out["commands"]
+    assert (command["name"], command["script"]) == ("two-stage run", "tools/pretrain_two_stage.py")
+    args = command["args"]
+    assert args[args.index("--nproc-per-node") + 1] == "8" and args[args.index("--nnodes") + 1] == "8"
+    assert args[args.index("--save") + 1] == "runs/plan" and "--load" not in args
+    assert "--train-iters" not in args  # the runner derives both stages' lengths
 
 
 def test_text_table_names_the_assumptions(capsys):
     assert plan_compute.main(["--compute", "1.92e19"]) == 0
     text = capsys.readouterr().out
-    assert "370M" in text and "Assumptions" in text and "pretrain_patch_gpt.py" in text
-    assert "python tools/convert_patch_to_token.py --load runs/plan/patch_stage --save runs/plan/token_init" in text
+    assert "370M" in text and "Assumptions" in text
+    assert "python tools/pretrain_two_stage.py --train-tokens " in text
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -89,47 +86,47 @@ def gpu_target(monkeypatch):
     monkeypatch.setenv(cpu_mode.ENV_FLAG, "0")
 
 
-def test_emitted_commands_parse_with_pretrain_parser(capsys, gpu_target):
-    # The real parser of pretrain_patch_gpt.py; this test must fail, not skip,
-    # while that parser is missing.
+def test_the_runner_plans_what_the_planner_planned(capsys, gpu_target):
+    # The emitted command, given to the real runner (--dry-run), must run the planner's stages.
+    from repo_tools import load_tool
     from patch_megatron.training.arguments import parse_args
 
     out = _run_json(capsys, "--compute", "3e21", "--gpus", "16", "--patch-size", "4",
                     "--patch-fraction", "0.6667", "--params", "2.7e9")
     shape = out["shape"]
     stages = {s["name"]: s for s in out["stages"]}
-    commands = _pretrain_commands(out)
-    assert [c["name"] for c in commands] == ["patch stage", "token stage"]
-    for command in commands:
-        argv = shlex.split(command["shell"])
-        argv = argv[argv.index("pretrain_patch_gpt.py") + 1:]
-        assert argv == command["args"]
-        args = parse_args(argv)
-        assert args.num_layers == shape["num_layers"]
-        assert args.hidden_size == shape["hidden_size"]
-        assert args.ffn_hidden_size == shape["ffn_hidden_size"]
-        assert args.num_attention_heads == shape["num_attention_heads"]
-        assert args.seq_length == args.max_position_embeddings == 2048
+    (command,) = out["commands"]
+    argv = shlex.split(command["shell"])
+    assert argv[:2] == ["python", "tools/pretrain_two_stage.py"] and argv[2:] == command["args"]
+    runner = load_tool("pretrain_two_stage")
+    assert runner.main(command["args"] + ["--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    lines = [shlex.split(line) for line in printed.splitlines() if line.startswith("    ")]
+    trainings = [line[line.index(next(a for a in line if a.endswith("pretrain_patch_gpt.py"))) + 1:]
+                 for line in lines if any(a.endswith("pretrain_patch_gpt.py") for a in line)]
+    assert len(lines) == 3 and len(trainings) == 2
+    assert "--nproc-per-node=8" in lines[0] and "--nnodes=2" in lines[0]
+    patch_stage, token_stage = (parse_args(argv).stage for argv in trainings)
+    for name, stage in (("patch", patch_stage), ("token", token_stage)):
+        args = parse_args(trainings[0 if name == "patch" else 1])
+        assert (args.num_layers, args.hidden_size, args.ffn_hidden_size, args.num_attention_heads) \
+            == (shape["num_layers"], shape["hidden_size"], shape["ffn_hidden_size"],
+                shape["num_attention_heads"])
+        assert args.seq_length == args.max_position_embeddings == 2048 and args.bf16
         assert args.tensor_model_parallel_size == shape["tensor_model_parallel_size"]
         assert args.patch_data_fraction == pytest.approx(0.6667)
-        assert args.bf16
-        # The parser's own view of the stage must be the planner's.
-        stage = stages["patch" if command["name"] == "patch stage" else "token"]
-        assert args.stage.name == stage["name"]
-        assert args.stage.patch_size == stage["patch_size"]
-        assert args.stage.global_batch_size == stage["global_batch_size"]
-        assert args.stage.train_iters == stage["train_iters"]
-        assert args.stage.lr_warmup_iters == stage["warmup_iters"]
-    patch_stage, token_stage = (parse_args(c["args"]).stage for c in commands)
+        planned = stages[name]
+        assert (stage.name, stage.patch_size, stage.global_batch_size, stage.train_iters,
+                stage.lr_warmup_iters) == (planned["name"], planned["patch_size"],
+                                           planned["global_batch_size"], planned["train_iters"],
+                                           planned["warmup_iters"])
     # Same tokens per step in both stages: B/K samples of K·T tokens vs B of T.
     step_tokens = out["global_batch_size"] * 2048
     assert patch_stage.global_batch_size * 4 * 2048 == token_stage.global_batch_size * 2048 == step_tokens
     assert patch_stage.train_iters + token_stage.train_iters == out["total_iters"]
-    # The token stage starts on data the patch stage did not read; step
-    # rounding leaves a gap below 1/(1-λ) steps.
-    patch_end = patch_stage.train_iters * step_tokens
+    # The token stage starts on data the patch stage did not read.
     assert patch_stage.data_start_token == 0
-    assert patch_end <= token_stage.data_start_token < patch_end + step_tokens / (1 - 0.6667)
+    assert patch_stage.train_iters * step_tokens <= token_stage.data_start_token
 
 
 def test_gqa_token_only_command_parses_with_pretrain_parser(capsys, gpu_target):
