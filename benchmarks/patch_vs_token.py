@@ -47,7 +47,8 @@ sys.path.insert(0, REPO)
 
 from patch_megatron.model.shape import llama_shape, padded_vocab_size  # noqa: E402
 from patch_megatron import flops  # noqa: E402
-from patch_megatron.training.log_reading import tokens_per_second, validation_curve  # noqa: E402
+from patch_megatron.training.log_reading import (  # noqa: E402
+    runner_seconds, runner_sections, tokens_per_second, validation_curve)
 from patch_megatron.llama_recipe import RECIPE_FLAGS  # noqa: E402
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -140,24 +141,39 @@ def corpus_train_tokens(prefix):
     return int(lengths[: len(lengths) * (100 - VALID_PERCENT) // 100].sum())
 
 
-def stage_command(args, data, budget, seed, *, patch_size, fraction, save, load=None):
-    T, B, K = args.seq_length, args.global_batch_size, patch_size
+def pretrain_flags(args, data, budget, seed, micro_batch_size):
+    """Every arm's and stage's flags but for the run's length, K, λ, batch and directories."""
+    T, B = args.seq_length, args.global_batch_size
     steps = budget // (B * T)  # whole-run steps at equal tokens per step
-    batch = B // K
-    command = [
-        sys.executable, "pretrain_patch_gpt.py",
+    return [
         "--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
         "--num-attention-heads", str(args.num_attention_heads), "--ffn-hidden-size", str(args.ffn_hidden_size),
         "--seq-length", str(T), "--untie-embeddings-and-output-weights", "--make-vocab-size-divisible-by", "128",
         "--data-path", data[0], "--split", f"{100 - VALID_PERCENT},{VALID_PERCENT},0",
         "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", data[1],
-        "--train-tokens", str(budget), "--patch-size", str(K), "--patch-data-fraction", f"{fraction:.6f}",
-        "--global-batch-size", str(batch), "--micro-batch-size", str(batch),
+        "--micro-batch-size", str(micro_batch_size),
         "--lr", str(args.lr), "--min-lr", str(args.min_lr), "--lr-warmup-fraction", str(args.lr_warmup_fraction),
         "--log-interval", str(max(1, steps // 20)), "--eval-interval", str(max(1, steps // args.evals)),
-        "--eval-iters", str(max(1, args.eval_samples // B)), "--seed", str(seed), "--save", save,
+        "--eval-iters", str(max(1, args.eval_samples // B)), "--seed", str(seed),
+        *RECIPE_FLAGS, *args.extra_args.split(),
     ]
-    return command + list(RECIPE_FLAGS) + args.extra_args.split() + (["--load", load] if load else [])
+
+
+def token_run_command(args, data, budget, seed, *, fraction, save):
+    """pretrain_patch_gpt.py at K=1: token-only training, or the token stage alone."""
+    B = args.global_batch_size
+    return [sys.executable, "pretrain_patch_gpt.py", *pretrain_flags(args, data, budget, seed, B),
+            "--train-tokens", str(budget), "--patch-size", "1", "--patch-data-fraction", f"{fraction:.6f}",
+            "--global-batch-size", str(B), "--save", save]
+
+
+def two_stage_command(args, data, budget, seed, *, save):
+    """tools/pretrain_two_stage.py: patch stage, handoff, token stage (micro-batches of B/K samples)."""
+    B, K = args.global_batch_size, args.patch_size
+    return [sys.executable, "tools/pretrain_two_stage.py", "--train-tokens", str(budget),
+            "--patch-size", str(K), "--patch-data-fraction", f"{args.patch_data_fraction:.6f}",
+            "--global-batch-size", str(B), "--save", save,
+            *pretrain_flags(args, data, budget, seed, B // K)]
 
 
 def train_arm(args, data, budget, seed, arm, threads):
@@ -168,35 +184,33 @@ def train_arm(args, data, budget, seed, arm, threads):
         return json.load(open(result_path))
     os.makedirs(out, exist_ok=True)
     K, lam = args.patch_size, args.patch_data_fraction
-    stages = []  # (name, command, checkpoint dir, K)
-    if arm == "token-only":
-        stages.append(("token-only", stage_command(args, data, budget, seed, patch_size=1, fraction=0,
-                                                   save=os.path.join(out, "ckpt")), os.path.join(out, "ckpt"), 1))
-    elif arm == "token stage alone":
-        stages.append(("token stage", stage_command(args, data, budget, seed, patch_size=1, fraction=lam,
-                                                    save=os.path.join(out, "ckpt")), os.path.join(out, "ckpt"), 1))
-    else:
-        patch, init, token = (os.path.join(out, d) for d in ("patch", "token_init", "token"))
-        stages.append(("patch stage", stage_command(args, data, budget, seed, patch_size=K, fraction=lam,
-                                                    save=patch), patch, K))
-        stages.append(("handoff", [sys.executable, "tools/convert_patch_to_token.py", "--load", patch,
-                                   "--save", init], None, None))
-        stages.append(("token stage", stage_command(args, data, budget, seed, patch_size=1, fraction=lam,
-                                                    save=token, load=init), token, 1))
     result = {"budget": budget, "seed": seed, "arm": arm, "stages": []}
     start = time.time()
-    for name, command, ckpt, stage_k in stages:
-        log = os.path.join(out, name.replace(" ", "_") + ".log")
+    if arm == "patch+token":
+        log = os.path.join(out, "two_stage.log")
+        run(two_stage_command(args, data, budget, seed, save=out), log, threads)
+        text = open(log).read()
+        sections, seconds = runner_sections(text), runner_seconds(text)
+        for name, stage_k in (("patch stage", K), ("handoff", None), ("token stage", 1)):
+            entry = {"name": name, "seconds": seconds[name]}
+            if stage_k is not None:
+                ckpt = os.path.join(out, "patch" if stage_k > 1 else "token")
+                iterations = int(open(os.path.join(ckpt, LATEST)).read())
+                entry.update(iterations=iterations, flops=iterations * step_flops(args, stage_k),
+                             curve=validation_curve(sections[name]),
+                             tokens_per_second=tokens_per_second(sections[name]))
+            result["stages"].append(entry)
+    else:
+        name, fraction = ("token-only", 0.0) if arm == "token-only" else ("token stage", lam)
+        ckpt, log = os.path.join(out, "ckpt"), os.path.join(out, name.replace(" ", "_") + ".log")
         began = time.time()
-        run(command, log, threads)
-        entry = {"name": name, "seconds": time.time() - began}
-        if ckpt is not None:
-            text = open(log).read()
-            iterations = int(open(os.path.join(ckpt, LATEST)).read())
-            entry.update(iterations=iterations, flops=iterations * step_flops(args, stage_k),
-                         curve=validation_curve(text), tokens_per_second=tokens_per_second(text))
-        result["stages"].append(entry)
-        print(f"  D={budget:,} seed {seed} {arm}: {name} done in {entry['seconds']:.0f} s", flush=True)
+        run(token_run_command(args, data, budget, seed, fraction=fraction, save=ckpt), log, threads)
+        text = open(log).read()
+        iterations = int(open(os.path.join(ckpt, LATEST)).read())
+        result["stages"].append({"name": name, "seconds": time.time() - began, "iterations": iterations,
+                                 "flops": iterations * step_flops(args, 1), "curve": validation_curve(text),
+                                 "tokens_per_second": tokens_per_second(text)})
+    print(f"  D={budget:,} seed {seed} {arm}: done in {time.time() - start:.0f} s", flush=True)
     trained = [s for s in result["stages"] if "curve" in s]
     result.update(seconds=time.time() - start, flops=sum(s["flops"] for s in trained),
                   heldout_nll=trained[-1]["curve"][-1][1])

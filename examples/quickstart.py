@@ -6,12 +6,11 @@ Steps (each a real tool of this repository, run as its own process):
  1. corpus: the Python standard library's own docstrings, topics and sources
  2. tokenizer: SentencePiece BPE (tools/train_tokenizer.py)
  3. preprocess: megatron indexed files (tools/preprocess_data.py)
- 4. patch stage: K=4 on the first λ=2/3 of the training tokens
- 5. handoff: weights only, patch size 1 (tools/convert_patch_to_token.py)
- 6. token stage: the remaining 1/3, a fresh schedule
- 7. baseline: token-only training on the same data and token budget
- 8. export: Hugging Face LlamaForCausalLM (tools/convert_to_hf.py)
- 9. evaluation: held-out token NLL, FLOPs, wall-clock, and a plot
+ 4. two-stage run (tools/pretrain_two_stage.py): the patch stage, K=4 on the first λ=2/3
+    of the training tokens; the weights-only handoff; the token stage on the rest
+ 5. baseline: token-only training on the same data and token budget
+ 6. export: Hugging Face LlamaForCausalLM (tools/convert_to_hf.py)
+ 7. evaluation: held-out token NLL, FLOPs, wall-clock, and a plot
 
 A step whose output exists is reused, so re-running continues where it stopped.
 """
@@ -29,7 +28,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from patch_megatron.training.log_reading import tokens_per_second, validation_curve  # noqa: E402
+from patch_megatron.training.log_reading import (  # noqa: E402
+    runner_seconds, runner_sections, tokens_per_second, validation_curve)
 from patch_megatron.llama_recipe import RECIPE_FLAGS  # noqa: E402
 
 MODEL = dict(num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=352)
@@ -37,6 +37,7 @@ SEQ = 64  # T: tokens in the token stage, patches in the patch stage
 TOKENS_PER_STEP = 16 * SEQ  # the same in both stages, as in the paper
 K, LAMBDA = 4, 2 / 3
 VOCAB = 4000
+STEPS = 7
 
 
 def model_flags(seq=SEQ):
@@ -61,7 +62,7 @@ class Workflow:
     def step(self, name, done, command, log=None):
         """Run ``command`` unless ``done`` exists; record its wall-clock."""
         self.number += 1
-        title = f"[{self.number}/9] {name}"
+        title = f"[{self.number}/{STEPS}] {name}"
         if os.path.exists(done):
             print(f"{title}: done before, reused ({os.path.relpath(done, REPO)})", flush=True)
             return
@@ -84,9 +85,10 @@ class Workflow:
         json.dump(self.timings, open(self.timings_path, "w"), indent=1)
 
     def train_flags(self, data_prefix, tokenizer):
+        """Both stages' flags and the baseline's, but for the run's length, K, λ and batch."""
         return ["--data-path", data_prefix, "--split", "98,2,0",
                 "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", tokenizer,
-                "--train-tokens", str(self.train_tokens), "--micro-batch-size", "16",
+                "--micro-batch-size", str(TOKENS_PER_STEP // SEQ // K),
                 "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-fraction", "0.05",
                 "--log-interval", "20", "--eval-interval", "40", "--eval-iters", "4",
                 "--seed", "1234"]
@@ -94,16 +96,7 @@ class Workflow:
 
 def _worth_showing(line):
     return ("iteration" in line and "/" in line) or "validation" in line or "error" in line.lower() \
-        or "Traceback" in line or line.startswith(("summary", "wrote", "Wrote"))
-
-
-def eval_curve(log_path):
-    """[(iteration, held-out token NLL)] from a run's console log."""
-    return validation_curve(open(log_path).read())
-
-
-def last_tokens_per_second(log_path):
-    return tokens_per_second(open(log_path).read())
+        or "Traceback" in line or line.startswith(("summary", "wrote", "Wrote", "[1/3]", "[2/3]", "[3/3]"))
 
 
 def main():
@@ -130,22 +123,15 @@ def main():
     common = w.train_flags(prefix, tok + ".model")
     batch = TOKENS_PER_STEP // SEQ
     latest = "latest_checkpointed_iteration.txt"
-    w.step("patch stage", w.path("patch", latest),
-           [py, "pretrain_patch_gpt.py", *model_flags(), *common, "--patch-size", str(K),
-            "--patch-data-fraction", f"{LAMBDA:.6f}", "--global-batch-size", str(batch // K),
-            "--micro-batch-size", str(batch // K), "--save", w.path("patch")],
-           log=w.path("patch.log"))
-    w.step("handoff", w.path("token_init", latest),
-           [py, "tools/convert_patch_to_token.py", "--load", w.path("patch"), "--save", w.path("token_init")])
-    w.step("token stage", w.path("token", latest),
-           [py, "pretrain_patch_gpt.py", *model_flags(), *common, "--patch-size", "1",
-            "--patch-data-fraction", f"{LAMBDA:.6f}", "--global-batch-size", str(batch),
-            "--load", w.path("token_init"), "--save", w.path("token")],
-           log=w.path("token.log"))
+    w.step("two-stage run", w.path("token", latest),
+           [py, "tools/pretrain_two_stage.py", "--train-tokens", str(args.train_tokens),
+            "--patch-size", str(K), "--patch-data-fraction", f"{LAMBDA:.6f}",
+            "--global-batch-size", str(batch), "--save", w.dir, *model_flags(), *common],
+           log=w.path("two_stage.log"))
     w.step("baseline", w.path("baseline", latest),
            [py, "pretrain_patch_gpt.py", *model_flags(), *common, "--patch-size", "1",
             "--patch-data-fraction", "0", "--global-batch-size", str(batch),
-            "--save", w.path("baseline")],
+            "--train-tokens", str(args.train_tokens), "--save", w.path("baseline")],
            log=w.path("baseline.log"))
     w.step("export", w.path("hf", "config.json"),
            [py, "tools/convert_to_hf.py", "--load", w.path("token"), "--output", w.path("hf"),
@@ -157,7 +143,7 @@ def report(w):
     from patch_megatron import flops
     from patch_megatron.model.shape import llama_shape, padded_vocab_size
 
-    print(f"[9/9] evaluation", flush=True)
+    print(f"[{STEPS}/{STEPS}] evaluation", flush=True)
     shape = llama_shape(vocab_size=padded_vocab_size(VOCAB), **MODEL)
     per_step = {  # FLOPs of one optimizer step in each stage (same tokens per step)
         "patch": flops.training_flops_per_iteration(shape, SEQ, patch_size=K,
@@ -165,8 +151,11 @@ def report(w):
         "token": flops.training_flops_per_iteration(shape, SEQ, patch_size=1,
                                                     global_batch_size=TOKENS_PER_STEP // SEQ),
     }
-    patch_curve, token_curve = eval_curve(w.path("patch.log")), eval_curve(w.path("token.log"))
-    base_curve = eval_curve(w.path("baseline.log"))
+    two_stage_log = open(w.path("two_stage.log")).read()
+    stages, seconds = runner_sections(two_stage_log), runner_seconds(two_stage_log)
+    baseline_log = open(w.path("baseline.log")).read()
+    patch_curve, token_curve = (validation_curve(stages[s]) for s in ("patch stage", "token stage"))
+    base_curve = validation_curve(baseline_log)
     patch_iters = int(open(w.path("patch", "latest_checkpointed_iteration.txt")).read())
     token_iters = int(open(w.path("token", "latest_checkpointed_iteration.txt")).read())
     base_iters = int(open(w.path("baseline", "latest_checkpointed_iteration.txt")).read())
@@ -175,19 +164,20 @@ def report(w):
     base_flops = base_iters * per_step["token"]
     t = w.timings
     rows = [
-        ("patch stage (K=4)", None, patch_flops, t["patch stage"], last_tokens_per_second(w.path("patch.log"))),
-        ("token stage", token_curve[-1][1], token_iters * per_step["token"], t["token stage"],
-         last_tokens_per_second(w.path("token.log"))),
-        ("patch + token (ours)", token_curve[-1][1], two_stage_flops,
-         t["patch stage"] + t["handoff"] + t["token stage"], None),
+        ("patch stage (K=4)", None, patch_flops, seconds.get("patch stage"),
+         tokens_per_second(stages["patch stage"])),
+        ("token stage", token_curve[-1][1], token_iters * per_step["token"],
+         seconds.get("token stage"), tokens_per_second(stages["token stage"])),
+        ("patch + token (ours)", token_curve[-1][1], two_stage_flops, t["two-stage run"], None),
         ("token-only baseline", base_curve[-1][1], base_flops, t["baseline"],
-         last_tokens_per_second(w.path("baseline.log"))),
+         tokens_per_second(baseline_log)),
     ]
     print(f"\n{'run':<22}{'held-out NLL':>13}{'PPL':>9}{'FLOPs':>11}{'wall s':>8}{'tokens/s':>10}")
     for name, nll, fl, secs, tps in rows:
         nll_s = f"{nll:13.3f}{math.exp(nll):9.1f}" if nll is not None else f"{'-':>13}{'-':>9}"
         tps_s = f"{tps:10.0f}" if tps is not None else f"{'-':>10}"
-        print(f"{name:<22}{nll_s}{fl:11.2e}{secs:8.0f}{tps_s}")
+        secs_s = f"{secs:8.0f}" if secs is not None else f"{'-':>8}"
+        print(f"{name:<22}{nll_s}{fl:11.2e}{secs_s}{tps_s}")
     print(f"\ncost ratio (FLOPs, patch+token / baseline): {two_stage_flops / base_flops:.3f} "
           f"(the paper's λ/K + 1 - λ = {LAMBDA / K + 1 - LAMBDA:.3f})")
     print(f"held-out NLL difference (ours - baseline): {token_curve[-1][1] - base_curve[-1][1]:+.3f} nats; "

@@ -12,6 +12,8 @@ from typing import Dict, List, Tuple
 _VALIDATION = re.compile(r"validation (\w+) stage at iteration (\d+) \| (.*)")
 _TOKENS_PER_SECOND = re.compile(r"tokens per second: ([\d.]+)")
 _TRAINING = re.compile(r"iteration\s+(\d+)/\s*\d+ \|(.*)")
+_RUNNER_STEP = re.compile(r"^\[\d+/\d+\] ([^:\n]+): ", re.M)
+_RUNNER_DONE = re.compile(r"^\[\d+/\d+\] ([^:\n]+): done in ([\d.]+) s$", re.M)
 
 
 def training_lines(log_text: str) -> Dict[int, Dict[str, str]]:
@@ -57,3 +59,20 @@ def tokens_per_second(log_text: str, skip_first: int = 1) -> float:
     rates = [float(r) for r in _TOKENS_PER_SECOND.findall(log_text)]
     rates = rates[skip_first:] or rates
     return sum(rates) / len(rates) if rates else float("nan")
+
+
+def runner_sections(log_text: str) -> Dict[str, str]:
+    """tools/pretrain_two_stage.py's output by step ("patch stage", "handoff", "token stage"):
+    each step's header and what its process printed."""
+    sections: Dict[str, str] = {}
+    headers = list(_RUNNER_STEP.finditer(log_text))
+    for header, following in zip(headers, headers[1:] + [None]):
+        end = following.start() if following else len(log_text)
+        name = header.group(1)
+        sections[name] = sections.get(name, "") + log_text[header.start():end]
+    return sections
+
+
+def runner_seconds(log_text: str) -> Dict[str, float]:
+    """Wall-clock seconds of each step the runner ran (skipped steps have none)."""
+    return {match.group(1): float(match.group(2)) for match in _RUNNER_DONE.finditer(log_text)}

@@ -79,6 +79,7 @@ def run_steps(steps: list[Step], launch: Launch, print_fn=print, environ=os.envi
                                     "filesystem all nodes share")
             continue
         print_fn(f"{title}: {step.action} ({step.note})\n    {shlex.join(step.command)}")
+        started = time.monotonic()
         code = _run_process(step.command, environ)
         if code != 0:
             raise StageStopped(f"{step.name} failed (exit code {code}). Fix the cause and run the "
@@ -93,3 +94,4 @@ def run_steps(steps: list[Step], launch: Launch, print_fn=print, environ=os.envi
                                f"{expected} (an exit condition: --exit-interval, "
                                "--exit-duration-in-mins or a signal). Run the same command again "
                                "to continue it")
+        print_fn(f"{title}: done in {time.monotonic() - started:.1f} s")

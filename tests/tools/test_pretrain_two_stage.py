@@ -10,6 +10,7 @@ import pytest
 
 from repo_tools import REPO_ROOT, load_tool
 from patch_megatron.training.arguments import parse_args
+from patch_megatron.training.log_reading import runner_seconds, runner_sections
 from patch_megatron.llama_recipe import RECIPE_FLAGS
 
 runner = load_tool("pretrain_two_stage")
@@ -51,6 +52,12 @@ def test_both_stages_run_on_cpu_and_a_rerun_skips_them(tmp_path, capfd, quiet_en
     assert out.count("patch loss:") == 4 and out.count("lm loss:") == 2
     assert f"loaded {run}/token_init/iter_0000000 (iteration 0); weights only" in out
     assert "Cost ratio (FLOPs): 0.5000" in out
+    # What the quickstart and the benchmarks read back from the runner's output.
+    sections, seconds = runner_sections(out), runner_seconds(out)
+    assert list(sections) == ["patch stage", "handoff", "token stage"] == list(seconds)
+    assert sections["patch stage"].count("patch loss:") == 4 and "lm loss:" not in sections["patch stage"]
+    assert sections["token stage"].count("lm loss:") == 2 and "patch loss:" not in sections["token stage"]
+    assert all(s > 0 for s in seconds.values())
 
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     assert runner.main([*TINY, "--save", str(run)]) == 0
