@@ -8,7 +8,13 @@ documents shuffled once so the held-out split is representative):
 * patch+token: the patch stage (K, first λ·D tokens), the weights-only
   handoff, the token stage (the other (1-λ)·D tokens), as the paper does;
 * token stage alone (a control): the same token stage from random weights,
-  so "patch+token" minus this is what the patch stage's weights are worth.
+  so "patch+token" minus this is what the patch stage's weights are worth;
+* with ``--arms``, also est and patch+token+est: token-only and patch+token
+  with Evolving Subnetwork Training (``--est`` and ``--est-args``) in every
+  stage, their FLOPs those of the subnetworks that ran, as the loop counts them.
+
+Every run goes through pretrain_patch_gpt.py, and patch+token through
+tools/pretrain_two_stage.py, as a user runs them.
 
 Both arms use the same model, optimizer, peak LR, tokens per step and the same
 held-out samples (the validation split, evaluated after the last iteration).
@@ -48,11 +54,14 @@ sys.path.insert(0, REPO)
 from patch_megatron.model.shape import llama_shape, padded_vocab_size  # noqa: E402
 from patch_megatron import flops  # noqa: E402
 from patch_megatron.training.log_reading import (  # noqa: E402
-    runner_seconds, runner_sections, tokens_per_second, validation_curve)
+    est_flops, runner_seconds, runner_sections, tokens_per_second, validation_curve)
 from patch_megatron.llama_recipe import RECIPE_FLAGS  # noqa: E402
 
 LATEST = "latest_checkpointed_iteration.txt"
-ARMS = ("token-only", "patch+token", "token stage alone")
+ARMS = ("token-only", "patch+token", "token stage alone", "est", "patch+token+est")
+DEFAULT_ARMS = "token-only,patch+token,token stage alone"
+# EST's arms: the same runs with --est (and --est-args) in every stage.
+EST_ARMS = {"est": "token-only", "patch+token+est": "patch+token"}
 VALID_PERCENT = 2
 
 
@@ -84,9 +93,21 @@ def parse_args():
     p.add_argument("--tokenizer-model", default=None, help="the SentencePiece model of --data-path")
     p.add_argument("--extra-args", default="",
                    help="more pretrain_patch_gpt.py flags for every stage, e.g. '--bf16' on a GPU")
+    p.add_argument("--arms", default=DEFAULT_ARMS,
+                   help=f"comma-separated, of: {', '.join(ARMS)} (the EST arms are token-only and "
+                        "patch+token with --est in every stage)")
+    p.add_argument("--est-args", default="",
+                   help="pretrain_patch_gpt.py's --est-* flags for the EST arms (default: its "
+                        "default schedule)")
     args = p.parse_args()
     args.budgets = [int(float(x)) for x in args.train_tokens.split(",")]
     args.seed_list = [int(x) for x in args.seeds.split(",")]
+    args.arm_list = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in args.arm_list if a not in ARMS]
+    if unknown or not args.arm_list:
+        p.error(f"--arms {args.arms!r}: use some of {', '.join(ARMS)}")
+    if not {"token-only"} <= set(args.arm_list):
+        p.error("--arms needs token-only: the costs are relative to it")
     if (args.data_path is None) != (args.tokenizer_model is None):
         p.error("--data-path and --tokenizer-model go together")
     if args.global_batch_size % args.patch_size:
@@ -141,7 +162,7 @@ def corpus_train_tokens(prefix):
     return int(lengths[: len(lengths) * (100 - VALID_PERCENT) // 100].sum())
 
 
-def pretrain_flags(args, data, budget, seed, micro_batch_size):
+def pretrain_flags(args, data, budget, seed, micro_batch_size, est=False):
     """Every arm's and stage's flags but for the run's length, K, λ, batch and directories."""
     T, B = args.seq_length, args.global_batch_size
     steps = budget // (B * T)  # whole-run steps at equal tokens per step
@@ -155,25 +176,25 @@ def pretrain_flags(args, data, budget, seed, micro_batch_size):
         "--lr", str(args.lr), "--min-lr", str(args.min_lr), "--lr-warmup-fraction", str(args.lr_warmup_fraction),
         "--log-interval", str(max(1, steps // 20)), "--eval-interval", str(max(1, steps // args.evals)),
         "--eval-iters", str(max(1, args.eval_samples // B)), "--seed", str(seed),
-        *RECIPE_FLAGS, *args.extra_args.split(),
+        *RECIPE_FLAGS, *args.extra_args.split(), *(["--est", *args.est_args.split()] if est else []),
     ]
 
 
-def token_run_command(args, data, budget, seed, *, fraction, save):
+def token_run_command(args, data, budget, seed, *, fraction, save, est=False):
     """pretrain_patch_gpt.py at K=1: token-only training, or the token stage alone."""
     B = args.global_batch_size
-    return [sys.executable, "pretrain_patch_gpt.py", *pretrain_flags(args, data, budget, seed, B),
+    return [sys.executable, "pretrain_patch_gpt.py", *pretrain_flags(args, data, budget, seed, B, est),
             "--train-tokens", str(budget), "--patch-size", "1", "--patch-data-fraction", f"{fraction:.6f}",
             "--global-batch-size", str(B), "--save", save]
 
 
-def two_stage_command(args, data, budget, seed, *, save):
+def two_stage_command(args, data, budget, seed, *, save, est=False):
     """tools/pretrain_two_stage.py: patch stage, handoff, token stage (micro-batches of B/K samples)."""
     B, K = args.global_batch_size, args.patch_size
     return [sys.executable, "tools/pretrain_two_stage.py", "--train-tokens", str(budget),
             "--patch-size", str(K), "--patch-data-fraction", f"{args.patch_data_fraction:.6f}",
             "--global-batch-size", str(B), "--save", save,
-            *pretrain_flags(args, data, budget, seed, B // K)]
+            *pretrain_flags(args, data, budget, seed, B // K, est)]
 
 
 def train_arm(args, data, budget, seed, arm, threads):
@@ -186,9 +207,10 @@ def train_arm(args, data, budget, seed, arm, threads):
     K, lam = args.patch_size, args.patch_data_fraction
     result = {"budget": budget, "seed": seed, "arm": arm, "stages": []}
     start = time.time()
-    if arm == "patch+token":
+    est, kind = arm in EST_ARMS, EST_ARMS.get(arm, arm)
+    if kind == "patch+token":
         log = os.path.join(out, "two_stage.log")
-        run(two_stage_command(args, data, budget, seed, save=out), log, threads)
+        run(two_stage_command(args, data, budget, seed, save=out, est=est), log, threads)
         text = open(log).read()
         sections, seconds = runner_sections(text), runner_seconds(text)
         for name, stage_k in (("patch stage", K), ("handoff", None), ("token stage", 1)):
@@ -196,19 +218,21 @@ def train_arm(args, data, budget, seed, arm, threads):
             if stage_k is not None:
                 ckpt = os.path.join(out, "patch" if stage_k > 1 else "token")
                 iterations = int(open(os.path.join(ckpt, LATEST)).read())
-                entry.update(iterations=iterations, flops=iterations * step_flops(args, stage_k),
+                entry.update(iterations=iterations,
+                             flops=trained_flops(sections[name], iterations * step_flops(args, stage_k), est),
                              curve=validation_curve(sections[name]),
                              tokens_per_second=tokens_per_second(sections[name]))
             result["stages"].append(entry)
     else:
-        name, fraction = ("token-only", 0.0) if arm == "token-only" else ("token stage", lam)
+        name, fraction = ("token-only", 0.0) if kind == "token-only" else ("token stage", lam)
         ckpt, log = os.path.join(out, "ckpt"), os.path.join(out, name.replace(" ", "_") + ".log")
         began = time.time()
-        run(token_run_command(args, data, budget, seed, fraction=fraction, save=ckpt), log, threads)
+        run(token_run_command(args, data, budget, seed, fraction=fraction, save=ckpt, est=est), log, threads)
         text = open(log).read()
         iterations = int(open(os.path.join(ckpt, LATEST)).read())
         result["stages"].append({"name": name, "seconds": time.time() - began, "iterations": iterations,
-                                 "flops": iterations * step_flops(args, 1), "curve": validation_curve(text),
+                                 "flops": trained_flops(text, iterations * step_flops(args, 1), est),
+                                 "curve": validation_curve(text),
                                  "tokens_per_second": tokens_per_second(text)})
     print(f"  D={budget:,} seed {seed} {arm}: done in {time.time() - start:.0f} s", flush=True)
     trained = [s for s in result["stages"] if "curve" in s]
@@ -235,12 +259,23 @@ def step_flops(args, patch_size):
                                               global_batch_size=args.global_batch_size // patch_size)
 
 
+def trained_flops(log_text, full_model_flops, est):
+    """A stage's FLOPs: the full model's, or with EST the subnetworks' as the loop counted them."""
+    if not est:
+        return full_model_flops
+    trained, full = est_flops(log_text)
+    if abs(full - full_model_flops) > 1e-3 * full_model_flops:  # printed to 4 digits
+        raise RuntimeError(f"the loop's full-model FLOPs {full:.4g} differ from this script's "
+                           f"{full_model_flops:.4g}: the FLOPs model and the benchmark disagree")
+    return trained
+
+
 def mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
 def report(args, results):
-    arms = ARMS
+    arms = args.arm_list
     n_params = model_shape(args).parameter_count()
     print(f"\nmodel: {args.num_layers} layers, hidden {args.hidden_size}, ffn {args.ffn_hidden_size}, "
           f"vocab {args.vocab_size} ({n_params / 1e6:.2f}M parameters, embeddings included); T={args.seq_length}, "
@@ -262,6 +297,8 @@ def report(args, results):
             print(f"{budget:>11,}{budget / n_params:>10.1f}  {arm:<18}{nll_mean:>10.3f} ± {nll_std:<5.3f}"
                   f"{fl:>10.2e}{fl / base_flops:>6.2f}{secs:>8.0f}")
         for name, other in (("nll_gap", "token-only"), ("patch_stage_worth", "token stage alone")):
+            if "patch+token" not in arms or other not in arms:
+                continue
             diffs = [entry["patch+token"]["per_seed"][s] - entry[other]["per_seed"][s] for s in args.seed_list]
             entry[name], entry[name + "_std"] = mean_std(diffs)
             print(f"{'':>23}patch+token - {other}: {entry[name]:+.3f} ± {entry[name + '_std']:.3f} nats "
@@ -291,14 +328,15 @@ def plot(args, results):
                 xs += [x0 + it * per_step for it, _ in stage["curve"]]
                 ys += [v for _, v in stage["curve"]]
                 x0 += stage["flops"]
-            style = {"token-only": "-", "patch+token": "--", "token stage alone": ":"}[r["arm"]]
+            style = {"token-only": "-", "patch+token": "--", "token stage alone": ":", "est": "-.",
+                     "patch+token+est": (0, (5, 1, 1, 1))}[r["arm"]]
             label = f"D={budget / 1e6:g}M {r['arm']}" if r["seed"] == args.seed_list[0] else None
             ax.plot(xs, ys, style, color=colours[i % len(colours)], lw=1, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("held-out token NLL")
     ax.set_title(f"token-only (solid), patch K={args.patch_size} λ={args.patch_data_fraction:.2f} + token (dashed),\n"
-                 "token stage alone (dotted)", fontsize=9)
+                 "token stage alone (dotted), EST (dash-dot)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(run_root(args), "loss_vs_compute.png")
@@ -314,7 +352,7 @@ def main():
     if max(args.budgets) > available:
         sys.exit(f"--train-tokens {max(args.budgets):,} exceeds the {available:,} training tokens of the corpus: "
                  "both arms would repeat data. Lower --train-tokens.")
-    jobs = [(b, s, arm) for b in args.budgets for s in args.seed_list for arm in ARMS]
+    jobs = [(b, s, arm) for b in args.budgets for s in args.seed_list for arm in args.arm_list]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     print(f"{len(jobs)} runs, {args.jobs} at a time, {threads} thread(s) each; "
           f"corpus: {available:,} training tokens", flush=True)

@@ -70,6 +70,20 @@ def initialize(config: ParallelConfig, seed: int, timeout_minutes: float = 10) -
     set_seed(seed)
 
 
+def initialize_world_of_one(seed: int = 0) -> None:
+    """This process alone as megatron's world (CPU mode, gloo): the converters, and tests that
+    build models in-process. An existing world is kept and reseeded."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        set_seed(seed)
+        return
+    # Always a fresh port: one left in the environment may be a finished world's, still bound.
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+    initialize(ParallelConfig(cpu=True), seed=seed)
+
+
 def set_seed(seed: int) -> None:
     """Megatron's seeding: the data-parallel seed differs by pipeline stage, TP ranks fork."""
     from megatron.core import parallel_state, tensor_parallel

@@ -1,10 +1,19 @@
-"""Shared fixtures: a real builtin corpus, a tiny SentencePiece model, tool loaders."""
+"""Shared fixtures: a one-process megatron world, a real builtin corpus, a tiny SentencePiece
+model, tool loaders."""
 
 import os
 
 import pytest
 
 from repo_tools import load_tool
+
+
+@pytest.fixture
+def model_parallel_world_of_one():
+    """megatron's parallel state for this process alone, seeded afresh for each test."""
+    from patch_megatron.parallel import initialize_world_of_one
+
+    initialize_world_of_one(1234)
 
 
 @pytest.fixture(scope="session")

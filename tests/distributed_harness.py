@@ -9,19 +9,6 @@ import torch.multiprocessing as mp
 from repo_tools import free_port
 
 
-def init_world_of_one(seed=1234):
-    """megatron's parallel state in this process with world size 1 (CPU mode, gloo)."""
-    from megatron.core import parallel_state
-
-    from patch_megatron import parallel
-
-    if not parallel_state.model_parallel_is_initialized():
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_PORT=str(free_port()))
-        parallel.initialize(parallel.ParallelConfig(cpu=True), seed=seed)
-    else:
-        parallel.set_seed(seed)
-
-
 def _entry(rank, world_size, port, fn, args, result_dir):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),

@@ -117,12 +117,13 @@ def test_patch_stage_trains_logs_evaluates_and_saves(reference):
     assert sorted(by_iter) == list(range(1, 9))
     values = [float(by_iter[i]) for i in range(1, 9)]
     assert sum(values[-3:]) / 3 < values[0] - 0.1, values  # the loss falls
-    assert re.search(r"iteration\s+1/.*consumed tokens:\s+128 \|", stdout)  # 4 samples x 32 tokens
-    assert "tokens per second:" in stdout and "throughput per device (TFLOP/s):" in stdout
-    evals = re.findall(r"validation patch stage at iteration (\d+) \| patch loss value: (\S+) \| "
-                       r"token nll \(K=1\) value: (\S+) \| token ppl \(K=1\) value: (\S+)", stdout)
-    assert [e[0] for e in evals] == ["4", "8"]
-    assert all(float(v) > 0 for e in evals for v in e[1:])
+    lines = log_reading.training_lines(stdout)
+    assert lines[1]["consumed tokens"] == "128"  # 4 samples x 32 tokens
+    assert "tokens per second" in lines[1] and "throughput per device (TFLOP/s)" in lines[1]
+    evals = log_reading.validation_lines(stdout)
+    assert [(stage, iteration) for stage, iteration, _ in evals] == [("patch", 4), ("patch", 8)]
+    assert all(list(values) == ["patch loss", "token nll (K=1)", "token ppl (K=1)"]
+               and all(float(v) > 0 for v in values.values()) for _, _, values in evals)
     # Megatron-LM's layout, nothing half-written, and pickled only what Megatron-LM pickles.
     assert latest(save) == 8
     assert sorted(os.listdir(save)) == [".lock", "iter_0000002", "iter_0000004", "iter_0000006",
@@ -271,13 +272,15 @@ def test_fp16_saves_before_its_first_step_and_resumes_with_its_loss_scale(tmp_pa
     save = str(tmp_path / "ckpt")
     first = run(fp16 + ["--save", save, "--save-interval", "2"])
     assert first.returncode == 0, first.stderr[-3000:]
-    assert re.search(r"iteration\s+2/.*loss scale: 1073741824.0 \|.*number of skipped "
-                     r"iterations:\s+2 \|", first.stdout)  # 2^32 halved twice
+    second = log_reading.training_lines(first.stdout)[2]
+    assert second["loss scale"] == "1073741824.0"  # 2^32 halved twice
+    assert second["number of skipped iterations"] == "2"
     resumed = run(fp16 + ["--load", checkpoint_at(save, 2, str(tmp_path / "at2"))])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(resumed.stdout) == {i: losses(first.stdout)[i] for i in (3, 4)}
-    skipped = re.compile(r"iteration\s+4/.*number of skipped iterations:\s+(\d+) \|")
-    assert skipped.search(resumed.stdout).group(1) == skipped.search(first.stdout).group(1)
+    skipped = "number of skipped iterations"
+    assert log_reading.training_lines(resumed.stdout)[4][skipped] == \
+        log_reading.training_lines(first.stdout)[4][skipped]
 
 
 def test_sigkill_at_any_moment_then_resume_gives_the_same_losses(reference, tmp_path):
@@ -341,7 +344,7 @@ def test_nan_loss_stops_without_saving_or_is_skipped(tmp_path):
     skip = run(diverge + ["--nan-action", "skip", "--save", skipped_save])
     assert skip.returncode == 0, skip.stderr[-2000:]
     assert re.search(rf"WARNING: iteration {nan_at}: {non_finite}; update skipped", skip.stdout)
-    assert re.search(r"iteration\s+6/.*number of skipped iterations:\s+[1-9]", skip.stdout)
+    assert int(log_reading.training_lines(skip.stdout)[6]["number of skipped iterations"]) >= 1
     weights = checkpoint_tensors(os.path.join(skipped_save, "iter_0000006"))
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
     # Saving every step: the first step whose weights are not finite is never written.

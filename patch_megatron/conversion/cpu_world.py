@@ -24,7 +24,4 @@ def ensure_world_of_one() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise ConversionError("conversion runs in one process: run the tools with plain python, "
                               "not torchrun")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(parallel.free_port())
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    parallel.initialize(parallel.ParallelConfig(cpu=True), seed=0)
+    parallel.initialize_world_of_one(seed=0)

@@ -12,6 +12,7 @@ from typing import Dict, List, Tuple
 _VALIDATION = re.compile(r"validation (\w+) stage at iteration (\d+) \| (.*)")
 _TOKENS_PER_SECOND = re.compile(r"tokens per second: ([\d.]+)")
 _TRAINING = re.compile(r"iteration\s+(\d+)/\s*\d+ \|(.*)")
+_EST_SUMMARY = re.compile(r"EST summary: \d+ steps, ([\d.e+-]+) FLOPs trained vs ([\d.e+-]+) for the full")
 _RUNNER_STEP = re.compile(r"^\[\d+/\d+\] ([^:\n]+): ", re.M)
 _RUNNER_DONE = re.compile(r"^\[\d+/\d+\] ([^:\n]+): done in ([\d.]+) s$", re.M)
 
@@ -39,6 +40,16 @@ def losses(log_text: str) -> Dict[int, str]:
             if "patch loss" in f or "lm loss" in f}
 
 
+def validation_lines(log_text: str) -> List[Tuple[str, int, Dict[str, str]]]:
+    """[(stage, iteration, {name: value})] of every validation line, values as printed.
+
+    A line reads `` validation patch stage at iteration 4 | patch loss value: 4.1E+00 | ...``.
+    """
+    return [(match.group(1), int(match.group(2)),
+             dict(part.split(" value: ") for part in match.group(3).strip(" |").split(" | ")))
+            for match in _VALIDATION.finditer(log_text)]
+
+
 def validation_curve(log_text: str) -> List[Tuple[int, float]]:
     """[(iteration, held-out token NLL)] of every validation line.
 
@@ -46,11 +57,10 @@ def validation_curve(log_text: str) -> List[Tuple[int, float]]:
     ``token nll (K=1)``, the token-format NLL that compares across stages.
     """
     points = []
-    for match in _VALIDATION.finditer(log_text):
-        values = dict(part.split(" value: ") for part in match.group(3).strip(" |").split(" | "))
+    for _, iteration, values in validation_lines(log_text):
         nll = values.get("lm loss", values.get("token nll (K=1)"))
         if nll is not None:
-            points.append((int(match.group(2)), float(nll)))
+            points.append((iteration, float(nll)))
     return points
 
 
@@ -76,3 +86,11 @@ def runner_sections(log_text: str) -> Dict[str, str]:
 def runner_seconds(log_text: str) -> Dict[str, float]:
     """Wall-clock seconds of each step the runner ran (skipped steps have none)."""
     return {match.group(1): float(match.group(2)) for match in _RUNNER_DONE.finditer(log_text)}
+
+
+def est_flops(log_text: str) -> Tuple[float, float]:
+    """(FLOPs the subnetworks trained, the full model's) from the EST summary line."""
+    match = _EST_SUMMARY.search(log_text)
+    if match is None:
+        raise ValueError("the log has no 'EST summary' line: was the run trained with --est?")
+    return float(match.group(1)), float(match.group(2))

@@ -101,16 +101,8 @@ def test_weighted_blend_needs_a_process_group(builtin_data_prefix, sp_tokenizer,
                              valid_samples=20, test_samples=5, tokenizer=sp_tokenizer)
 
 
-def test_weighted_blend(builtin_data_prefix, sp_tokenizer, tmp_path):
-    if torch.distributed.is_initialized():  # started by an earlier test of this session
-        check_weighted_blend(builtin_data_prefix, sp_tokenizer, tmp_path)
-        return
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg",
-                                         rank=0, world_size=1)
-    try:
-        check_weighted_blend(builtin_data_prefix, sp_tokenizer, tmp_path)
-    finally:
-        torch.distributed.destroy_process_group()
+def test_weighted_blend(builtin_data_prefix, sp_tokenizer, tmp_path, model_parallel_world_of_one):
+    check_weighted_blend(builtin_data_prefix, sp_tokenizer, tmp_path)
 
 
 def check_weighted_blend(builtin_data_prefix, sp_tokenizer, tmp_path):

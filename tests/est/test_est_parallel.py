@@ -133,7 +133,7 @@ def _assemble(ranks, key):
 
 @pytest.fixture(scope="module")
 def single_process():
-    from distributed_harness import init_world_of_one
+    from patch_megatron.parallel import initialize_world_of_one
     from patch_megatron.est.control import apply_subnetwork
     from patch_megatron.est.sampler import Layout, sample_subnetwork
     from patch_megatron.est.schedule import StageRates
@@ -141,7 +141,7 @@ def single_process():
     from patch_megatron.est.spec import subnetwork_block_spec
     from patch_megatron.model.patch_gpt import build_model
 
-    init_world_of_one()
+    initialize_world_of_one(1234)
     out = {}
     for K, mode in CASES.items():
         model = build_model(PatchGPTConfig(**SHAPE, patch_size=K), layer_spec=subnetwork_block_spec)

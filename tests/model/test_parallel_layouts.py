@@ -125,11 +125,11 @@ def _dp_replicas_agree(rank_results, case):
 @pytest.fixture(scope="module")
 def single_process_reference():
     """Weights and the TP=1/PP=1/DP=1 loss and gradients of the same model in this process."""
-    from distributed_harness import init_world_of_one
+    from patch_megatron.parallel import initialize_world_of_one
     from patch_megatron.model.config import PatchGPTConfig
     from patch_megatron.model.patch_gpt import build_model
 
-    init_world_of_one()
+    initialize_world_of_one(1234)
     out = {}
     for arch, K in CASES:
         model = build_model(PatchGPTConfig(**SHAPE, **ARCHITECTURES[arch], patch_size=K))

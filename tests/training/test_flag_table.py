@@ -123,9 +123,9 @@ def test_params_norm_counts_each_parameter_once(model_world):
 
 @pytest.fixture
 def model_world():
-    from distributed_harness import init_world_of_one
+    from patch_megatron.parallel import initialize_world_of_one
 
-    init_world_of_one()
+    initialize_world_of_one(1234)
 
 
 def test_check_only_validates_for_a_world_size_and_prints_the_plan(tmp_path):

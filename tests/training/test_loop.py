@@ -15,9 +15,9 @@ import torch
 from patch_megatron.model.shape import ModelShape
 from patch_megatron.training import loop, metrics
 from patch_megatron.training.arguments import StagePlan
+from patch_megatron.training.log_reading import training_lines, validation_lines
 from patch_megatron.llama_recipe import RECIPE_FLAGS
 
-EVAL_LINE = re.compile(r"validation (\w+) stage at iteration (\d+) \| (.*)")
 
 
 def fake_run(train_iters, *, eval_interval=2, eval_iters=1, save_interval=None, exit_interval=None,
@@ -63,8 +63,8 @@ def stand_ins(monkeypatch):
 
 
 def evaluated_at(events):
-    return [int(m.group(2)) for kind, line in events if kind == "print"
-            for m in [EVAL_LINE.search(line)] if m]
+    return [iteration for kind, line in events if kind == "print"
+            for _, iteration, _ in validation_lines(line)]
 
 
 @pytest.mark.parametrize("train_iters, eval_interval, expected", [
@@ -79,7 +79,7 @@ def test_a_finished_run_ends_with_a_validation_of_its_last_iteration(
     assert reason == f"token stage finished: {train_iters} iterations"
     assert evaluated_at(events) == expected
     # The same line format as every other evaluation (what examples/quickstart.py parses).
-    last = [line for kind, line in events if kind == "print" and EVAL_LINE.search(line)][-1]
+    last = [line for kind, line in events if kind == "print" and validation_lines(line)][-1]
     assert last == (f" validation token stage at iteration {train_iters} | lm loss value: "
                     f"1.500000E+00 | lm loss PPL value: {math.exp(1.5):.6E} |")
 
@@ -88,7 +88,7 @@ def test_final_validation_follows_the_final_save_as_in_megatron_lm(stand_ins):
     run, events = fake_run(5, eval_interval=2, save_interval=2)
     loop.train(run, loop.TrainState())
     tail = [(kind, line if kind == "save" else evaluated_at([(kind, line)]))
-            for kind, line in events if kind == "save" or EVAL_LINE.search(line)]
+            for kind, line in events if kind == "save" or validation_lines(line)]
     assert tail == [("print", [2]), ("save", 2), ("print", [4]), ("save", 4), ("save", 5),
                     ("print", [5])]
 
@@ -116,14 +116,15 @@ def test_a_resumed_finished_run_is_validated_once(stand_ins):
 def test_train_lines_report_the_process_peak_memory_on_cpu(stand_ins):
     run, events = fake_run(2, eval_iters=0)
     loop.train(run, loop.TrainState())
-    lines = [line for kind, line in events if kind == "print" and "consumed samples" in line]
-    assert len(lines) == 2
-    for line in lines:
+    lines = training_lines("\n".join(line for kind, line in events if kind == "print"))
+    assert sorted(lines) == [1, 2]
+    for fields in lines.values():
         # The existing fields keep their order and format; the memory field comes last.
-        assert re.search(r"iteration\s+\d+/\s+2 \| consumed samples:\s+\d+ \|.*lm loss: 2\.000000E\+00 \|"
-                         r".*number of nan iterations:\s+0 \| peak RSS of the process \(MiB\): "
-                         r"([\d.]+) \|$", line)
-        rss = float(re.search(r"peak RSS of the process \(MiB\): ([\d.]+)", line).group(1))
+        names = list(fields)
+        assert names[0] == "consumed samples" and fields["lm loss"] == "2.000000E+00"
+        assert names[-2:] == ["number of nan iterations", "peak RSS of the process (MiB)"]
+        assert fields["number of nan iterations"] == "0"
+        rss = float(fields["peak RSS of the process (MiB)"])
         assert rss == pytest.approx(metrics.peak_rss_bytes() / 2**20, rel=0.05)
 
 
@@ -198,11 +199,12 @@ def test_real_run_ends_with_a_validation_and_logs_peak_memory(tmp_path):
         capture_output=True, text=True, timeout=240, cwd=str(tmp_path),
         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_PORT=str(port)))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [int(m.group(2)) for m in EVAL_LINE.finditer(result.stdout)] == [4, 6]
-    assert re.search(r"validation patch stage at iteration 6 \| patch loss value: \S+ \| "
-                     r"token nll \(K=1\) value: \S+ \| token ppl \(K=1\) value: \S+ \|", result.stdout)
-    peaks = [float(v) for v in re.findall(r"iteration\s+\d+/\s+6 \|.* peak RSS of the process "
-                                          r"\(MiB\): ([\d.]+) \|", result.stdout)]
+    evaluations = validation_lines(result.stdout)
+    assert [iteration for _, iteration, _ in evaluations] == [4, 6]
+    assert evaluations[-1][0] == "patch" and list(evaluations[-1][2]) == [
+        "patch loss", "token nll (K=1)", "token ppl (K=1)"]
+    peaks = [float(fields["peak RSS of the process (MiB)"])
+             for fields in training_lines(result.stdout).values()]
     assert len(peaks) == 3 and peaks == sorted(peaks) and peaks[0] > 100  # a running peak, MiB
 
 

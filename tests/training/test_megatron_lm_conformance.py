@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from distributed_harness import init_world_of_one
+from patch_megatron.parallel import initialize_world_of_one
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "megatron_lm")
 sys.path.insert(0, FIXTURES)
@@ -33,7 +33,7 @@ def built():
     from patch_megatron.training import build
     from patch_megatron.training.arguments import check_world_size, parse_args
 
-    init_world_of_one()
+    initialize_world_of_one(1234)
     out = {}
     for name in COMMAND_LINES:
         args = parse_args(argv_of(name) + ["--cpu"])
