@@ -17,6 +17,7 @@ from patch_megatron.conversion import megatron_checkpoint, vocab
 from patch_megatron.conversion.errors import ConversionError
 from patch_megatron.conversion.output_dir import check_target, publish_directory
 from patch_megatron.model.shape import padded_vocab_size
+from patch_megatron.stage import Stage
 
 
 @dataclass
@@ -39,7 +40,7 @@ def data_position(record) -> dict:
     samples = record.consumed_train_samples
     flags = record.flags
     return {
-        "stage": "patch",
+        "stage": Stage.PATCH.value,
         "patch_size": K,
         "seq_length": T,
         "tokens_per_sample": K * T,

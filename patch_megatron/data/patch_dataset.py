@@ -25,7 +25,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
-from patch_megatron.data.stream_split import StreamWindow, stage_documents
+from patch_megatron.data.stream_split import TOKEN, StreamWindow, stage_documents
 
 EVAL_STAGE = "eval"
 
@@ -48,7 +48,7 @@ class PatchGPTDatasetConfig(GPTDatasetConfig):
     """K of the train split's samples."""
     eval_patch_size: int = 1
     """K of the validation/test samples (1: token format)."""
-    stage: str = "token"
+    stage: str = TOKEN
     stream_seed: int = 0
     stream_windows: Optional[Dict[str, List[int]]] = None
     """Per prefix, [patch stream tokens, token stream tokens]; None: no λ split."""

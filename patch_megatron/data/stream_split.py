@@ -21,7 +21,9 @@ from typing import Optional
 
 import numpy
 
-PATCH, TOKEN = "patch", "token"
+from patch_megatron.stage import Stage
+
+PATCH, TOKEN = Stage.PATCH.value, Stage.TOKEN.value  # plain strings: dataset configs hold them
 _STREAM_SALT = 0x2407_12665  # keeps the stream order independent of other seeded draws
 
 

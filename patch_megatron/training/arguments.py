@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from patch_megatron.data.tokenizers import SUPPORTED_TYPES, add_bpe_file_args
 from patch_megatron.model.shape import ModelShape, padded_vocab_size
 from patch_megatron.training import megatron_lm_flags
+from patch_megatron.stage import Stage
 
 
 class ArgumentError(ValueError):
@@ -329,7 +330,7 @@ def _in_steps(samples: int, batch: int) -> int | float:
 class StagePlan:
     """Which stage this run is, its batch and length, and where its data begins."""
 
-    name: str  # "patch" or "token"
+    name: Stage
     patch_size: int  # K
     seq_length: int  # T, model positions
     global_batch_size: int  # samples of this stage per step
@@ -368,7 +369,7 @@ class StagePlan:
 
     @property
     def loss_name(self) -> str:
-        return "patch loss" if self.name == "patch" else "lm loss"
+        return "patch loss" if self.name == Stage.PATCH else "lm loss"
 
 
 def stage_iterations(train_tokens: int, patch_data_fraction: float, tokens_per_step: int) -> tuple[int, int]:
@@ -383,7 +384,7 @@ def stage_iterations(train_tokens: int, patch_data_fraction: float, tokens_per_s
 
 def stage_plan(args) -> StagePlan:
     K, lam, B = args.patch_size, args.patch_data_fraction, args.global_batch_size
-    name = "patch" if K > 1 else "token"
+    name = Stage.of(K)
     tokens_per_step = B * K * args.seq_length
     if args.train_iters is not None:
         train_iters = args.train_iters
@@ -391,9 +392,9 @@ def stage_plan(args) -> StagePlan:
         train_iters = args.train_samples // B
     else:
         patch_iters, token_iters = stage_iterations(args.train_tokens, lam, tokens_per_step)
-        train_iters = patch_iters if name == "patch" else token_iters
+        train_iters = patch_iters if name == Stage.PATCH else token_iters
     stage_tokens = train_iters * tokens_per_step
-    if name == "patch":
+    if name == Stage.PATCH:
         data_start = 0
     elif args.train_tokens is not None:
         data_start = round(args.train_tokens * lam)  # the patch stage read at most this much

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from patch_megatron.model.shape import LLAMA_SHAPE_ARCHITECTURE, ModelShape
+from patch_megatron.stage import Stage
 
 SCHEMA_VERSION = 2
 MEGATRON_CHECKPOINT_VERSION = 3.0
@@ -97,7 +98,15 @@ def _plain(value) -> bool:
 def plain_flags(namespace_or_dict) -> dict:
     """The flags as plain values (what loads with ``weights_only=True``, in any torch)."""
     items = namespace_or_dict if isinstance(namespace_or_dict, dict) else vars(namespace_or_dict)
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in items.items() if _plain(v)}
+    return {k: _plain_value(v) for k, v in items.items() if _plain(v)}
+
+
+def _plain_value(value):
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(v) for v in value]
+    if isinstance(value, str):
+        return str(value)  # a str subclass (an enum such as Stage) pickles as its class
+    return value
 
 
 @dataclass(frozen=True)
@@ -132,8 +141,8 @@ class CheckpointRecord:
 
     # What readers need from the saved flags, each with the default it had when absent.
     @property
-    def stage(self) -> str:
-        return "patch" if self.patch_size > 1 else "token"
+    def stage(self) -> Stage:
+        return Stage.of(self.patch_size)
 
     @property
     def layout(self) -> tuple[int, int]:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from patch_megatron.training.arguments import ArgumentError
+from patch_megatron.stage import Stage
 
 VALID_STREAM_OFFSET = 1 << 40  # mock validation samples come from a far-away part of the stream
 BATCH_FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -74,7 +75,7 @@ def build_stage_data(args, plan, dp_size: int) -> StageData:
     """This stage's train and validation sets."""
     train_samples = plan.train_iters * plan.global_batch_size
     eval_samples = args.eval_iters * plan.global_batch_size
-    want_token_valid = plan.name == "patch" and args.eval_token_nll and args.eval_iters > 0
+    want_token_valid = plan.name == Stage.PATCH and args.eval_token_nll and args.eval_iters > 0
     if args.mock_data:
         vocab = args.vocab_size
         if vocab is None:

@@ -16,6 +16,7 @@ from functools import partial
 import torch
 
 from patch_megatron import parallel
+from patch_megatron.stage import Stage
 
 
 class NonFiniteLossError(RuntimeError):
@@ -217,7 +218,7 @@ def evaluate(model, make_batches, data, num_microbatches, args, plan) -> dict:
     """Validation numbers of this stage, on the same first samples every time."""
     results = {}
     loss = eval_loss(model, make_batches(data.valid), num_microbatches, args, args.eval_iters)
-    if plan.name == "patch":
+    if plan.name == Stage.PATCH:
         results["patch loss"] = loss
         if data.valid_tokens is not None:
             with token_level(model):

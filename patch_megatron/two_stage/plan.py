@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from patch_megatron import flops
 from patch_megatron.model.shape import ModelShape
 from patch_megatron.training.arguments import ArgumentError, StagePlan, model_shape, parse_args
+from patch_megatron.stage import Stage
 
 PATCH_DIR, HANDOFF_DIR, TOKEN_DIR = "patch", "token_init", "token"
 
@@ -124,7 +125,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class StageJob:
-    name: str  # "patch" or "token"
+    name: Stage
     plan: StagePlan  # what pretrain_patch_gpt.py's parser derived from the argv
     save_dir: str
     micro_batch_size: int
@@ -132,7 +133,7 @@ class StageJob:
 
     @property
     def title(self) -> str:
-        return f"patch stage (K={self.plan.patch_size})" if self.name == "patch" else "token stage"
+        return f"patch stage (K={self.plan.patch_size})" if self.name == Stage.PATCH else "token stage"
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,7 @@ def plan_two_stage(config: RunConfig) -> TwoStagePlan:
         if shape is not None:
             stage_flops = plan.train_iters * flops.training_flops_per_iteration(
                 shape, plan.seq_length, plan.global_batch_size, plan.patch_size)
-        stages.append(StageJob(name, plan, config.stage_dir(name), stage_args.micro_batch_size,
+        stages.append(StageJob(plan.name, plan, config.stage_dir(name), stage_args.micro_batch_size,
                                stage_flops))
     dp = _data_parallel_size(config, args, stages)
     return TwoStagePlan(config, *stages, args.tensor_model_parallel_size,
