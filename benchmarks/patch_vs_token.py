@@ -331,7 +331,7 @@ def plot(args, results):
             style = {"token-only": "-", "patch+token": "--", "token stage alone": ":", "est": "-.",
                      "patch+token+est": (0, (5, 1, 1, 1))}[r["arm"]]
             label = f"D={budget / 1e6:g}M {r['arm']}" if r["seed"] == args.seed_list[0] else None
-            ax.plot(xs, ys, style, color=colours[i % len(colours)], lw=1, label=label)
+            ax.plot(xs, ys, linestyle=style, color=colours[i % len(colours)], lw=1, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("held-out token NLL")
