@@ -56,6 +56,12 @@ class PatchGPTConfig:
     add_qkv_bias: bool = False  # biases on the QKV projection only (implied by add_bias_linear)
     position_embedding_type: str = "learned_absolute"  # or "rope" or "none"
     rotary_percent: float = 1.0
+    # RoPE on interleaved (even, odd) pairs of a head's channels (RoFormer) instead of its two
+    # halves (rotate-half, LLaMA's layout).
+    rotary_interleaved: bool = False
+    # A `normalization` norm (with apply_layernorm_1p's gamma) over each query and key head's
+    # kv_channels, before RoPE.
+    qk_layernorm: bool = False
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     apply_query_key_layer_scaling: bool = False
@@ -205,7 +211,8 @@ class PatchGPTConfig:
             attention_dropout=self.attention_dropout,
             apply_query_key_layer_scaling=self.apply_query_key_layer_scaling,
             attention_softmax_in_fp32=self.attention_softmax_in_fp32,
-            rotary_interleaved=False,
+            rotary_interleaved=self.rotary_interleaved,
+            qk_layernorm=self.qk_layernorm,
             recompute_granularity=self.recompute_granularity,
             recompute_method=self.recompute_method,
             recompute_num_layers=self.recompute_num_layers,

@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deprecated; accepted with RoPE, where it changes nothing (as in Megatron-LM)")
     g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--rotary-interleaved", action="store_true",
+                   help="RoPE rotates interleaved (even, odd) channel pairs (RoFormer) instead of "
+                        "the two halves of each head")
+    g.add_argument("--qk-layernorm", action="store_true",
+                   help="a --normalization norm over each query and key head before RoPE "
+                        "(as in Qwen3)")
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--attention-dropout", type=float, default=0.1)
     g.add_argument("--apply-query-key-layer-scaling", action="store_true",

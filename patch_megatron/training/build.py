@@ -27,6 +27,8 @@ def model_config(args, vocab_size: int) -> PatchGPTConfig:
         add_qkv_bias=args.add_qkv_bias,
         position_embedding_type=args.position_embedding_type,
         rotary_percent=args.rotary_percent,
+        rotary_interleaved=args.rotary_interleaved,
+        qk_layernorm=args.qk_layernorm,
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         apply_query_key_layer_scaling=args.apply_query_key_layer_scaling,
