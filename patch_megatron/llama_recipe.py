@@ -38,6 +38,8 @@ LLAMA_ARCHITECTURE = dict(
     add_qkv_bias=False,
     position_embedding_type="rope",
     rotary_percent=1.0,
+    rotary_interleaved=False,
+    qk_layernorm=False,
     hidden_dropout=0.0,
     attention_dropout=0.0,
 )

@@ -7,7 +7,8 @@ architectures' papers: the LLaMA decoder (RMSNorm, RoPE, grouped-query
 attention, SwiGLU, no biases) and the GPT-2/3 decoder of Megatron-LM's
 defaults (LayerNorm with bias, learned absolute positions, GeLU, biases),
 plus the variants Megatron-LM names by flag (zero-centred norm weights,
-squared ReLU, no positions). Patch i of the patch stage has position i.
+squared ReLU, no positions, per-head query/key norms, RoFormer's interleaved
+RoPE). Patch i of the patch stage has position i.
 """
 
 import math
@@ -43,16 +44,32 @@ def rotate_half(x):
     return torch.cat([-second, first], dim=-1)
 
 
+def rope_angles(d, T, base):
+    """[T, d/2]: position t turns channel pair j by t * base^(-2j/d)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    return torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)
+
+
 def rope(x, base):
     # x: [b, heads, T, d]; position of row t is t (patch index when K > 1).
-    d, T = x.shape[-1], x.shape[-2]
-    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
-    angles = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)
+    # LLaMA's layout: pair j is channels (j, j + d/2).
+    angles = rope_angles(x.shape[-1], x.shape[-2], base)
     angles = torch.cat([angles, angles], dim=-1)
     return x * angles.cos() + rotate_half(x) * angles.sin()
 
 
-def attention(x, weights, prefix, heads, groups, base, positions):
+def rope_interleaved(x, base):
+    # RoFormer's layout: pair j is channels (2j, 2j + 1), read as the complex number
+    # x[2j] + i x[2j+1] and multiplied by exp(i * angle).
+    angles = rope_angles(x.shape[-1], x.shape[-2], base)
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
+    turned = pairs * torch.polar(torch.ones_like(angles), angles)
+    return torch.view_as_real(turned).reshape(x.shape).to(x.dtype)
+
+
+def attention(x, weights, prefix, heads, groups, base, positions, qk_norm=None,
+              rotary_interleaved=False):
+    """``qk_norm``: None, or (kind, eps, zero_centered) of the per-head query and key norms."""
     b, T, h = x.shape
     qkv_out = weights[prefix + "linear_qkv.weight"].shape[0]
     d = qkv_out // (heads + 2 * groups)
@@ -62,10 +79,15 @@ def attention(x, weights, prefix, heads, groups, base, positions):
     q = qkv[:, :, :, :per_group].reshape(b, T, heads, d).transpose(1, 2)
     k = qkv[:, :, :, per_group].transpose(1, 2)
     v = qkv[:, :, :, per_group + 1].transpose(1, 2)
+    if qk_norm is not None:  # over each head's d channels, one weight for all heads
+        kind, eps, zero_centered = qk_norm
+        q = norm(q, weights, prefix + "q_layernorm.", kind, eps, zero_centered)
+        k = norm(k, weights, prefix + "k_layernorm.", kind, eps, zero_centered)
     k = k.repeat_interleave(per_group, dim=1)
     v = v.repeat_interleave(per_group, dim=1)
     if positions == "rope":
-        q, k = rope(q, base), rope(k, base)
+        rotate = rope_interleaved if rotary_interleaved else rope
+        q, k = rotate(q, base), rotate(k, base)
     scores = q @ k.transpose(-1, -2) / math.sqrt(d)
     causal = torch.ones(T, T, dtype=torch.bool).triu(1)
     probs = scores.masked_fill(causal, float("-inf")).softmax(-1)
@@ -87,8 +109,9 @@ def mlp(x, weights, prefix, activation):
 
 def hidden_states(weights, tokens, *, num_layers, heads, groups, patch_size, eps=1e-5, base=10000,
                   normalization="RMSNorm", activation="swiglu", positions="rope",
-                  zero_centered=False):
+                  zero_centered=False, qk_layernorm=False, rotary_interleaved=False):
     """Final normed hidden states [b, T, h] for tokens [b, K*T]."""
+    qk_norm = (normalization, eps, zero_centered) if qk_layernorm else None
     b, n = tokens.shape
     emb = weights["embedding.word_embeddings.weight"][tokens]
     x = emb.view(b, n // patch_size, patch_size, -1).mean(dim=2)  # the patch embedding
@@ -97,7 +120,8 @@ def hidden_states(weights, tokens, *, num_layers, heads, groups, patch_size, eps
     for i in range(num_layers):
         p = f"decoder.layers.{i}."
         x = x + attention(norm(x, weights, p + "input_layernorm.", normalization, eps, zero_centered),
-                          weights, p + "self_attention.", heads, groups, base, positions)
+                          weights, p + "self_attention.", heads, groups, base, positions,
+                          qk_norm, rotary_interleaved)
         x = x + mlp(norm(x, weights, p + "pre_mlp_layernorm.", normalization, eps, zero_centered),
                     weights, p + "mlp.", activation)
     return norm(x, weights, "decoder.final_layernorm.", normalization, eps, zero_centered)

@@ -38,14 +38,27 @@ def refuse_patch_stage(checkpoint, allowed: bool) -> None:
             "--allow-patch-stage to export these weights anyway")
 
 
+# Architecture options LlamaForCausalLM has no place for: why, named by the flag that set them.
+_NO_LLAMA_COUNTERPART = {
+    "qk_layernorm": "LlamaForCausalLM has no query/key norms, so the weights of --qk-layernorm "
+                    "would be dropped",
+    "rotary_interleaved": "LlamaForCausalLM rotates the two halves of each head, not the "
+                          "interleaved pairs of --rotary-interleaved",
+}
+
+
 def refuse_non_llama(path: str, description) -> None:
     differences = description.llama_differences()
     if differences:
+        reasons = [why for key, why in _NO_LLAMA_COUNTERPART.items()
+                   if getattr(description, key)]
         raise ConversionError(
             f"{path} is not a Llama-architecture model ({'; '.join(differences)}): "
             "tools/convert_to_hf.py writes LlamaForCausalLM, which has RMSNorm, SwiGLU, RoPE and "
-            "no biases. Train with --normalization RMSNorm --swiglu --position-embedding-type "
-            "rope --disable-bias-linear to export, or keep this model in megatron format")
+            "no biases" + "".join(f"; {why}" for why in reasons) + ". Train with "
+            "--normalization RMSNorm --swiglu --position-embedding-type rope "
+            "--disable-bias-linear (and without --qk-layernorm or --rotary-interleaved) to "
+            "export, or keep this model in megatron format")
 
 
 def export_to_hf(options: ExportOptions) -> list[str]:

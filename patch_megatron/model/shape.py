@@ -67,6 +67,12 @@ class ModelShape:
     add_qkv_bias: bool = False  # biases on the QKV projection only (implied by add_bias_linear)
     position_embedding_type: str = "learned_absolute"  # or "rope" or "none"
     rotary_percent: float = 1.0
+    # RoPE on interleaved (even, odd) pairs of a head's channels (RoFormer) instead of its two
+    # halves (rotate-half, LLaMA's layout).
+    rotary_interleaved: bool = False
+    # A `normalization` norm (with apply_layernorm_1p's gamma) over each query and key head's
+    # kv_channels, before RoPE.
+    qk_layernorm: bool = False
     max_position_embeddings: int | None = None
     untie_embeddings_and_output_weights: bool = True
 
@@ -160,12 +166,14 @@ class ModelShape:
         bias = self.add_bias_linear
         qkv_width = self.num_attention_heads * d + 2 * self.num_query_groups * d
         fc1_width = (2 if self.gated_linear_unit else 1) * f
-        norm = h * (2 if self.normalization == "LayerNorm" else 1)  # LayerNorm has a bias
+        per_value = 2 if self.normalization == "LayerNorm" else 1  # LayerNorm has a bias
+        norm = h * per_value
         layer = (h * qkv_width + (qkv_width if self.add_qkv_bias else 0)
                  + self.num_attention_heads * d * h + (h if bias else 0)
                  + h * fc1_width + (fc1_width if bias else 0)
                  + f * h + (h if bias else 0)
-                 + 2 * norm)
+                 + 2 * norm
+                 + (2 * d * per_value if self.qk_layernorm else 0))
         total = self.num_layers * layer + norm
         if include_embeddings:
             if self.vocab_size is None:

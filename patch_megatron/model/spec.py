@@ -72,8 +72,10 @@ def decoder_block_spec(config, use_transformer_engine: bool | None = None):
         use_transformer_engine = have_transformer_engine()
     logger.info("model: %s", implementation_name(use_transformer_engine))
     if use_transformer_engine:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=config.qk_layernorm)
+    layer = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm,
+                                                     normalization=config.normalization)
     # megatron's local attention materialises the s x s scores; torch's fused kernels do not.
     layer.submodules.self_attention.submodules.core_attention = SDPAttention
     if have_apex():
@@ -82,6 +84,9 @@ def decoder_block_spec(config, use_transformer_engine: bool | None = None):
     # zero-centred gamma: use ours everywhere.
     layer.submodules.input_layernorm = TorchNorm
     layer.submodules.pre_mlp_layernorm = TorchNorm
+    if config.qk_layernorm:  # one norm per head: over kv_channels, weights shared by the heads
+        attention = layer.submodules.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = TorchNorm
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=TorchNorm
     )

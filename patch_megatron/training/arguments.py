@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deprecated; accepted with RoPE, where it changes nothing (as in Megatron-LM)")
     g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--rotary-interleaved", action="store_true",
+                   help="RoPE rotates interleaved (even, odd) channel pairs (RoFormer) instead of "
+                        "the two halves of each head")
+    g.add_argument("--qk-layernorm", action="store_true",
+                   help="a --normalization norm over each query and key head before RoPE "
+                        "(as in Qwen3)")
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--attention-dropout", type=float, default=0.1)
     g.add_argument("--apply-query-key-layer-scaling", action="store_true",
@@ -735,6 +741,8 @@ def model_shape(args, vocab_size: int | None = None) -> ModelShape:
         add_qkv_bias=args.add_qkv_bias,
         position_embedding_type=args.position_embedding_type,
         rotary_percent=args.rotary_percent,
+        rotary_interleaved=args.rotary_interleaved,
+        qk_layernorm=args.qk_layernorm,
         max_position_embeddings=args.max_position_embeddings or args.seq_length,
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
     )

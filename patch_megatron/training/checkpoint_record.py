@@ -53,9 +53,11 @@ SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
 
 # What the parameters compute (and which of them exist): PatchGPTConfig's architecture fields.
 # Records written before these were recorded (schema 1, early schema 2) hold LLaMA models,
-# the only architecture this project then built.
+# the only architecture this project then built; records that predate rotary_interleaved and
+# qk_layernorm hold neither (both were refused then), which LLaMA's values say too.
 ARCHITECTURE_KEYS = ("kv_channels", "normalization", "apply_layernorm_1p", "activation",
-                     "add_bias_linear", "add_qkv_bias", "position_embedding_type", "rotary_percent")
+                     "add_bias_linear", "add_qkv_bias", "position_embedding_type", "rotary_percent",
+                     "rotary_interleaved", "qk_layernorm")
 LLAMA_ARCHITECTURE = {k: v for k, v in LLAMA_SHAPE_ARCHITECTURE.items() if k in ARCHITECTURE_KEYS}
 MODEL_KEYS = SHAPE_KEYS + ARCHITECTURE_KEYS
 
@@ -214,6 +216,8 @@ def megatron_args(record: CheckpointRecord) -> argparse.Namespace:
         add_qkv_bias=shape.add_qkv_bias,
         position_embedding_type=shape.position_embedding_type,
         rotary_percent=shape.rotary_percent,
+        rotary_interleaved=shape.rotary_interleaved,
+        qk_layernorm=shape.qk_layernorm,
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
         ffn_hidden_size=shape.ffn_hidden_size,
@@ -391,6 +395,8 @@ def _read_megatron_lm(common: dict, path: str) -> CheckpointRecord:
             "position_embedding_type": getattr(args, "position_embedding_type",
                                                "learned_absolute"),
             "rotary_percent": float(getattr(args, "rotary_percent", 1.0)),
+            "rotary_interleaved": bool(getattr(args, "rotary_interleaved", False)),
+            "qk_layernorm": bool(getattr(args, "qk_layernorm", False)),
         },
         tensor_model_parallel_size=int(getattr(args, "tensor_model_parallel_size", 1)),
         pipeline_model_parallel_size=int(getattr(args, "pipeline_model_parallel_size", 1)),

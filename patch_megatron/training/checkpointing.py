@@ -380,6 +380,8 @@ def model_shape_of(model) -> ModelShape:
         "add_qkv_bias": config.add_qkv_bias,
         "position_embedding_type": module.position_embedding_type,
         "rotary_percent": float(module.rotary_percent),
+        "rotary_interleaved": config.rotary_interleaved,
+        "qk_layernorm": config.qk_layernorm,
         "num_layers": config.num_layers,
         "hidden_size": config.hidden_size,
         "ffn_hidden_size": config.ffn_hidden_size,

@@ -103,9 +103,6 @@ REFUSED = {
     "--use-checkpoint-args": "model flags are not read from the checkpoint; give them on the "
                              "command line (a mismatch is named when loading)",
     "--save-retain-interval": "pruning old checkpoints is " + _NOT_YET + "; every save is kept",
-    "--qk-layernorm": "query/key layer norms are " + _NOT_YET,
-    "--rotary-interleaved": "interleaved RoPE is " + _NOT_YET + "; drop it for the standard "
-                            "rotate-half RoPE",
     "--ddp-average-in-collective": "gradients are summed and divided by the global token count "
                                    "(per-token loss); averaging in the collective would double "
                                    "count",

@@ -7,6 +7,7 @@ stage saved at PP=2.
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -119,6 +120,28 @@ def test_patch_stage_checkpoint_is_refused(two_stage_run, tmp_path):
     assert code == 2
     assert "patch-stage checkpoint (patch size 4)" in err and "--allow-patch-stage" in err
     assert not os.path.exists(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("option, reason", [
+    ("qk_layernorm", "no query/key norms"),
+    ("rotary_interleaved", "not the interleaved pairs of --rotary-interleaved"),
+])
+def test_architectures_llama_cannot_hold_are_refused_with_the_reason(option, reason):
+    from patch_megatron.conversion.errors import ConversionError
+    from patch_megatron.conversion.hf_export import refuse_non_llama
+    from patch_megatron.conversion.model_description import ModelDescription
+    from patch_megatron.model.shape import LLAMA_SHAPE_ARCHITECTURE
+
+    llama = ModelDescription(num_layers=2, hidden_size=32, ffn_hidden_size=64,
+                             num_attention_heads=4, num_query_groups=2, vocab_size=128,
+                             max_position_embeddings=16, rotary_base=10000, norm_epsilon=1e-5,
+                             untie_embeddings_and_output_weights=True, patch_size=1,
+                             dtype=torch.float32, **LLAMA_SHAPE_ARCHITECTURE)
+    refuse_non_llama("ckpt", llama)  # a Llama passes
+    other = replace(llama, **{option: True})
+    with pytest.raises(ConversionError, match="is not a Llama-architecture model") as refused:
+        refuse_non_llama("ckpt", other)
+    assert f"{option} True (Llama: False)" in str(refused.value) and reason in str(refused.value)
 
 
 def test_refusals_leave_nothing_behind(two_stage_run, tmp_path, vocab_size):

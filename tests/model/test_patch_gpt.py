@@ -181,6 +181,13 @@ VARIANTS = {
         add_bias_linear=False, add_qkv_bias=True, position_embedding_type="none"),
     "rmsnorm-gelu-learned": dict(normalization="RMSNorm", activation="gelu", add_bias_linear=True,
                                  position_embedding_type="learned_absolute"),
+    # --qk-layernorm: LayerNorm (weight and bias) with --apply-layernorm-1p's gamma offset
+    "gpt-1p-qk-layernorm": dict(normalization="LayerNorm", apply_layernorm_1p=True,
+                                activation="gelu", add_bias_linear=True,
+                                position_embedding_type="learned_absolute", qk_layernorm=True),
+    # Qwen3's attention: RMSNorm over each query and key head, then RoPE
+    "llama-qk-layernorm": dict(LLAMA_ARCHITECTURE, qk_layernorm=True),
+    "llama-rotary-interleaved": dict(LLAMA_ARCHITECTURE, rotary_interleaved=True),
 }
 
 
@@ -201,14 +208,25 @@ def test_megatron_lm_architectures_match_reference(variant, K):
     loss = model(tokens, labels=labels).mean()
     loss.backward()
     weights = _weights(model)
-    positions = {"learned_absolute": "learned_absolute", "none": "none"}[arch["position_embedding_type"]]
-    ref_loss = reference_gpt.patch_loss(
-        weights, window, patch_size=K, num_layers=SHAPE["num_layers"], heads=4, groups=2,
-        normalization=arch["normalization"], activation=arch["activation"], positions=positions,
-        zero_centered=arch.get("apply_layernorm_1p", False),
-    )
+    positions = {"learned_absolute": "learned_absolute", "none": "none",
+                 "rope": "rope"}[arch["position_embedding_type"]]
+    options = {"qk_layernorm": arch.get("qk_layernorm", False),
+               "rotary_interleaved": arch.get("rotary_interleaved", False)}
+
+    shape = dict(num_layers=SHAPE["num_layers"], heads=4, groups=2,
+                 normalization=arch["normalization"], activation=arch["activation"],
+                 positions=positions, zero_centered=arch.get("apply_layernorm_1p", False))
+    ref_loss = reference_gpt.patch_loss(weights, window, patch_size=K, **shape, **options)
     ref_loss.backward()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        for option in [name for name, on in options.items() if on]:
+            # the reference without the option computes another model, which the test would see
+            with_it, without = (reference_gpt.hidden_states(weights, tokens, patch_size=K, **shape,
+                                                            **{**options, option: on})
+                                for on in (True, False))
+            assert not torch.allclose(with_it, without, rtol=1e-3, atol=1e-4), option
+    assert any("q_layernorm" in n for n in weights) == options["qk_layernorm"]
     expected_biases = arch["add_bias_linear"] or arch.get("add_qkv_bias", False)
     assert any(n.endswith("linear_qkv.bias") for n in weights) == expected_biases
     assert ("embedding.position_embeddings.weight" in weights) == (positions == "learned_absolute")

@@ -70,6 +70,10 @@ ARCHITECTURES = {
     "rmsnorm-squared-relu-qkv-bias": dict(normalization="RMSNorm", activation="squared_relu",
                                           add_bias_linear=False, add_qkv_bias=True,
                                           position_embedding_type="none"),
+    "gpt-qk-layernorm": dict(qk_layernorm=True, apply_layernorm_1p=True),
+    "llama-qk-layernorm-interleaved": dict(
+        {k: v for k, v in LLAMA_ARCHITECTURE.items() if "dropout" not in k},
+        qk_layernorm=True, rotary_interleaved=True),
 }
 
 

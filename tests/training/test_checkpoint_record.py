@@ -65,7 +65,8 @@ def test_reads_megatron_lm_checkpoints():
             "num_query_groups": 4, "vocab_size": 192, "untie_embeddings_and_output_weights": True,
             "kv_channels": 8, "normalization": "RMSNorm", "apply_layernorm_1p": False,
             "activation": "swiglu", "add_bias_linear": False, "add_qkv_bias": False,
-            "position_embedding_type": "rope", "rotary_percent": 1.0}
+            "position_embedding_type": "rope", "rotary_percent": 1.0,
+            "rotary_interleaved": False, "qk_layernorm": False}
         assert record.optimizer_format == optimizer_format and record.has_rng
         assert record.scheduler["num_steps"] == 8  # samples, Megatron-LM's unit
 
@@ -78,6 +79,7 @@ def test_reads_the_first_schema_with_its_scheduler_in_samples():
     # the first schema predates the architecture keys: its models were LLaMA's
     assert record.model_shape.normalization == "RMSNorm"
     assert record.model_shape.activation == "swiglu" and record.model_shape.kv_channels == 8
+    assert not record.model_shape.qk_layernorm and not record.model_shape.rotary_interleaved
     raw = safe_load.read_common(os.path.join(V1, "patch_stage", "iter_0000002"))
     assert raw["opt_param_scheduler"]["num_steps"] == 2  # iterations, as schema 1 counted
     assert record.scheduler["num_steps"] == 2 * 4 and record.scheduler["lr_warmup_steps"] == 1 * 4
@@ -95,13 +97,15 @@ def test_schema_2_round_trip():
                      "untie_embeddings_and_output_weights": False, "kv_channels": 8,
                      "normalization": "LayerNorm", "apply_layernorm_1p": True,
                      "activation": "gelu", "add_bias_linear": True, "add_qkv_bias": True,
-                     "position_embedding_type": "learned_absolute", "rotary_percent": 1.0},
+                     "position_embedding_type": "learned_absolute", "rotary_percent": 1.0,
+                     "rotary_interleaved": True, "qk_layernorm": True},
         flags={"seq_length": 16, "global_batch_size": 8, "bf16": True, "data_parallel_size": 2},
         consumed_train_samples=56, skipped_iters=1, nan_iters=1, optimizer_format="dp_reshardable",
         scheduler={"num_steps": 56, "lr_warmup_steps": 8}, flops_so_far=1.5e9)
     common = to_common(record)
     assert common["args"].consumed_train_samples == 56 and common["args"].padded_vocab_size == 256
     assert common["args"].world_size == 4 and common["args"].use_distributed_optimizer
+    assert common["args"].qk_layernorm and common["args"].rotary_interleaved  # Megatron-LM's names
     back = read_record(common, "x")
     assert back.flags.items() >= record.flags.items()  # plus Megatron-LM's bookkeeping
     assert replace(back, flags=record.flags) == record and back.params_dtype == torch.bfloat16
@@ -111,6 +115,40 @@ def test_schema_2_round_trip():
         read_record(newer, "x")
     with pytest.raises(ValueError, match="neither this project's checkpoint record"):
         read_record({"iteration": 3}, "x")
+
+
+def test_megatron_lm_args_with_qk_layernorm_and_interleaved_rope():
+    common = safe_load.read_common(os.path.join(MLM, "llama_plain", "iter_0000002"))
+    common["args"].qk_layernorm = common["args"].rotary_interleaved = True
+    shape = read_record(common, "x").model_shape
+    assert shape.qk_layernorm and shape.rotary_interleaved
+
+
+def test_a_qk_layernorm_model_is_rebuilt_from_its_record():
+    """Saved, read back and described for a converter: the same model, its norms included."""
+    from types import SimpleNamespace
+
+    from patch_megatron.conversion.model_description import from_record
+    from patch_megatron.model.config import PatchGPTConfig
+    from patch_megatron.model.patch_gpt import build_model
+    from patch_megatron.parallel import initialize_world_of_one
+    from patch_megatron.training.checkpointing import model_shape_of
+
+    initialize_world_of_one(1234)
+    config = PatchGPTConfig(num_layers=1, hidden_size=32, num_attention_heads=4, vocab_size=64,
+                            seq_length=8, position_embedding_type="rope", qk_layernorm=True,
+                            rotary_interleaved=True)
+    model = build_model(config)
+    record = CheckpointRecord(iteration=1, patch_size=1, tensor_model_parallel_size=1,
+                              pipeline_model_parallel_size=1, flags={"seq_length": 8},
+                              model_shape=model_shape_of(SimpleNamespace(module=model)))
+    rebuilt_config = from_record(read_record(to_common(record), "x"), "x").model_config()
+    assert rebuilt_config.qk_layernorm and rebuilt_config.rotary_interleaved
+    rebuilt = build_model(rebuilt_config)
+    shapes = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()
+            if not k.endswith("_extra_state")} == shapes
+    assert "decoder.layers.0.self_attention.k_layernorm.bias" in shapes
 
 
 @pytest.fixture(scope="module")
