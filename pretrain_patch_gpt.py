@@ -71,13 +71,19 @@ def main(argv=None) -> int:
     if rank == 0:
         print_arguments(args)
 
+    ramped = plan.rampup_batch_size is not None  # a step is then not a fixed number of samples
     print_rank0(f"> {plan.name} stage: K={plan.patch_size}, T={plan.seq_length} positions, "
                 f"{plan.tokens_per_sample} tokens/sample, global batch {plan.global_batch_size} "
-                f"samples = {plan.tokens_per_step} tokens, {plan.train_iters} iterations, "
-                f"warmup {plan.lr_warmup_iters}; "
+                f"samples = {plan.tokens_per_step} tokens{' after the ramp' if ramped else ''}, "
+                f"{plan.train_iters} iterations, warmup "
+                f"{f'{plan.lr_warmup_samples} samples' if ramped else plan.lr_warmup_iters}; "
                 f"world {world_size} = TP {args.tensor_model_parallel_size} x PP "
                 f"{args.pipeline_model_parallel_size} x DP {dp_size}; "
                 f"{'CPU (gloo)' if on_cpu else 'GPU (NCCL)'}")
+    if ramped:
+        from patch_megatron.training import batch_rampup
+
+        print_rank0("> " + batch_rampup.describe(plan, args.micro_batch_size))
 
     try:
         return _train(args, plan, dp_size, rank, world_size, on_cpu, print_rank0)
@@ -136,7 +142,7 @@ def _train_loop(args, plan, dp_size, rank, world_size, on_cpu, print_rank0, conf
                 optimizer, scheduler, stage_data, state, checkpoint_bytes) -> int:
     from megatron.core import parallel_state
 
-    from patch_megatron.training import checkpointing, data, loop, metrics, save_dir
+    from patch_megatron.training import batch_rampup, checkpointing, data, loop, metrics, save_dir
 
     dp_rank = parallel_state.get_data_parallel_rank()
 
@@ -164,24 +170,28 @@ def _train_loop(args, plan, dp_size, rank, world_size, on_cpu, print_rank0, conf
             raise checkpointing.CheckpointError(full) from None
         print_rank0(f"> saved {path} in {time.monotonic() - started:.1f} s")
 
-    run = loop.Run(
-        args=args, plan=plan, model=model, optimizer=optimizer, scheduler=scheduler,
-        data=stage_data, make_batches=make_batches,
-        num_microbatches=plan.global_batch_size // (args.micro_batch_size * dp_size),
-        shape=config.shape, peak_tflops=metrics.mfu_peak_tflops(args, on_cpu),
-        world_size=world_size, print=print_rank0,
-        tensorboard=metrics.TensorBoard(args.tensorboard_dir, enabled=rank == 0), save=save,
-    )
-    try:
-        reason = loop.train(run, state)
-    except loop.NonFiniteLossError as error:
-        print(f"pretrain_patch_gpt.py: error: {error}", file=sys.stderr)
-        return 4
-    except checkpointing.CheckpointError as error:  # e.g. refusing to save NaN/Inf weights
-        print(f"pretrain_patch_gpt.py: error: {error}", file=sys.stderr)
-        return 3
-    finally:
-        run.tensorboard.close()
+    from patch_megatron.training.arguments import num_microbatches
+
+    # megatron-core's micro-batch calculator gives each step's batch (--rampup-batch-size).
+    with batch_rampup.StepBatches(plan, args.micro_batch_size, dp_size, rank) as step_batches:
+        run = loop.Run(
+            args=args, plan=plan, model=model, optimizer=optimizer, scheduler=scheduler,
+            data=stage_data, make_batches=make_batches,
+            num_microbatches=num_microbatches(args, dp_size), step_batches=step_batches,
+            shape=config.shape, peak_tflops=metrics.mfu_peak_tflops(args, on_cpu),
+            world_size=world_size, print=print_rank0,
+            tensorboard=metrics.TensorBoard(args.tensorboard_dir, enabled=rank == 0), save=save,
+        )
+        try:
+            reason = loop.train(run, state)
+        except loop.NonFiniteLossError as error:
+            print(f"pretrain_patch_gpt.py: error: {error}", file=sys.stderr)
+            return 4
+        except checkpointing.CheckpointError as error:  # e.g. refusing to save NaN/Inf weights
+            print(f"pretrain_patch_gpt.py: error: {error}", file=sys.stderr)
+            return 3
+        finally:
+            run.tensorboard.close()
     print_rank0(f"> {reason}")
     return 0
 

@@ -455,6 +455,79 @@ def test_incompatible_or_unsafe_checkpoints_get_clear_errors(reference, tmp_path
     assert rc == 3 and "a run without --use-distributed-optimizer" in err and "--no-load-optim" in err
 
 
+# --rampup-batch-size 4 4 40 to a global batch of 12 over --train-samples 100, with a warmup of
+# 90 samples that lasts the whole run: each logged learning rate (read before its step) is then
+# lr x (samples the scheduler was stepped by so far) / 90.
+RAMP, RAMP_GLOBAL, RAMP_SAMPLES, RAMP_WARMUP = (4, 4, 40), 12, 100, 90
+RAMP_RUNS = textwrap.dedent("""
+    import contextlib, io, json, os, shutil, sys
+    sys.argv = ["pretrain_patch_gpt.py"]
+    sys.path.insert(0, {repo!r})
+    from pretrain_patch_gpt import main
+
+    flags, work, resume_at = {flags!r}, {work!r}, {resume_at!r}
+    def attempt(extra):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            rc = main(flags + extra)
+        return rc, out.getvalue(), err.getvalue()
+
+    full, resumed = os.path.join(work, "full"), os.path.join(work, "resumed")
+    results = {{"full": attempt(["--save", full, "--save-interval", "3"])}}
+    results["saved"] = sorted(n for n in os.listdir(full) if n.startswith("iter_"))
+    shutil.copytree(full, resumed)  # as the uninterrupted run's directory was at resume_at
+    for name in os.listdir(resumed):
+        if name.startswith("iter_") and int(name[5:]) > resume_at:
+            shutil.rmtree(os.path.join(resumed, name))
+    with open(os.path.join(resumed, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write(str(resume_at))
+    results["resumed"] = attempt(["--load", resumed, "--save", resumed])
+    print(json.dumps(results))
+""")
+
+
+def test_a_ramped_run_follows_megatron_lms_ramp_and_resumes_inside_it(tmp_path):
+    """The batches, the scheduler's steps and the checkpoints of a ramped run (one process
+    trains it, then resumes a copy from inside the ramp)."""
+    from ramp_reference import step_batches
+
+    constant = {"--train-iters", "--lr-warmup-iters", "--global-batch-size", "--eval-iters"}
+    flags = [f for i, f in enumerate(FLAGS) if f not in constant and FLAGS[i - 1] not in constant]
+    flags += ["--global-batch-size", str(RAMP_GLOBAL), "--train-samples", str(RAMP_SAMPLES),
+              "--rampup-batch-size", *map(str, RAMP), "--lr-warmup-samples", str(RAMP_WARMUP),
+              "--eval-iters", "0"]
+    expected = step_batches(*RAMP, RAMP_GLOBAL, RAMP_SAMPLES)  # [4]*5 + [8]*3 + [12]*4
+    resume_at = 6  # two steps into the batch-8 stretch
+    code = RAMP_RUNS.format(repo=REPO, flags=flags, work=str(tmp_path), resume_at=resume_at)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=environment(), timeout=300, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    rc, out, err = results["full"]
+    assert rc == 0, err[-3000:]
+    lines = log_reading.training_lines(out)
+    assert sorted(lines) == list(range(1, len(expected) + 1))
+    assert [int(lines[i + 1]["global batch size"]) for i in range(len(expected))] == expected
+    consumed = [sum(expected[:i]) for i in range(len(expected) + 1)]
+    assert [int(lines[i]["consumed samples"]) for i in lines] == consumed[1:]
+    lrs = [float(lines[i + 1]["learning rate"]) for i in range(len(expected))]
+    assert lrs == pytest.approx([3e-3 * c / RAMP_WARMUP for c in consumed[:-1]], rel=1e-6)
+    # Megatron-LM saves before each step of a larger batch, besides --save-interval and the end.
+    grown = {i for i in range(1, len(expected)) if expected[i] != expected[i - 1]}
+    assert results["saved"] == [f"iter_{i:07d}" for i in sorted(
+        grown | set(range(3, len(expected) + 1, 3)) | {len(expected)})]
+
+    rc, out, err = results["resumed"]
+    assert rc == 0, err[-3000:]
+    assert f"(iteration {resume_at})" in out
+    after = log_reading.training_lines(out)
+    assert sorted(after) == list(range(resume_at + 1, len(expected) + 1))
+    assert [int(after[i]["global batch size"]) for i in sorted(after)] == expected[resume_at:]
+    assert losses(out) == {i: losses(results["full"][1])[i] for i in after}  # bit for bit
+
+
 def _another_runs_checkpoints(save):
     """A --save as another run left it: iterations 4 and 8 (the guards only read the names)."""
     for iteration in (4, 8):

@@ -22,6 +22,10 @@ Conventions shared with the data pipeline and the planner
   stage. The paper keeps tokens per step equal in both stages: give the patch
   stage ``--global-batch-size B/K`` where the token stage has B (K times fewer
   micro-batches of the same [micro-batch-size, T] shape).
+* ``--rampup-batch-size START INCREMENT RAMPUP_SAMPLES`` ramps the global batch
+  up to ``--global-batch-size`` over this run's first RAMPUP_SAMPLES samples
+  (patch_megatron/training/batch_rampup.py); as in Megatron-LM it needs
+  ``--train-samples`` and a schedule in samples.
 * ``--train-tokens D`` (ours) is instead the budget of the whole two-stage
   run: this stage trains on its share (λ*D or (1-λ)*D tokens) and derives its
   steps from it, so nobody computes step counts by hand.
@@ -30,7 +34,9 @@ Conventions shared with the data pipeline and the planner
 
 ``parse_args`` checks everything that does not depend on the machine (so
 the planner can parse emitted GPU commands anywhere); ``check_world_size``
-checks the number of processes and what CPU mode cannot do. Both run before any process
+checks the number of processes and what CPU mode cannot do, and counts a batch
+ramp's steps with megatron-core's calculator (the one import of megatron-core
+here, for ramped commands only). Both run before any process
 group starts and raise :class:`ArgumentError` whose message names the fix.
 """
 
@@ -155,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples of this stage (steps = samples // global batch)")
     g.add_argument("--train-tokens", type=int, default=None,
                    help="token budget of the whole run, both stages; this stage takes its λ share")
+    g.add_argument("--rampup-batch-size", type=int, nargs=3, default=None,
+                   metavar=("START", "INCREMENT", "RAMPUP_SAMPLES"),
+                   help="as in Megatron-LM: the global batch starts at START samples and grows "
+                        "by INCREMENT in equal shares of the first RAMPUP_SAMPLES samples of this "
+                        "run, up to --global-batch-size; needs --train-samples")
 
     g = parser.add_argument_group("optimizer and learning-rate schedule (per stage)")
     g.add_argument("--optimizer", choices=["adam"], default="adam", help="AdamW (decoupled decay)")
@@ -347,10 +358,16 @@ class StagePlan:
     data_start_token: int  # where this stage's training data begins in the stream
     train_samples: int | None = None  # default: train_iters x global batch
     lr_wsd_decay_samples: int | None = None  # WSD: samples of the final decay
+    # --rampup-batch-size (START, INCREMENT, RAMPUP_SAMPLES): global_batch_size is then the
+    # batch the ramp ends at, and the steps' batches come from megatron-core's calculator.
+    rampup_batch_size: tuple[int, int, int] | None = None
+    samples_read: int | None = None  # samples the steps consume; default: train_iters x batch
 
     def __post_init__(self):
         if self.train_samples is None:
             object.__setattr__(self, "train_samples", self.train_iters * self.global_batch_size)
+        if self.samples_read is None:
+            object.__setattr__(self, "samples_read", self.train_iters * self.global_batch_size)
 
     @property
     def lr_warmup_iters(self) -> int | float:
@@ -360,6 +377,11 @@ class StagePlan:
     def lr_decay_iters(self) -> int | float:
         return _in_steps(self.lr_decay_samples, self.global_batch_size)
 
+    @property
+    def lr_wsd_decay_iters(self) -> int | float | None:
+        if self.lr_wsd_decay_samples is None:
+            return None
+        return _in_steps(self.lr_wsd_decay_samples, self.global_batch_size)
 
     @property
     def tokens_per_sample(self) -> int:
@@ -371,7 +393,7 @@ class StagePlan:
 
     @property
     def train_tokens(self) -> int:
-        return self.train_iters * self.tokens_per_step
+        return self.samples_read * self.tokens_per_sample
 
     @property
     def loss_name(self) -> str:
@@ -392,14 +414,21 @@ def stage_plan(args) -> StagePlan:
     K, lam, B = args.patch_size, args.patch_data_fraction, args.global_batch_size
     name = Stage.of(K)
     tokens_per_step = B * K * args.seq_length
-    if args.train_iters is not None:
+    ramp = samples_read = None
+    if args.rampup_batch_size is not None:  # checked: with --train-samples
+        from patch_megatron.training.batch_rampup import ramp_length
+
+        ramp = tuple(args.rampup_batch_size)
+        length = ramp_length(ramp, B, args.micro_batch_size, args.train_samples)
+        train_iters, samples_read = length.train_iters, length.samples_read
+    elif args.train_iters is not None:
         train_iters = args.train_iters
     elif args.train_samples is not None:
         train_iters = args.train_samples // B
     else:
         patch_iters, token_iters = stage_iterations(args.train_tokens, lam, tokens_per_step)
         train_iters = patch_iters if name == Stage.PATCH else token_iters
-    stage_tokens = train_iters * tokens_per_step
+    stage_tokens = (train_iters * B if samples_read is None else samples_read) * K * args.seq_length
     if name == Stage.PATCH:
         data_start = 0
     elif args.train_tokens is not None:
@@ -428,6 +457,7 @@ def stage_plan(args) -> StagePlan:
         name=name, patch_size=K, seq_length=args.seq_length, global_batch_size=B,
         train_iters=train_iters, lr_warmup_samples=warmup, lr_decay_samples=decay,
         data_start_token=data_start, train_samples=train_samples, lr_wsd_decay_samples=wsd,
+        rampup_batch_size=ramp, samples_read=samples_read,
     )
 
 
@@ -494,6 +524,54 @@ def _check_patch_and_length(a) -> None:
             _require(a.train_samples >= a.global_batch_size,
                      f"--train-samples {a.train_samples} is less than one global batch "
                      f"({a.global_batch_size})")
+
+
+def _check_rampup_flags(a) -> None:
+    """What --rampup-batch-size needs of the other flags (its batches: _check_rampup)."""
+    if a.rampup_batch_size is None:
+        return
+    start, increment, rampup_samples = a.rampup_batch_size
+    # Megatron-LM asserts START, INCREMENT >= 1 and RAMPUP_SAMPLES >= 0, then divides by zero
+    # at RAMPUP_SAMPLES 0 (a ramp over no samples is no ramp).
+    _require(start >= 1 and increment >= 1 and rampup_samples >= 1,
+             f"--rampup-batch-size {start} {increment} {rampup_samples}: START, INCREMENT and "
+             "RAMPUP_SAMPLES must be >= 1 (a ramp over 0 samples is no ramp: drop the flag)")
+    length = "--train-iters" if a.train_iters is not None else "--train-tokens"
+    _require(a.train_samples is not None,
+             f"--rampup-batch-size counts its ramp in samples, so the run's length must be in "
+             f"samples too: give --train-samples instead of {length} (Megatron-LM refuses a ramp "
+             "with iteration-based training)")
+    # A step's samples change during the ramp: a length in steps would not be a number of
+    # samples, which is what the schedule counts.
+    in_steps = [f"--{f.replace('_', '-')}" for f in ("lr_warmup_iters", "lr_decay_iters",
+                                                      "lr_wsd_decay_iters") if getattr(a, f)]
+    _require(not in_steps,
+             f"{' and '.join(in_steps)} with --rampup-batch-size: a step's samples change during "
+             "the ramp, so give the schedule in samples (--lr-warmup-samples or "
+             "--lr-warmup-fraction, --lr-decay-samples, --lr-wsd-decay-samples), as Megatron-LM "
+             "requires with --train-samples")
+
+
+def _check_rampup(a, dp: int) -> None:
+    """The ramp's batches against the final batch and the data-parallel layout, so that every
+    step's batch is whole micro-batches on every rank (megatron-core's calculator asserts it)."""
+    start, increment, rampup_samples = a.rampup_batch_size
+    final = a.global_batch_size
+    flags = f"--rampup-batch-size {start} {increment} {rampup_samples}"
+    _require(start < final,
+             f"{flags} starts at {start} samples, "
+             + ("the --global-batch-size itself: there is nothing to ramp; drop "
+                "--rampup-batch-size" if start == final else
+                f"above --global-batch-size {final}: START must be smaller"))
+    _require((final - start) % increment == 0,
+             f"{flags}: the ramp from {start} to --global-batch-size {final} is not a whole "
+             f"number of increments of {increment}; pick an INCREMENT that divides {final - start}")
+    per_step = a.micro_batch_size * dp
+    _require(start % per_step == 0 and increment % per_step == 0,
+             f"{flags}: every batch of the ramp must be whole micro-batches on each data-parallel "
+             f"rank, so START and INCREMENT must be multiples of micro-batch-size x data-parallel "
+             f"size = {a.micro_batch_size} x {dp} = {per_step} (megatron-core's calculator "
+             "asserts it at each step)")
 
 
 def _check_optimizer(a) -> None:
@@ -623,17 +701,20 @@ def parse_args(argv=None):
         args.sequence_parallel = False
     _check_model(args)
     _check_patch_and_length(args)
+    _check_rampup_flags(args)
     _check_optimizer(args)
     _check_data(args)
     _check_io_and_logging(args)
     _check_est(args)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
-    if args.global_batch_size is not None:
+    if args.global_batch_size is not None and args.rampup_batch_size is None:
         args.stage = stage_plan(args)
         _check_stage(args)
     else:
-        args.stage = None  # known once the data-parallel size is (check_world_size)
+        # Known once the data-parallel size is (check_world_size); a ramp's steps are counted
+        # there by megatron-core's calculator, which parsing does not import.
+        args.stage = None
     return args
 
 
@@ -663,10 +744,14 @@ def _check_stage(a) -> None:
              f"the {s.name} stage gets no full step of {s.tokens_per_step} tokens from --train-tokens "
              f"{a.train_tokens} at λ={a.patch_data_fraction}: raise --train-tokens or lower "
              "--global-batch-size")
+    # With a ramp a step is not a fixed number of samples: the schedule is named in samples.
+    warmup, decay = ((f"{s.lr_warmup_samples} samples", f"{s.lr_decay_samples} samples")
+                     if s.rampup_batch_size else
+                     (f"{s.lr_warmup_iters} steps ({s.lr_warmup_samples} samples)",
+                      f"{s.lr_decay_iters} steps"))
     _require(s.lr_warmup_samples < s.lr_decay_samples or s.lr_decay_samples == 0
              or a.lr_decay_style == "constant",
-             f"warmup of {s.lr_warmup_iters} steps ({s.lr_warmup_samples} samples) does not fit "
-             f"in the {s.name} stage's {s.lr_decay_iters} decay steps: lower "
+             f"warmup of {warmup} does not fit in the {s.name} stage's {decay} of decay: lower "
              "--lr-warmup-iters/-samples/-fraction")
 
 
@@ -694,6 +779,9 @@ def check_world_size(args, world_size: int | None = None) -> int:
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp
         _check_patch_and_length(args)
+    if args.rampup_batch_size is not None:
+        _check_rampup(args, dp)
+    if args.stage is None:
         args.stage = stage_plan(args)
         _check_stage(args)
     per_step = args.micro_batch_size * dp
@@ -714,6 +802,7 @@ def print_arguments(args, file=None) -> None:
 
 
 def num_microbatches(args, dp: int) -> int:
+    """Micro-batches of a step of the full global batch (a ramp's last; every evaluation's)."""
     return args.stage.global_batch_size // (args.micro_batch_size * dp)
 
 

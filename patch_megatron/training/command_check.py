@@ -25,6 +25,18 @@ def _vocab_size(args) -> tuple[int | None, str]:
         return None, f"unknown here ({error})"
 
 
+def _schedule(args, plan, unit: str) -> str:
+    """The learning-rate schedule in steps, or in samples (a ramp's steps are not all alike)."""
+    in_samples = unit == "samples"
+    warmup = plan.lr_warmup_samples if in_samples else plan.lr_warmup_iters
+    decay = plan.lr_decay_samples if in_samples else plan.lr_decay_iters
+    wsd = plan.lr_wsd_decay_samples if in_samples else plan.lr_wsd_decay_iters
+    return (f"  lr {args.lr_warmup_init} -> {args.lr} over {warmup} warmup {unit}, then "
+            f"{args.lr_decay_style} to {args.min_lr} over {decay} {unit}"
+            + (f" (WSD: final {args.lr_wsd_decay_style} decay of {wsd} {unit})"
+               if args.lr_decay_style == "WSD" else ""))
+
+
 def report(args, dp: int) -> str:
     plan = args.stage
     vocab, origin = _vocab_size(args)
@@ -36,6 +48,7 @@ def report(args, dp: int) -> str:
         lines.append(f"  {field.name}: {getattr(config, field.name)}")
     if vocab is not None:
         lines.append(f"  (vocabulary {vocab} {origin}, padded to {config.vocab_size})")
+    ramped = plan.rampup_batch_size is not None  # a step is then not a fixed number of samples
     start_wd = args.weight_decay if args.start_weight_decay is None else args.start_weight_decay
     end_wd = args.weight_decay if args.end_weight_decay is None else args.end_weight_decay
     lines += [
@@ -47,16 +60,21 @@ def report(args, dp: int) -> str:
         f"{'distributed' if args.use_distributed_optimizer else 'plain'} optimizer; gradients "
         f"reduced in {'fp32' if build.grad_reduce_in_fp32(args) else 'the parameter dtype'}",
         "schedule:",
-        f"  lr {args.lr_warmup_init} -> {args.lr} over {plan.lr_warmup_iters} warmup steps, then "
-        f"{args.lr_decay_style} to {args.min_lr} over {plan.lr_decay_iters} steps"
-        + (f" (WSD: final {args.lr_wsd_decay_style} decay of {plan.lr_wsd_decay_iters} steps)"
-           if args.lr_decay_style == "WSD" else ""),
+        _schedule(args, plan, "samples" if ramped else "steps"),
         "data:",
         f"  {plan.name} stage, K={plan.patch_size}, T={plan.seq_length}: {plan.train_iters} steps "
-        f"of {plan.global_batch_size} samples = {plan.tokens_per_step} tokens "
-        f"({plan.train_tokens} tokens), from token {plan.data_start_token} of the stream",
-        f"  {arguments.num_microbatches(args, dp)} micro-batches of {args.micro_batch_size} per "
-        f"step on each of {dp} data-parallel ranks (TP {args.tensor_model_parallel_size} x PP "
-        f"{args.pipeline_model_parallel_size} x DP {dp})",
+        f"of {'up to ' if ramped else ''}{plan.global_batch_size} samples = "
+        f"{plan.tokens_per_step} tokens ({plan.train_tokens} tokens), from token "
+        f"{plan.data_start_token} of the stream",
     ]
+    per_rank = f"{arguments.num_microbatches(args, dp)}"
+    if ramped:
+        from patch_megatron.training import batch_rampup
+
+        lines.append("  " + batch_rampup.describe(plan, args.micro_batch_size))
+        first = plan.rampup_batch_size[0] // (args.micro_batch_size * dp)
+        per_rank = f"{first} growing to {per_rank}"
+    lines.append(f"  {per_rank} micro-batches of {args.micro_batch_size} per step on each of {dp} "
+                 f"data-parallel ranks (TP {args.tensor_model_parallel_size} x PP "
+                 f"{args.pipeline_model_parallel_size} x DP {dp})")
     return "\n".join(lines)

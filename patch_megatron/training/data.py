@@ -73,7 +73,7 @@ class StageData:
 
 def build_stage_data(args, plan, dp_size: int) -> StageData:
     """This stage's train and validation sets."""
-    train_samples = plan.train_iters * plan.global_batch_size
+    train_samples = plan.samples_read  # a ramp's steps read fewer than train_iters full batches
     eval_samples = args.eval_iters * plan.global_batch_size
     want_token_valid = plan.name == Stage.PATCH and args.eval_token_nll and args.eval_iters > 0
     if args.mock_data:

@@ -86,7 +86,10 @@ class StepResult:
     num_zeros_in_grad: float | None = None  # with --log-num-zeros-in-grad
 
 
-def train_step(model, optimizer, scheduler, data_iterator, num_microbatches, args, iteration):
+def train_step(model, optimizer, scheduler, data_iterator, num_microbatches, global_batch_size,
+               args, iteration):
+    """One step of ``num_microbatches`` micro-batches per data-parallel rank, which hold
+    ``global_batch_size`` samples together."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     model.zero_grad_buffer()
@@ -124,8 +127,8 @@ def train_step(model, optimizer, scheduler, data_iterator, num_microbatches, arg
             )
         return StepResult(loss, None, skipped=True, reason=problem)
     update_successful, grad_norm, num_zeros_in_grad = optimizer.step()
-    if update_successful:  # the schedule counts samples, as Megatron-LM's
-        scheduler.step(increment=args.stage.global_batch_size)
+    if update_successful:  # the schedule counts samples, this step's, as Megatron-LM's
+        scheduler.step(increment=global_batch_size)
     return StepResult(loss, grad_norm, skipped=not update_successful,
                       num_zeros_in_grad=num_zeros_in_grad)
 
@@ -247,7 +250,8 @@ class Run:
     scheduler: object
     data: object  # data.StageData
     make_batches: object  # (dataset, consumed_samples=0) -> micro-batch iterator
-    num_microbatches: int
+    num_microbatches: int  # of an evaluation step (the full global batch, as in Megatron-LM)
+    step_batches: object  # batch_rampup.StepBatches: each training step's batch
     shape: ModelShape
     peak_tflops: float | None
     world_size: int
@@ -328,25 +332,43 @@ def train(run: Run, state: TrainState) -> str:
     # EST (--est): each step's subnetwork is a function of (seed, iteration), so a resumed run
     # continues with the masks it would have drawn. Logged FLOPs are the subnetwork's.
     est = loop_controller(args, plan, run.shape, run.print)
-    full_step_flops = step_flops(plan, run.shape)
     interval_flops = 0.0
+    interval_samples = 0
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     profiler = Profiler(args, rank, run.print)
     gather = ParamGather(run.model, args.overlap_param_gather)
+    # --rampup-batch-size: each step's batch follows the samples consumed so far, so a resumed
+    # run (its consumed samples restored from the checkpoint) continues the ramp where it was.
+    batch = run.step_batches
+    batch.update(state.consumed_samples)
     while state.iteration < plan.train_iters:
+        if batch.update(state.consumed_samples):
+            run.print(f"> iteration {state.iteration}: global batch size ramped up to "
+                      f"{batch.global_batch_size} samples ({batch.num_microbatches} "
+                      "micro-batches per data-parallel rank)")
+            # As in Megatron-LM: a checkpoint whenever the number of micro-batches changes.
+            if args.save and last_saved != state.iteration:
+                with gather.current():
+                    run.save(state)
+                last_saved = state.iteration
+                meter.take()
+                interval_flops, interval_samples = 0.0, 0
+        global_batch_size = batch.global_batch_size
         profiler.before_step(state.iteration)
         lr = run.scheduler.optimizer.param_groups[0]["lr"]
         kept = est.set_step([run.model], state.iteration + 1) if est else flops.FULL_MODEL
-        this_step_flops = step_flops(plan, run.shape, kept)
+        this_step_flops = step_flops(plan, run.shape, kept, global_batch_size)
         step_started = time.monotonic()
-        step = train_step(run.model, run.optimizer, run.scheduler, batches, run.num_microbatches,
-                          args, state.iteration + 1)
+        step = train_step(run.model, run.optimizer, run.scheduler, batches,
+                          batch.num_microbatches, global_batch_size, args, state.iteration + 1)
         if est:
-            est.record(this_step_flops, full_step_flops, time.monotonic() - step_started,
-                       state.iteration + 1)
+            est.record(this_step_flops, step_flops(plan, run.shape, flops.FULL_MODEL,
+                                                   global_batch_size),
+                       time.monotonic() - step_started, state.iteration + 1)
         interval_flops += this_step_flops
+        interval_samples += global_batch_size
         state.iteration += 1
-        state.consumed_samples += plan.global_batch_size
+        state.consumed_samples += global_batch_size
         meter.add()
         profiler.after_step(state.iteration)
         gather.after_step(step.skipped)
@@ -365,9 +387,10 @@ def train(run: Run, state: TrainState) -> str:
             synchronize(device)  # the interval's time must include its queued GPU work
             seconds, n = meter.take()
             per_iter = seconds / max(n, 1)
-            tokens_per_s, tflops, mfu = throughput(plan, run.shape, per_iter, run.world_size,
-                                                   run.peak_tflops, interval_flops / max(n, 1))
-            interval_flops = 0.0
+            tokens_per_s, tflops, mfu = throughput(
+                plan, run.shape, per_iter, run.world_size, run.peak_tflops,
+                interval_flops / max(n, 1), interval_samples * plan.tokens_per_sample / max(n, 1))
+            interval_flops, interval_samples = 0.0, 0
             grad_norm = step.grad_norm if step.grad_norm is not None else float("nan")
             memory = max_over_ranks(peak_memory_mib(device), device)
             loss_scale = run.optimizer.get_loss_scale().item() if args.fp16 else None
@@ -378,7 +401,8 @@ def train(run: Run, state: TrainState) -> str:
                 extra["params norm"] = params_norm(run.model)
             run.print(train_line(plan, state.iteration, state.consumed_samples, lr, step.loss,
                                  grad_norm, per_iter, tokens_per_s, tflops, mfu,
-                                 state.skipped_iters, state.nan_iters, memory, loss_scale, extra))
+                                 state.skipped_iters, state.nan_iters, memory, loss_scale, extra,
+                                 global_batch_size=global_batch_size))
             tokens = state.consumed_samples * plan.tokens_per_sample
             run.tensorboard.scalars({
                 f"train/{plan.loss_name}": step.loss, "train/learning-rate": lr,
@@ -392,14 +416,14 @@ def train(run: Run, state: TrainState) -> str:
                 validate(run, state.iteration)
             last_evaluated = state.iteration
             meter.take()  # keep evaluation time out of the training throughput
-            interval_flops = 0.0
+            interval_flops, interval_samples = 0.0, 0
 
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             with gather.current():
                 run.save(state)
             last_saved = state.iteration
             meter.take()
-            interval_flops = 0.0
+            interval_flops, interval_samples = 0.0, 0
         reason = exits.reason(state.iteration)
         if reason is not None:
             # As in Megatron-LM, an early exit (signal, time, --exit-interval) saves and stops

@@ -84,8 +84,10 @@ NO_OP = {
 _NOT_YET = "not implemented in patch-megatron yet"
 
 REFUSED = {
-    "--rampup-batch-size": "batch-size ramp-up is " + _NOT_YET + "; use a constant "
-                           "--global-batch-size",
+    "--decrease-batch-size-if-needed": "shrinking the global batch to fit the data-parallel size "
+                                       "is " + _NOT_YET + "; give a --global-batch-size (and "
+                                       "--rampup-batch-size START and INCREMENT) divisible by "
+                                       "micro-batch-size x data-parallel size",
     "--num-layers-per-virtual-pipeline-stage": "interleaved pipeline schedules are " + _NOT_YET
                                                + "; drop it (the same model, a larger bubble)",
     "--num-virtual-stages-per-pipeline-rank": "interleaved pipeline schedules are " + _NOT_YET

@@ -27,11 +27,13 @@ def mfu_peak_tflops(args, on_cpu: bool) -> float | None:
     return flops.peak_tflops_of_gpu(torch.cuda.get_device_name())
 
 
-def step_flops(plan, shape, kept: flops.KeptFractions = flops.FULL_MODEL) -> float:
-    """Training FLOPs of one optimizer step of this stage: the figure behind the logged
-    TFLOP/s and MFU (``patch_megatron.flops``, the planner's count too)."""
-    return flops.training_flops_per_iteration(shape, plan.seq_length, plan.global_batch_size,
-                                              plan.patch_size, kept)
+def step_flops(plan, shape, kept: flops.KeptFractions = flops.FULL_MODEL,
+               global_batch_size: int | None = None) -> float:
+    """Training FLOPs of one optimizer step of this stage over ``global_batch_size`` samples
+    (default: the stage's; a ramp's steps are smaller): the figure behind the logged TFLOP/s
+    and MFU (``patch_megatron.flops``, the planner's count too)."""
+    batch = plan.global_batch_size if global_batch_size is None else global_batch_size
+    return flops.training_flops_per_iteration(shape, plan.seq_length, batch, plan.patch_size, kept)
 
 
 class IntervalMeter:
@@ -52,16 +54,19 @@ class IntervalMeter:
 
 
 def throughput(plan, shape, seconds_per_iter: float, world_size: int, peak_tflops: float | None,
-               flops_of_step: float | None = None):
+               flops_of_step: float | None = None, tokens_of_step: float | None = None):
     """tokens/s, TFLOP/s per device and MFU (None without a known peak) of one step's timing.
 
-    ``flops_of_step`` is the FLOPs one step really ran (EST's subnetworks); None: the full model's.
+    ``flops_of_step`` is the FLOPs one step really ran (EST's subnetworks, a ramp's smaller
+    batches), ``tokens_of_step`` its tokens; None: the full model's over the stage's batch.
     """
     if flops_of_step is None:
         flops_of_step = step_flops(plan, shape)
+    if tokens_of_step is None:
+        tokens_of_step = plan.tokens_per_step
     tflops = flops_of_step / seconds_per_iter / world_size / 1e12
     mfu = tflops / peak_tflops if peak_tflops else None
-    return plan.tokens_per_step / seconds_per_iter, tflops, mfu
+    return tokens_of_step / seconds_per_iter, tflops, mfu
 
 
 def synchronize(device: torch.device) -> None:
@@ -122,10 +127,14 @@ def params_norm(model) -> float:
 
 def train_line(plan, iteration, consumed_samples, lr, loss, grad_norm, seconds_per_iter,
                tokens_per_s, tflops, mfu, skipped, nan_iters, memory_mib: dict | None = None,
-               loss_scale: float | None = None, extra: dict | None = None) -> str:
+               loss_scale: float | None = None, extra: dict | None = None,
+               global_batch_size: int | None = None) -> str:
     """Megatron-LM's training log line; ``memory_mib`` ({label: MiB}) adds peak-memory fields,
     ``loss_scale`` fp16's dynamic loss scale, ``extra`` fields after the grad norm
-    (``num zeros``, ``params norm``)."""
+    (``num zeros``, ``params norm``); ``global_batch_size`` is this step's (default: the
+    stage's)."""
+    if global_batch_size is None:
+        global_batch_size = plan.global_batch_size
     fields = [
         f"iteration {iteration:8d}/{plan.train_iters:8d}",
         f"consumed samples: {consumed_samples:12d}",
@@ -138,7 +147,7 @@ def train_line(plan, iteration, consumed_samples, lr, loss, grad_norm, seconds_p
         fields.append(f"MFU: {100 * mfu:.1f}%")
     fields += [
         f"learning rate: {lr:.6E}",
-        f"global batch size: {plan.global_batch_size:5d}",
+        f"global batch size: {global_batch_size:5d}",
         f"{plan.loss_name}: {loss:.6E}",
         *([f"loss scale: {loss_scale:.1f}"] if loss_scale is not None else []),
         f"grad norm: {grad_norm:.3f}",

@@ -51,6 +51,8 @@ REFUSED_FLAGS = {
     "--train-samples": "the stages' lengths come from --train-tokens",
     "--lr-decay-iters": "each stage decays over its own iterations, which differ between stages",
     "--finetune": "the token stage already starts from the patch stage's weights only",
+    "--rampup-batch-size": "a batch-size ramp needs a length in samples (--train-samples), and "
+                           "the stages' lengths come from --train-tokens",
 }
 
 

@@ -143,13 +143,16 @@ def test_transformer_impl_is_checked_on_the_machine_that_runs_it():
 
 def test_parsing_and_checking_flags_does_not_load_megatron():
     # Megatron-core takes seconds to import; bad flags must fail fast, and parsing a GPU
-    # command elsewhere (the two-stage runner's plan) must not need it.
+    # command elsewhere (the two-stage runner's plan) must not need it. A batch ramp's steps
+    # are counted by megatron-core's calculator in check_world_size, after parsing.
     import subprocess
     import sys
 
+    ramp = "--global-batch-size 8 --train-samples 80 --rampup-batch-size 2 2 20"
     code = ("import sys; from patch_megatron.training.arguments import parse_args, check_world_size; "
             f"args = parse_args({' '.join(BASE)!r}.split() + '--train-iters 5 --est'.split()); "
             "check_world_size(args, world_size=1); "
+            f"parse_args({' '.join(BASE)!r}.split() + {ramp!r}.split()); "
             "print(sorted(m for m in sys.modules if m.startswith('megatron')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from patch_megatron.model.shape import ModelShape
-from patch_megatron.training import loop, metrics
+from patch_megatron.training import batch_rampup, loop, metrics
 from patch_megatron.training.arguments import StagePlan
 from patch_megatron.training.log_reading import training_lines, validation_lines
 from patch_megatron.llama_recipe import RECIPE_FLAGS
@@ -21,25 +21,30 @@ from patch_megatron.llama_recipe import RECIPE_FLAGS
 
 
 def fake_run(train_iters, *, eval_interval=2, eval_iters=1, save_interval=None, exit_interval=None,
-             log_interval=1, valid=True):
+             log_interval=1, valid=True, save=False, global_batch_size=2, rampup=None,
+             micro_batch_size=1):
+    """A loop.Run of stand-ins; megatron-core's batch calculator is real (the ``calculator``
+    fixture tears it down)."""
     events = []
     args = types.SimpleNamespace(
         eval_iters=eval_iters, eval_interval=eval_interval, log_interval=log_interval,
-        save="ckpt" if save_interval or exit_interval else None, save_interval=save_interval,
+        save="ckpt" if save or save_interval or exit_interval else None, save_interval=save_interval,
         exit_interval=exit_interval, exit_duration_in_mins=None, exit_signal_handler=False,
         est=False, nan_action="stop", tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
         fp16=False, profile=False, profile_step_start=10, profile_step_end=12, profile_ranks=[0],
         use_pytorch_profiler=False, overlap_param_gather=False,
+        steps=[],  # the stand-in train_step's record: (iteration, micro-batches, global batch)
     )
-    plan = StagePlan(name="token", patch_size=1, seq_length=8, global_batch_size=2,
+    plan = StagePlan(name="token", patch_size=1, seq_length=8, global_batch_size=global_batch_size,
                      train_iters=train_iters, lr_warmup_samples=0, lr_decay_samples=2 * train_iters,
-                     data_start_token=0)
+                     data_start_token=0, rampup_batch_size=rampup)
     scheduler = types.SimpleNamespace(optimizer=types.SimpleNamespace(param_groups=[{"lr": 1e-3}]))
     run = loop.Run(
         args=args, plan=plan, model=types.SimpleNamespace(module=torch.nn.Linear(2, 2)),
         optimizer=None, scheduler=scheduler,
         data=types.SimpleNamespace(train=[], valid=[] if valid else None, valid_tokens=None),
         make_batches=lambda dataset, consumed=0: iter(()), num_microbatches=1,
+        step_batches=batch_rampup.StepBatches(plan, micro_batch_size, dp_size=1, rank=0),
         shape=ModelShape(num_layers=2, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2,
                          vocab_size=64),
         peak_tflops=None, world_size=1, print=lambda line: events.append(("print", line)),
@@ -49,10 +54,22 @@ def fake_run(train_iters, *, eval_interval=2, eval_iters=1, save_interval=None, 
     return run, events
 
 
+@pytest.fixture(autouse=True)
+def calculator():
+    """fake_run's megatron-core calculator is global state: gone after each test."""
+    yield
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+
+    destroy_num_microbatches_calculator()
+
+
 @pytest.fixture
 def stand_ins(monkeypatch):
-    """One optimizer step = loss 2.0; one evaluation = lm loss 1.5 (recorded as it happens)."""
-    def train_step(model, optimizer, scheduler, batches, num_microbatches, args, iteration):
+    """One optimizer step = loss 2.0; one evaluation = lm loss 1.5 (recorded as it happens);
+    each step's (iteration, micro-batches, global batch) goes into ``run.args.steps``."""
+    def train_step(model, optimizer, scheduler, batches, num_microbatches, global_batch_size,
+                   args, iteration):
+        args.steps.append((iteration, num_microbatches, global_batch_size))
         return loop.StepResult(loss=2.0, grad_norm=0.5, skipped=False)
 
     def evaluate(model, make_batches, data, num_microbatches, args, plan):
@@ -94,8 +111,10 @@ def test_final_validation_follows_the_final_save_as_in_megatron_lm(stand_ins):
 
 
 def test_no_final_validation_without_eval_iters_or_validation_data(stand_ins):
-    for run, events in (fake_run(5, eval_iters=0), fake_run(5, valid=False)):
-        loop.train(run, loop.TrainState())
+    for options in ({"eval_iters": 0}, {"valid": False}):
+        run, events = fake_run(5, **options)
+        with run.step_batches:  # megatron-core holds one calculator at a time
+            loop.train(run, loop.TrainState())
         assert evaluated_at(events) == []
 
 
@@ -126,6 +145,51 @@ def test_train_lines_report_the_process_peak_memory_on_cpu(stand_ins):
         assert fields["number of nan iterations"] == "0"
         rss = float(fields["peak RSS of the process (MiB)"])
         assert rss == pytest.approx(metrics.peak_rss_bytes() / 2**20, rel=0.05)
+
+
+# ---------------------------------------------------------------------------
+# --rampup-batch-size: each step's batch, from megatron-core's calculator.
+
+RAMP = (4, 4, 40)  # batches of 4, then 8 from 20 consumed samples, then 12 from 40 on
+
+
+def ramped_run(**options):
+    from ramp_reference import step_batches
+
+    expected = step_batches(*RAMP, 12, 100)
+    run, events = fake_run(len(expected), global_batch_size=12, rampup=RAMP, micro_batch_size=2,
+                           eval_iters=0, **options)
+    return run, events, expected
+
+
+def test_a_ramp_gives_each_step_its_batch_and_saves_when_it_grows(stand_ins, monkeypatch):
+    # A microsecond per step: the logged throughput is then this step's tokens and FLOPs x 1e6.
+    monkeypatch.setattr(metrics.IntervalMeter, "take", lambda self: (1e-6, 1))
+    run, events, expected = ramped_run(save=True)
+    loop.train(run, loop.TrainState())
+    assert run.args.steps == [(i + 1, b // 2, b) for i, b in enumerate(expected)]  # mbs 2, DP 1
+    lines = [line for kind, line in events if kind == "print" and "consumed samples" in line]
+    consumed = [sum(expected[:i + 1]) for i in range(len(expected))]
+    assert [int(re.search(r"global batch size:\s+(\d+)", x).group(1)) for x in lines] == expected
+    assert [int(re.search(r"consumed samples:\s+(\d+)", x).group(1)) for x in lines] == consumed
+    tokens = [float(re.search(r"tokens per second: ([\d.]+)", x).group(1)) for x in lines]
+    assert tokens == pytest.approx([8e6 * b for b in expected])  # T=8 tokens per sample
+    tflops = [float(re.search(r"\(TFLOP/s\): ([\d.]+)", x).group(1)) for x in lines]
+    per_sample = metrics.step_flops(run.plan, run.shape, global_batch_size=1) / 1e6
+    assert per_sample > 0.01  # three printed decimals tell the batches apart
+    assert tflops == pytest.approx([per_sample * b for b in expected], abs=1e-3)
+    # As in Megatron-LM, a checkpoint before the first step of each larger batch (and the end).
+    grown = [i for i in range(1, len(expected)) if expected[i] != expected[i - 1]]
+    assert [it for kind, it in events if kind == "save"] == grown + [len(expected)]
+
+
+def test_a_run_resumed_in_the_ramp_continues_it(stand_ins):
+    run, events, expected = ramped_run(save=True)
+    done = 6  # inside the batch-8 stretch: the checkpoint's consumed samples place the ramp
+    loop.train(run, loop.TrainState(iteration=done, consumed_samples=sum(expected[:done])))
+    assert [b for _, _, b in run.args.steps] == expected[done:]
+    grown = [i for i in range(done + 1, len(expected)) if expected[i] != expected[i - 1]]
+    assert [it for kind, it in events if kind == "save"] == grown + [len(expected)]
 
 
 # ---------------------------------------------------------------------------

@@ -7,6 +7,8 @@ shape and ``metrics.step_flops``. Compared unrounded, not through the log text.
 
 import pytest
 
+from repo_tools import load_tool
+from patch_megatron.two_stage.plan import PATCH_DIR, TOKEN_DIR, RunConfig, launch_defaults, stage_argv
 from patch_megatron.flops import training_flops_per_iteration
 from patch_megatron.model.shape import llama_shape
 from patch_megatron.planning.commands import build_commands
@@ -61,9 +63,14 @@ def test_patch_stage_step_costs_one_kth_of_the_token_stage_per_token():
 def test_loop_counts_what_the_planner_planned_for_its_own_commands(parameters):
     plan = compute_plan(PlanInputs(parameters=parameters, tokens=20 * parameters, patch_size=4))
     assert (plan.shape.num_query_groups != plan.shape.num_attention_heads) == (parameters > 1e9)
-    commands = [c for c in build_commands(plan) if c.script == "pretrain_patch_gpt.py"]
-    assert [c.name for c in commands] == ["patch stage", "token stage"]
-    for command, stage in zip(commands, plan.stages):
+    (command,) = build_commands(plan)  # the two-stage runner's, which writes each stage's flags
+    runner = load_tool("pretrain_two_stage")
+    flags, passthrough = runner.build_parser(launch_defaults({})).parse_known_args(command.args)
+    config = RunConfig(train_tokens=flags.train_tokens, patch_size=flags.patch_size,
+                       patch_data_fraction=flags.patch_data_fraction,
+                       global_batch_size=flags.global_batch_size, save=flags.save,
+                       passthrough=tuple(passthrough))
+    for name, stage in zip((PATCH_DIR, TOKEN_DIR), plan.stages):
         # The loop pads the tokenizer's vocabulary itself, from the command's TP.
-        per_step = loop_step_flops(command.args, plan.inputs.vocab_size)
+        per_step = loop_step_flops(stage_argv(config, name, load=flags.save), plan.inputs.vocab_size)
         assert per_step == pytest.approx(stage.flops / stage.train_iters, rel=1e-12), stage.name
