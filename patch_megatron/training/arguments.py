@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab-size", type=int, default=None,
                    help="vocabulary size for --mock-data or NullTokenizer")
     g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--num-workers", type=int, default=2,
+                   help="processes reading samples for each dataset (0: the training process "
+                        "reads them); the same samples in the same order")
     g.add_argument("--mock-data", action="store_true",
                    help="synthetic learnable sequences instead of --data-path (tests, smoke runs)")
 
@@ -571,6 +574,7 @@ def _check_data(a) -> None:
              "(e.g. 969,30,1), or pass --eval-iters 0 to run without evaluation")
     if a.vocab_size is not None:
         _require(a.vocab_size >= 2, "--vocab-size must be >= 2")
+    _require(a.num_workers >= 0, f"--num-workers must be >= 0, got {a.num_workers}")
 
 
 def _check_io_and_logging(a) -> None:

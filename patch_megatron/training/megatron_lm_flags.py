@@ -45,8 +45,6 @@ NO_OP = {
                                            "(Megatron-LM's default): it resumes at any "
                                            "data-parallel size, and a resume at another TP/PP is "
                                            "refused with the fix",
-    "--num-workers": "batches are read in the training process: the same samples in the same "
-                     "order",
     "--rerun-mode": "re-running steps to validate results is not performed here; training is "
                     "unchanged",
     "--tiktoken-pattern": "only TikTokenizer reads it, and --tokenizer-type does not offer "

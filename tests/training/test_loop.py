@@ -180,24 +180,28 @@ def test_mfu_peak_of_the_device(monkeypatch, device_name, precision, expected):
 
 def test_real_run_ends_with_a_validation_and_logs_peak_memory(tmp_path):
     import os
-    import socket
     import subprocess
     import sys
 
+    from repo_tools import child_environment
+
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     flags = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 8 "
              "--micro-batch-size 2 --global-batch-size 4 --train-iters 6 --mock-data --vocab-size 128 "
              "--make-vocab-size-divisible-by 64 --untie-embeddings-and-output-weights --patch-size 4 "
              "--patch-data-fraction 0.667 --log-interval 2 --eval-interval 4 --eval-iters 1 --cpu "
              "--lr 3e-4").split() + list(RECIPE_FLAGS)
-    result = subprocess.run(
-        [sys.executable, os.path.join(repo, "pretrain_patch_gpt.py")] + flags,
-        capture_output=True, text=True, timeout=240, cwd=str(tmp_path),
-        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_PORT=str(port)))
-    assert result.returncode == 0, result.stderr[-3000:]
+    losses = {}
+    for workers in ("2", "0"):  # Megatron-LM's default of 2 reader processes, and none
+        result = subprocess.run(
+            [sys.executable, os.path.join(repo, "pretrain_patch_gpt.py"), *flags,
+             "--num-workers", workers],
+            capture_output=True, text=True, timeout=240, cwd=str(tmp_path),
+            env=child_environment())
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[workers] = re.findall(r"(?:patch loss|value): (\S+) \|", result.stdout)
+    # the same samples in the same order: the same training and validation losses, to the digit
+    assert len(losses["2"]) == 3 + 2 * 3 and losses["2"] == losses["0"]
     assert [int(m.group(2)) for m in EVAL_LINE.finditer(result.stdout)] == [4, 6]
     assert re.search(r"validation patch stage at iteration 6 \| patch loss value: \S+ \| "
                      r"token nll \(K=1\) value: \S+ \| token ppl \(K=1\) value: \S+ \|", result.stdout)
