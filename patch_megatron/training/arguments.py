@@ -240,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distribute-saved-activations", action="store_true")
     g.add_argument("--deterministic-mode", action="store_true",
                    help="megatron-core's deterministic kernels (bitwise reproducible, slower)")
+    g.add_argument("--manual-gc", action="store_true",
+                   help="Python's garbage collector off; collections at fixed iterations instead, "
+                        "the same on every rank")
+    g.add_argument("--manual-gc-interval", type=int, default=0,
+                   help="--manual-gc: a full collection every this many iterations (0: never)")
+    g.add_argument("--no-manual-gc-eval", "--disable-manual-gc-eval", dest="manual_gc_eval",
+                   action="store_false",
+                   help="--manual-gc: no collections around each evaluation")
 
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
@@ -590,6 +598,8 @@ def _check_io_and_logging(a) -> None:
     _require(a.log_interval >= 1 and a.eval_interval >= 1 and a.eval_iters >= 0,
              "need --log-interval >= 1, --eval-interval >= 1, --eval-iters >= 0")
     _require(a.exit_interval is None or a.exit_interval >= 1, "--exit-interval must be >= 1")
+    _require(a.manual_gc_interval >= 0, "--manual-gc-interval must be >= 0 (0: no collections "
+             "between steps)")
     if a.profile:
         _require(0 <= a.profile_step_start < a.profile_step_end,
                  "--profile needs 0 <= --profile-step-start < --profile-step-end")

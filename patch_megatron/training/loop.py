@@ -309,6 +309,13 @@ class ParamGather:
 
 def train(run: Run, state: TrainState) -> str:
     """Train this stage from ``state`` to its last step (or an exit condition); say why it ended."""
+    from patch_megatron.training.garbage_collection import manual_gc
+
+    with manual_gc(run.args) as collector:  # --manual-gc
+        return _train_stage(run, state, collector)
+
+
+def _train_stage(run: Run, state: TrainState, collector) -> str:
     from patch_megatron import flops
     from patch_megatron.est.training import loop_controller
     from patch_megatron.training.exit_conditions import ExitConditions
@@ -387,7 +394,7 @@ def train(run: Run, state: TrainState) -> str:
             }, state.iteration)
 
         if wants_validation(args, run.data) and state.iteration % args.eval_interval == 0:
-            with gather.current():
+            with gather.current(), collector.evaluation():
                 validate(run, state.iteration)
             last_evaluated = state.iteration
             meter.take()  # keep evaluation time out of the training throughput
@@ -399,6 +406,7 @@ def train(run: Run, state: TrainState) -> str:
             last_saved = state.iteration
             meter.take()
             interval_flops = 0.0
+        collector.after_step(state.iteration)
         reason = exits.reason(state.iteration)
         if reason is not None:
             # As in Megatron-LM, an early exit (signal, time, --exit-interval) saves and stops

@@ -59,8 +59,6 @@ NO_OP = {
     "--empty-unused-memory-level": "memory housekeeping only",
     "--use-cpu-initialization": "where the initial weights are drawn (CPU mode: on the CPU); the "
                                 "same distribution",
-    "--manual-gc": "garbage-collection timing only",
-    "--manual-gc-interval": "garbage-collection timing only",
     "--disable-gloo-process-groups": "process groups are created as megatron-core needs them",
     "--check-weight-hash-across-dp-replicas-interval": "a consistency check, not performed here",
     "--straggler-minmax-count": "straggler reporting, not performed here",

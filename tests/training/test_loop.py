@@ -29,7 +29,8 @@ def fake_run(train_iters, *, eval_interval=2, eval_iters=1, save_interval=None, 
         exit_interval=exit_interval, exit_duration_in_mins=None, exit_signal_handler=False,
         est=False, nan_action="stop", tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
         fp16=False, profile=False, profile_step_start=10, profile_step_end=12, profile_ranks=[0],
-        use_pytorch_profiler=False, overlap_param_gather=False,
+        use_pytorch_profiler=False, overlap_param_gather=False, manual_gc=False,
+        manual_gc_interval=0, manual_gc_eval=True,
     )
     plan = StagePlan(name="token", patch_size=1, seq_length=8, global_batch_size=2,
                      train_iters=train_iters, lr_warmup_samples=0, lr_decay_samples=2 * train_iters,
@@ -111,6 +112,52 @@ def test_a_resumed_finished_run_is_validated_once(stand_ins):
     run, events = fake_run(4, eval_interval=3)
     loop.train(run, loop.TrainState(iteration=4, consumed_samples=8))
     assert evaluated_at(events) == [4]
+
+
+@pytest.mark.parametrize("interval, around_eval", [(2, True), (3, False), (0, True)])
+def test_manual_gc_collects_at_megatron_lms_points_only(monkeypatch, interval, around_eval):
+    import gc
+
+    run, events = fake_run(6, eval_interval=4)  # evaluations at 4 and (the final one) 6
+    run.args.manual_gc, run.args.manual_gc_interval = True, interval
+    run.args.manual_gc_eval = around_eval
+    collections = []
+
+    def on_gc(phase, info):
+        if phase == "start":
+            collections.append(info["generation"])
+
+    def train_step(model, optimizer, scheduler, batches, num_microbatches, args, iteration):
+        events.append(("step", iteration, gc.isenabled(), len(collections)))
+        garbage = []
+        garbage.append(garbage)  # a cycle: only a collection frees it
+        return loop.StepResult(loss=2.0, grad_norm=0.5, skipped=False)
+
+    def evaluate(model, make_batches, data, num_microbatches, args, plan):
+        events.append(("eval", len(collections)))
+        return {"lm loss": 1.5, "lm loss PPL": math.exp(1.5)}
+
+    monkeypatch.setattr(loop, "train_step", train_step)
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    gc.callbacks.append(on_gc)
+    try:
+        loop.train(run, loop.TrainState())
+    finally:
+        gc.callbacks.remove(on_gc)
+    steps = [e for e in events if e[0] == "step"]
+    assert not any(enabled for _, _, enabled, _ in steps)  # the automatic collector is off
+    assert gc.isenabled()  # and back on after the stage
+    # one full collection at the start; one every `interval` steps; with --manual-gc-eval a
+    # full one before the loop's evaluation at 4 and a young one after it (not around the
+    # final evaluation, as in Megatron-LM)
+    expected = [2]
+    for iteration in range(1, 7):
+        assert steps[iteration - 1][3] == len(expected)
+        if iteration == 4 and around_eval:
+            expected += [2, 0]
+        if interval and iteration % interval == 0:
+            expected.append(2)
+    assert collections == expected
 
 
 def test_train_lines_report_the_process_peak_memory_on_cpu(stand_ins):
