@@ -177,7 +177,7 @@ def _train_loop(args, plan, dp_size, rank, world_size, on_cpu, print_rank0, conf
         num_microbatches=plan.global_batch_size // (args.micro_batch_size * dp_size),
         shape=metrics.model_shape(config), peak_tflops=metrics.mfu_peak_tflops(args, on_cpu),
         world_size=world_size, print=print_rank0,
-        tensorboard=metrics.TensorBoard(args.tensorboard_dir, enabled=rank == 0), save=save,
+        tensorboard=metrics.TensorBoard(args, enabled=rank == 0), save=save,
     )
     try:
         reason = loop.train(run, state)

@@ -292,6 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100)
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--tensorboard-log-interval", type=int, default=1,
+                   help="write the training scalars every this many iterations")
+    g.add_argument("--tensorboard-queue-size", type=int, default=1000,
+                   help="events held before a write forces a flush to disk")
+    g.add_argument("--log-timers-to-tensorboard", action="store_true",
+                   help="also the time per iteration and TFLOP/s per device (at --log-interval)")
+    g.add_argument("--no-log-loss-scale-to-tensorboard", "--disable-log-loss-scale-to-tensorboard",
+                   dest="log_loss_scale_to_tensorboard", action="store_false",
+                   help="leave out the loss scale (1 unless --fp16)")
+    g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
+                   help="also the validation perplexities")
+    g.add_argument("--log-memory-to-tensorboard", action="store_true",
+                   help="also this rank's memory (GPU: the allocator's; CPU: the peak RSS)")
+    g.add_argument("--log-world-size-to-tensorboard", action="store_true")
     g.add_argument("--profile", action="store_true",
                    help="profile steps --profile-step-start..--profile-step-end: an nsys capture "
                         "range (cudaProfilerStart/Stop), or torch.profiler with "
@@ -598,6 +612,8 @@ def _check_io_and_logging(a) -> None:
     _require(a.log_interval >= 1 and a.eval_interval >= 1 and a.eval_iters >= 0,
              "need --log-interval >= 1, --eval-interval >= 1, --eval-iters >= 0")
     _require(a.exit_interval is None or a.exit_interval >= 1, "--exit-interval must be >= 1")
+    _require(a.tensorboard_log_interval >= 1 and a.tensorboard_queue_size >= 1,
+             "need --tensorboard-log-interval >= 1 and --tensorboard-queue-size >= 1")
     _require(a.manual_gc_interval >= 0, "--manual-gc-interval must be >= 0 (0: no collections "
              "between steps)")
     if a.profile:

@@ -21,6 +21,8 @@ import argparse
 _FUSION = "a kernel-fusion switch; this project runs no fused path it would turn off"
 _CKPT_IO = "a checkpoint I/O strategy; the files written and read are the same"
 _NOT_LOGGED = "a logging switch; this log line is not printed here (training is unchanged)"
+_ALWAYS_ON_THE_BOARD = ("an older Megatron-LM spelling (core_v0.16.1 has no such flag): with "
+                        "--tensorboard-dir this scalar is always written, as there")
 
 NO_OP = {
     "--use-mcore-models": "megatron-core's models are the only ones here (deprecated in Megatron-LM)",
@@ -62,15 +64,10 @@ NO_OP = {
     "--disable-gloo-process-groups": "process groups are created as megatron-core needs them",
     "--check-weight-hash-across-dp-replicas-interval": "a consistency check, not performed here",
     "--straggler-minmax-count": "straggler reporting, not performed here",
-    "--log-timers-to-tensorboard": _NOT_LOGGED,
-    "--log-memory-to-tensorboard": _NOT_LOGGED,
-    "--log-validation-ppl-to-tensorboard": _NOT_LOGGED,
-    "--log-learning-rate-to-tensorboard": _NOT_LOGGED,
-    "--log-loss-scale-to-tensorboard": _NOT_LOGGED,
-    "--log-batch-size-to-tensorboard": _NOT_LOGGED,
-    "--log-world-size-to-tensorboard": _NOT_LOGGED,
-    "--tensorboard-log-interval": _NOT_LOGGED,
-    "--tensorboard-queue-size": _NOT_LOGGED,
+    "--log-learning-rate-to-tensorboard": _ALWAYS_ON_THE_BOARD,
+    "--log-loss-scale-to-tensorboard": _ALWAYS_ON_THE_BOARD + " (--no-log-loss-scale-to-"
+                                       "tensorboard leaves it out)",
+    "--log-batch-size-to-tensorboard": _ALWAYS_ON_THE_BOARD,
     "--log-progress": _NOT_LOGGED,
     "--timing-log-level": _NOT_LOGGED,
     "--timing-log-option": _NOT_LOGGED,

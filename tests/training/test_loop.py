@@ -44,7 +44,7 @@ def fake_run(train_iters, *, eval_interval=2, eval_iters=1, save_interval=None, 
         shape=ModelShape(num_layers=2, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2,
                          vocab_size=64),
         peak_tflops=None, world_size=1, print=lambda line: events.append(("print", line)),
-        tensorboard=metrics.TensorBoard(None, enabled=False),
+        tensorboard=metrics.TensorBoard(args, enabled=False),
         save=lambda state: events.append(("save", state.iteration)),
     )
     return run, events
@@ -158,6 +158,50 @@ def test_manual_gc_collects_at_megatron_lms_points_only(monkeypatch, interval, a
         if interval and iteration % interval == 0:
             expected.append(2)
     assert collections == expected
+
+
+@pytest.mark.parametrize("flags_on", [True, False])
+def test_tensorboard_scalars_follow_megatron_lms_flags_and_intervals(stand_ins, tmp_path,
+                                                                      flags_on):
+    """The loop with a real SummaryWriter; tensorboard is optional (not in the test extra)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _ = fake_run(6, eval_interval=4, log_interval=3)  # evaluations at 4 and 6
+    run.args.__dict__.update(
+        tensorboard_dir=str(tmp_path), tensorboard_log_interval=2, tensorboard_queue_size=5,
+        log_loss_scale_to_tensorboard=flags_on, log_world_size_to_tensorboard=flags_on,
+        log_memory_to_tensorboard=flags_on, log_timers_to_tensorboard=flags_on,
+        log_validation_ppl_to_tensorboard=flags_on)
+    run.tensorboard = metrics.TensorBoard(run.args, enabled=True)
+    loop.train(run, loop.TrainState())
+    run.tensorboard.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    written = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+               for tag in events.Tags()["scalars"]}
+
+    def steps(tag):
+        return [step for step, _ in written[tag]]
+
+    # every --tensorboard-log-interval iterations, and against consumed samples (2 a step)
+    for tag, value in [("learning-rate", 1e-3), ("batch-size", 2), ("lm loss", 2.0),
+                       ("grad-norm", 0.5)]:
+        assert written[tag] == [(i, pytest.approx(value)) for i in (2, 4, 6)]
+        assert steps(f"{tag} vs samples") == [4, 8, 12]
+    assert written["lm loss validation"] == [(4, 1.5), (6, 1.5)]
+    assert steps("lm loss validation vs samples") == [8, 12]
+    assert steps("tokens-per-second") == [3, 6]  # this project's, at --log-interval
+    optional = {"loss-scale": [(i, 1.0) for i in (2, 4, 6)],
+                "world-size": [(i, 1.0) for i in (2, 4, 6)],
+                "lm loss validation ppl": [(4, pytest.approx(math.exp(1.5)))] * 1
+                + [(6, pytest.approx(math.exp(1.5)))]}
+    for tag, expected in optional.items():
+        assert (written.get(tag) == expected) if flags_on else tag not in written
+    for tag, at in [("iteration-time", [3, 6]), ("throughput", [3, 6]),
+                    ("mem-max-rss-bytes", [2, 4, 6])]:
+        assert (steps(tag) == at and all(v > 0 for _, v in written[tag])) if flags_on \
+            else tag not in written
 
 
 def test_train_lines_report_the_process_peak_memory_on_cpu(stand_ins):
