@@ -44,6 +44,10 @@ def main(argv=None) -> int:
         print(f"> the command line is valid for {args.check_only} processes", flush=True)
         return 0
     plan = args.stage
+    if args.num_workers > 0:
+        from patch_megatron.training.data import start_worker_server
+
+        start_worker_server(args.mock_data)
 
     import torch
 
@@ -142,12 +146,15 @@ def _train_loop(args, plan, dp_size, rank, world_size, on_cpu, print_rank0, conf
                 optimizer, scheduler, stage_data, state, checkpoint_bytes) -> int:
     from megatron.core import parallel_state
 
+    from patch_megatron import parallel
     from patch_megatron.training import batch_rampup, checkpointing, data, loop, metrics, save_dir
 
     dp_rank = parallel_state.get_data_parallel_rank()
 
-    def make_batches(dataset, consumed_samples=0):
-        return data.MicroBatches(dataset, args.micro_batch_size, dp_rank, dp_size, consumed_samples)
+    # --num-workers reader processes per dataset; pinned batches copy to the GPU asynchronously.
+    make_batches = data.BatchLoaders(args.micro_batch_size, dp_rank, dp_size, args.num_workers,
+                                     pin_memory=parallel.device().type == "cuda",
+                                     exit_signal_handler=args.exit_signal_handler)
 
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
@@ -180,7 +187,7 @@ def _train_loop(args, plan, dp_size, rank, world_size, on_cpu, print_rank0, conf
             num_microbatches=num_microbatches(args, dp_size), step_batches=step_batches,
             shape=config.shape, peak_tflops=metrics.mfu_peak_tflops(args, on_cpu),
             world_size=world_size, print=print_rank0,
-            tensorboard=metrics.TensorBoard(args.tensorboard_dir, enabled=rank == 0), save=save,
+            tensorboard=metrics.TensorBoard(args, enabled=rank == 0), save=save,
         )
         try:
             reason = loop.train(run, state)
@@ -192,6 +199,7 @@ def _train_loop(args, plan, dp_size, rank, world_size, on_cpu, print_rank0, conf
             return 3
         finally:
             run.tensorboard.close()
+            make_batches.close()  # the reader processes end with the run, not at interpreter exit
     print_rank0(f"> {reason}")
     return 0
 

@@ -259,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distribute-saved-activations", action="store_true")
     g.add_argument("--deterministic-mode", action="store_true",
                    help="megatron-core's deterministic kernels (bitwise reproducible, slower)")
+    g.add_argument("--manual-gc", action="store_true",
+                   help="Python's garbage collector off; collections at fixed iterations instead, "
+                        "the same on every rank")
+    g.add_argument("--manual-gc-interval", type=int, default=0,
+                   help="--manual-gc: a full collection every this many iterations (0: never)")
+    g.add_argument("--no-manual-gc-eval", "--disable-manual-gc-eval", dest="manual_gc_eval",
+                   action="store_false",
+                   help="--manual-gc: no collections around each evaluation")
 
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
@@ -270,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab-size", type=int, default=None,
                    help="vocabulary size for --mock-data or NullTokenizer")
     g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--num-workers", type=int, default=2,
+                   help="processes reading samples for each dataset (0: the training process "
+                        "reads them); the same samples in the same order")
     g.add_argument("--mock-data", action="store_true",
                    help="synthetic learnable sequences instead of --data-path (tests, smoke runs)")
 
@@ -300,6 +311,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100)
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--tensorboard-log-interval", type=int, default=1,
+                   help="write the training scalars every this many iterations")
+    g.add_argument("--tensorboard-queue-size", type=int, default=1000,
+                   help="events held before a write forces a flush to disk")
+    g.add_argument("--log-timers-to-tensorboard", action="store_true",
+                   help="also the time per iteration and TFLOP/s per device (at --log-interval)")
+    g.add_argument("--no-log-loss-scale-to-tensorboard", "--disable-log-loss-scale-to-tensorboard",
+                   dest="log_loss_scale_to_tensorboard", action="store_false",
+                   help="leave out the loss scale (1 unless --fp16)")
+    g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
+                   help="also the validation perplexities")
+    g.add_argument("--log-memory-to-tensorboard", action="store_true",
+                   help="also this rank's memory (GPU: the allocator's; CPU: the peak RSS)")
+    g.add_argument("--log-world-size-to-tensorboard", action="store_true")
     g.add_argument("--profile", action="store_true",
                    help="profile steps --profile-step-start..--profile-step-end: an nsys capture "
                         "range (cudaProfilerStart/Stop), or torch.profiler with "
@@ -652,6 +677,7 @@ def _check_data(a) -> None:
              "(e.g. 969,30,1), or pass --eval-iters 0 to run without evaluation")
     if a.vocab_size is not None:
         _require(a.vocab_size >= 2, "--vocab-size must be >= 2")
+    _require(a.num_workers >= 0, f"--num-workers must be >= 0, got {a.num_workers}")
 
 
 def _check_io_and_logging(a) -> None:
@@ -667,6 +693,10 @@ def _check_io_and_logging(a) -> None:
     _require(a.log_interval >= 1 and a.eval_interval >= 1 and a.eval_iters >= 0,
              "need --log-interval >= 1, --eval-interval >= 1, --eval-iters >= 0")
     _require(a.exit_interval is None or a.exit_interval >= 1, "--exit-interval must be >= 1")
+    _require(a.tensorboard_log_interval >= 1 and a.tensorboard_queue_size >= 1,
+             "need --tensorboard-log-interval >= 1 and --tensorboard-queue-size >= 1")
+    _require(a.manual_gc_interval >= 0, "--manual-gc-interval must be >= 0 (0: no collections "
+             "between steps)")
     if a.profile:
         _require(0 <= a.profile_step_start < a.profile_step_end,
                  "--profile needs 0 <= --profile-step-start < --profile-step-end")

@@ -12,6 +12,8 @@ for tests and smoke runs without a corpus.
 
 from __future__ import annotations
 
+import multiprocessing
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,31 +141,122 @@ def _tokenizer(args):
         raise ArgumentError(f"tokenizer: {error}") from None
 
 
-class MicroBatches:
-    """Micro-batches of this data-parallel rank, from ``consumed_samples`` on.
+class PretrainingBatchSampler:
+    """This data-parallel rank's micro-batches of sample indices, from ``consumed_samples`` on.
 
-    Each group of ``micro_batch_size * dp_size`` consecutive samples is split
-    over the data-parallel ranks (Megatron's pretraining sampler order), so a
-    global batch holds the same samples whatever the layout.
+    Megatron-LM's pretraining sampler order: each group of ``micro_batch_size * dp_size``
+    consecutive samples is split over the data-parallel ranks in rank order, so a global
+    batch holds the same samples whatever the layout; a last, partial group is dropped.
     """
 
-    def __init__(self, dataset, micro_batch_size, dp_rank, dp_size, consumed_samples=0):
-        self.dataset = dataset
+    def __init__(self, total_samples, consumed_samples, micro_batch_size, dp_rank, dp_size):
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
-        self.dp_size = dp_size
-        self.consumed_samples = consumed_samples
+        self.group = micro_batch_size * dp_size
+
+    def __len__(self):
+        return max(0, (self.total_samples - self.consumed_samples) // self.group)
+
+    def __iter__(self):
+        for start in range(self.consumed_samples, self.consumed_samples + len(self) * self.group,
+                           self.group):
+            first = start + self.dp_rank * self.micro_batch_size
+            yield list(range(first, first + self.micro_batch_size))
+
+
+def _ignore_sigterm(_worker_id):
+    # --exit-signal-handler: a SIGTERM sent to the whole job must reach the training process
+    # (which saves and exits), not kill the workers it still reads batches from.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class MicroBatches:
+    """Micro-batches of this data-parallel rank, from ``consumed_samples`` on (an iterator).
+
+    A ``torch.utils.data.DataLoader`` over the dataset with Megatron-LM's sampler order
+    (:class:`PretrainingBatchSampler`): ``num_workers`` > 0 reads samples in that many worker
+    processes, in the same order. Workers come from a fork server, not from this process: a
+    fork of a process that holds threads (gloo's, a checkpoint writer's) can inherit a held
+    lock and hang. They stay up between passes (``restart``: the evaluations' same first
+    samples) until ``close``.
+    """
+
+    def __init__(self, dataset, micro_batch_size, dp_rank, dp_size, consumed_samples=0,
+                 num_workers=0, pin_memory=False, exit_signal_handler=False):
+        sampler = PretrainingBatchSampler(len(dataset), consumed_samples, micro_batch_size,
+                                          dp_rank, dp_size)
+        workers = {}
+        if num_workers > 0:
+            workers = dict(multiprocessing_context=_worker_context(), persistent_workers=True,
+                           worker_init_fn=_ignore_sigterm if exit_signal_handler else None)
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+            pin_memory=pin_memory, **workers)
+        self._batches = iter(self.loader)
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        first = self.consumed_samples + self.dp_rank * self.micro_batch_size
-        if self.consumed_samples + self.micro_batch_size * self.dp_size > len(self.dataset):
-            raise StopIteration
-        samples = [self.dataset[i] for i in range(first, first + self.micro_batch_size)]
-        self.consumed_samples += self.micro_batch_size * self.dp_size
-        return collate(samples)
+        return next(self._batches)
+
+    def restart(self) -> "MicroBatches":
+        """Read again from the first sample (the same workers)."""
+        self._batches = iter(self.loader)
+        return self
+
+    def close(self) -> None:
+        """Stop the workers now (not whenever the iterator is garbage collected)."""
+        # torch has no public call for this; the iterator's own shutdown is idempotent.
+        shutdown = getattr(self._batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _worker_context():
+    return multiprocessing.get_context("forkserver")
+
+
+def start_worker_server(mock_data: bool) -> None:
+    """Start the fork server of the reader processes now, importing the dataset's module, so
+    that its start-up (a fresh interpreter importing torch, and megatron-core for a corpus)
+    overlaps the model's build instead of delaying the first batch.
+
+    Its first import (``worker_server``) makes the server and its workers die with the run.
+    """
+    context = _worker_context()
+    module = "patch_megatron.training.data" if mock_data else "patch_megatron.data.patch_dataset"
+    context.set_forkserver_preload(["patch_megatron.training.worker_server", "torch", module])
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+
+
+class BatchLoaders:
+    """``make_batches`` of the loop: one :class:`MicroBatches` per (dataset, start), kept, so
+    each evaluation rereads its first samples with the same workers; ``close`` stops them all."""
+
+    def __init__(self, micro_batch_size, dp_rank, dp_size, num_workers=0, pin_memory=False,
+                 exit_signal_handler=False):
+        self.settings = dict(micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                             num_workers=num_workers, pin_memory=pin_memory,
+                             exit_signal_handler=exit_signal_handler)
+        self.made = {}
+
+    def __call__(self, dataset, consumed_samples=0) -> MicroBatches:
+        key = (id(dataset), consumed_samples)
+        if key in self.made:
+            return self.made[key][1].restart()
+        batches = MicroBatches(dataset, consumed_samples=consumed_samples, **self.settings)
+        self.made[key] = (dataset, batches)  # the dataset is held so that its id stays its own
+        return batches
+
+    def close(self) -> None:
+        for _, batches in self.made.values():
+            batches.close()
+        self.made.clear()
 
 
 def collate(samples) -> dict:

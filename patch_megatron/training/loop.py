@@ -264,13 +264,13 @@ def wants_validation(args, data) -> bool:
     return bool(args.eval_iters) and data.valid is not None
 
 
-def validate(run: Run, iteration: int) -> None:
+def validate(run: Run, iteration: int, consumed_samples: int) -> None:
     """Evaluate and log one validation line (the format examples/quickstart.py parses)."""
     from patch_megatron.training.metrics import eval_line
 
     results = evaluate(run.model, run.make_batches, run.data, run.num_microbatches, run.args, run.plan)
     run.print(eval_line(run.plan, iteration, results))
-    run.tensorboard.scalars({f"valid/{k}": v for k, v in results.items()}, iteration)
+    run.tensorboard.validation(results, iteration, consumed_samples)
 
 
 def refuse_non_finite_end(run: Run, state: TrainState) -> None:
@@ -314,6 +314,13 @@ class ParamGather:
 
 def train(run: Run, state: TrainState) -> str:
     """Train this stage from ``state`` to its last step (or an exit condition); say why it ended."""
+    from patch_megatron.training.garbage_collection import manual_gc
+
+    with manual_gc(run.args) as collector:  # --manual-gc
+        return _train_stage(run, state, collector)
+
+
+def _train_stage(run: Run, state: TrainState, collector) -> str:
     from patch_megatron import flops
     from patch_megatron.est.training import loop_controller
     from patch_megatron.training.exit_conditions import ExitConditions
@@ -383,6 +390,19 @@ def train(run: Run, state: TrainState) -> str:
                 run.print(f"WARNING: iteration {state.iteration}: {step.reason}; "
                           "update skipped (--nan-action skip)")
 
+        on_board = run.tensorboard.due(state.iteration)  # the same on every rank
+        norm = None  # a collective: every rank computes it, at the same iterations
+        if getattr(args, "log_params_norm", False) and (
+                on_board or state.iteration % args.log_interval == 0):
+            norm = params_norm(run.model)
+        zeros = step.num_zeros_in_grad if getattr(args, "log_num_zeros_in_grad", False) else None
+        if on_board:
+            scale = run.optimizer.get_loss_scale().item() if args.fp16 else 1.0
+            run.tensorboard.training(state.iteration, state.consumed_samples, {
+                "learning-rate": lr, "batch-size": global_batch_size,
+                plan.loss_name: step.loss, "grad-norm": step.grad_norm, "num-zeros": zeros,
+                "params-norm": norm}, scale, run.world_size, device)
+
         if state.iteration % args.log_interval == 0:
             synchronize(device)  # the interval's time must include its queued GPU work
             seconds, n = meter.take()
@@ -395,25 +415,20 @@ def train(run: Run, state: TrainState) -> str:
             memory = max_over_ranks(peak_memory_mib(device), device)
             loss_scale = run.optimizer.get_loss_scale().item() if args.fp16 else None
             extra = {}  # Megatron-LM's optional fields, after the grad norm
-            if getattr(args, "log_num_zeros_in_grad", False) and step.num_zeros_in_grad is not None:
-                extra["num zeros"] = float(step.num_zeros_in_grad)
-            if getattr(args, "log_params_norm", False):
-                extra["params norm"] = params_norm(run.model)
+            if zeros is not None:
+                extra["num zeros"] = float(zeros)
+            if norm is not None:
+                extra["params norm"] = norm
             run.print(train_line(plan, state.iteration, state.consumed_samples, lr, step.loss,
                                  grad_norm, per_iter, tokens_per_s, tflops, mfu,
                                  state.skipped_iters, state.nan_iters, memory, loss_scale, extra,
                                  global_batch_size=global_batch_size))
-            tokens = state.consumed_samples * plan.tokens_per_sample
-            run.tensorboard.scalars({
-                f"train/{plan.loss_name}": step.loss, "train/learning-rate": lr,
-                "train/grad-norm": grad_norm, "train/tokens-per-second": tokens_per_s,
-                "train/tflops-per-device": tflops, "train/consumed-tokens": tokens,
-                **{f"memory/{label}": mib for label, mib in memory.items()},
-            }, state.iteration)
+            run.tensorboard.interval(state.iteration, per_iter, tflops, tokens_per_s,
+                                     state.consumed_samples * plan.tokens_per_sample)
 
         if wants_validation(args, run.data) and state.iteration % args.eval_interval == 0:
-            with gather.current():
-                validate(run, state.iteration)
+            with gather.current(), collector.evaluation():
+                validate(run, state.iteration, state.consumed_samples)
             last_evaluated = state.iteration
             meter.take()  # keep evaluation time out of the training throughput
             interval_flops, interval_samples = 0.0, 0
@@ -424,6 +439,7 @@ def train(run: Run, state: TrainState) -> str:
             last_saved = state.iteration
             meter.take()
             interval_flops, interval_samples = 0.0, 0
+        collector.after_step(state.iteration)
         reason = exits.reason(state.iteration)
         if reason is not None:
             # As in Megatron-LM, an early exit (signal, time, --exit-interval) saves and stops
@@ -442,7 +458,7 @@ def train(run: Run, state: TrainState) -> str:
         # As in Megatron-LM, the finished run is evaluated once more (after its last save), so
         # its last validation figure is of the final weights, unless the last iteration just was.
         if wants_validation(args, run.data) and last_evaluated != state.iteration:
-            validate(run, state.iteration)
+            validate(run, state.iteration, state.consumed_samples)
     if est:
         run.print(est.summary())
     return f"{plan.name} stage finished: {state.iteration} iterations"

@@ -21,6 +21,8 @@ import argparse
 _FUSION = "a kernel-fusion switch; this project runs no fused path it would turn off"
 _CKPT_IO = "a checkpoint I/O strategy; the files written and read are the same"
 _NOT_LOGGED = "a logging switch; this log line is not printed here (training is unchanged)"
+_ALWAYS_ON_THE_BOARD = ("an older Megatron-LM spelling (core_v0.16.1 has no such flag): with "
+                        "--tensorboard-dir this scalar is always written, as there")
 
 NO_OP = {
     "--use-mcore-models": "megatron-core's models are the only ones here (deprecated in Megatron-LM)",
@@ -45,8 +47,6 @@ NO_OP = {
                                            "(Megatron-LM's default): it resumes at any "
                                            "data-parallel size, and a resume at another TP/PP is "
                                            "refused with the fix",
-    "--num-workers": "batches are read in the training process: the same samples in the same "
-                     "order",
     "--rerun-mode": "re-running steps to validate results is not performed here; training is "
                     "unchanged",
     "--tiktoken-pattern": "only TikTokenizer reads it, and --tokenizer-type does not offer "
@@ -61,20 +61,13 @@ NO_OP = {
     "--empty-unused-memory-level": "memory housekeeping only",
     "--use-cpu-initialization": "where the initial weights are drawn (CPU mode: on the CPU); the "
                                 "same distribution",
-    "--manual-gc": "garbage-collection timing only",
-    "--manual-gc-interval": "garbage-collection timing only",
     "--disable-gloo-process-groups": "process groups are created as megatron-core needs them",
     "--check-weight-hash-across-dp-replicas-interval": "a consistency check, not performed here",
     "--straggler-minmax-count": "straggler reporting, not performed here",
-    "--log-timers-to-tensorboard": _NOT_LOGGED,
-    "--log-memory-to-tensorboard": _NOT_LOGGED,
-    "--log-validation-ppl-to-tensorboard": _NOT_LOGGED,
-    "--log-learning-rate-to-tensorboard": _NOT_LOGGED,
-    "--log-loss-scale-to-tensorboard": _NOT_LOGGED,
-    "--log-batch-size-to-tensorboard": _NOT_LOGGED,
-    "--log-world-size-to-tensorboard": _NOT_LOGGED,
-    "--tensorboard-log-interval": _NOT_LOGGED,
-    "--tensorboard-queue-size": _NOT_LOGGED,
+    "--log-learning-rate-to-tensorboard": _ALWAYS_ON_THE_BOARD,
+    "--log-loss-scale-to-tensorboard": _ALWAYS_ON_THE_BOARD + " (--no-log-loss-scale-to-"
+                                       "tensorboard leaves it out)",
+    "--log-batch-size-to-tensorboard": _ALWAYS_ON_THE_BOARD,
     "--log-progress": _NOT_LOGGED,
     "--timing-log-level": _NOT_LOGGED,
     "--timing-log-option": _NOT_LOGGED,

@@ -164,19 +164,86 @@ def eval_line(plan, iteration, results: dict) -> str:
     return f" validation {plan.name} stage at iteration {iteration} | " + " | ".join(parts) + " |"
 
 
-class TensorBoard:
-    """A SummaryWriter when --tensorboard-dir is given and tensorboard is installed."""
+# Validation results that are perplexities, and the loss each is of (Megatron-LM writes a loss
+# as "<key> validation" and, with --log-validation-ppl-to-tensorboard, its "<key> validation ppl").
+_PERPLEXITY_OF = {"lm loss PPL": "lm loss", "token ppl (K=1)": "token nll (K=1)"}
 
-    def __init__(self, log_dir: str | None, enabled: bool):
+
+class TensorBoard:
+    """Megatron-LM's TensorBoard scalars, under its names, when --tensorboard-dir is given and
+    tensorboard is installed (this rank writes when ``enabled``).
+
+    Every --tensorboard-log-interval iterations: the learning rate, batch size, loss, loss scale
+    (unless --no-log-loss-scale-to-tensorboard), grad norm, and with their flags the world
+    size, memory, num zeros and params norm; each also "vs samples" (consumed samples on the
+    x axis). Every --log-interval iterations: with --log-timers-to-tensorboard the time per
+    iteration and the TFLOP/s per device ("throughput"), and always this project's tokens per
+    second and consumed tokens. Each validation: its losses, and with
+    --log-validation-ppl-to-tensorboard their perplexities. Values of None are left out.
+    """
+
+    def __init__(self, args, enabled: bool):
         self.writer = None
-        if log_dir and enabled:
+        self.log_dir = getattr(args, "tensorboard_dir", None)
+        if not self.log_dir:
+            return
+        self.log_interval = args.tensorboard_log_interval
+        self.loss_scale = args.log_loss_scale_to_tensorboard
+        self.world_size = args.log_world_size_to_tensorboard
+        self.memory = args.log_memory_to_tensorboard
+        self.timers = args.log_timers_to_tensorboard
+        self.validation_ppl = args.log_validation_ppl_to_tensorboard
+        if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 print("WARNING: --tensorboard-dir given but tensorboard is not installed "
                       "(pip install tensorboard); logging to the console only", flush=True)
                 return
-            self.writer = SummaryWriter(log_dir=log_dir)
+            self.writer = SummaryWriter(log_dir=self.log_dir, max_queue=args.tensorboard_queue_size)
+
+    def due(self, iteration: int) -> bool:
+        """Whether ``training`` writes at this iteration; the same on every rank (it decides
+        collectives such as the params norm), whichever rank writes."""
+        return bool(self.log_dir) and iteration % self.log_interval == 0
+
+    def training(self, iteration: int, consumed_samples: int, values: dict, loss_scale: float,
+                 world_size: int, device: torch.device) -> None:
+        if self.writer is None:
+            return
+        values = dict(values)
+        if self.loss_scale:
+            values["loss-scale"] = loss_scale
+        if self.world_size:
+            values["world-size"] = world_size
+        for name, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(name, value, iteration)
+                self.writer.add_scalar(f"{name} vs samples", value, consumed_samples)
+        if self.memory:
+            self.scalars(_memory_scalars(device), iteration)
+
+    def interval(self, iteration: int, seconds_per_iter: float, tflops: float,
+                 tokens_per_s: float, consumed_tokens: int) -> None:
+        if self.writer is None:
+            return
+        if self.timers:
+            self.scalars({"iteration-time": seconds_per_iter, "throughput": tflops}, iteration)
+        self.scalars({"tokens-per-second": tokens_per_s, "consumed-tokens": consumed_tokens},
+                     iteration)
+
+    def validation(self, results: dict, iteration: int, consumed_samples: int) -> None:
+        if self.writer is None:
+            return
+        for key, value in results.items():
+            if key not in _PERPLEXITY_OF:
+                name = f"{key} validation"
+            elif self.validation_ppl:
+                name = f"{_PERPLEXITY_OF[key]} validation ppl"
+            else:
+                continue
+            self.writer.add_scalar(name, value, iteration)
+            self.writer.add_scalar(f"{name} vs samples", value, consumed_samples)
 
     def scalars(self, values: dict, step: int) -> None:
         if self.writer is not None:
@@ -187,3 +254,14 @@ class TensorBoard:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+def _memory_scalars(device: torch.device) -> dict:
+    """This rank's memory: Megatron-LM's four allocator figures on GPU, the peak RSS on CPU."""
+    if device.type == "cuda":
+        stats = torch.cuda.memory_stats(device)
+        return {"mem-reserved-bytes": stats["reserved_bytes.all.current"],
+                "mem-allocated-bytes": stats["allocated_bytes.all.current"],
+                "mem-max-allocated-bytes": stats["allocated_bytes.all.peak"],
+                "mem-allocated-count": stats["allocation.all.current"]}
+    return {"mem-max-rss-bytes": peak_rss_bytes()}

@@ -6,7 +6,6 @@ decisions in one process; tests/test_pretrain_patch_gpt.py runs the real thing.
 """
 
 import math
-import re
 import types
 
 import pytest
@@ -32,7 +31,8 @@ def fake_run(train_iters, *, eval_interval=2, eval_iters=1, save_interval=None, 
         exit_interval=exit_interval, exit_duration_in_mins=None, exit_signal_handler=False,
         est=False, nan_action="stop", tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
         fp16=False, profile=False, profile_step_start=10, profile_step_end=12, profile_ranks=[0],
-        use_pytorch_profiler=False, overlap_param_gather=False,
+        use_pytorch_profiler=False, overlap_param_gather=False, manual_gc=False,
+        manual_gc_interval=0, manual_gc_eval=True,
         steps=[],  # the stand-in train_step's record: (iteration, micro-batches, global batch)
     )
     plan = StagePlan(name="token", patch_size=1, seq_length=8, global_batch_size=global_batch_size,
@@ -48,7 +48,7 @@ def fake_run(train_iters, *, eval_interval=2, eval_iters=1, save_interval=None, 
         shape=ModelShape(num_layers=2, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2,
                          vocab_size=64),
         peak_tflops=None, world_size=1, print=lambda line: events.append(("print", line)),
-        tensorboard=metrics.TensorBoard(None, enabled=False),
+        tensorboard=metrics.TensorBoard(args, enabled=False),
         save=lambda state: events.append(("save", state.iteration)),
     )
     return run, events
@@ -132,6 +132,97 @@ def test_a_resumed_finished_run_is_validated_once(stand_ins):
     assert evaluated_at(events) == [4]
 
 
+@pytest.mark.parametrize("interval, around_eval", [(2, True), (3, False), (0, True)])
+def test_manual_gc_collects_at_megatron_lms_points_only(monkeypatch, interval, around_eval):
+    import gc
+
+    run, events = fake_run(6, eval_interval=4)  # evaluations at 4 and (the final one) 6
+    run.args.manual_gc, run.args.manual_gc_interval = True, interval
+    run.args.manual_gc_eval = around_eval
+    collections = []
+
+    def on_gc(phase, info):
+        if phase == "start":
+            collections.append(info["generation"])
+
+    def train_step(model, optimizer, scheduler, batches, num_microbatches, global_batch_size, args,
+                   iteration):
+        events.append(("step", iteration, gc.isenabled(), len(collections)))
+        garbage = []
+        garbage.append(garbage)  # a cycle: only a collection frees it
+        return loop.StepResult(loss=2.0, grad_norm=0.5, skipped=False)
+
+    def evaluate(model, make_batches, data, num_microbatches, args, plan):
+        events.append(("eval", len(collections)))
+        return {"lm loss": 1.5, "lm loss PPL": math.exp(1.5)}
+
+    monkeypatch.setattr(loop, "train_step", train_step)
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    gc.callbacks.append(on_gc)
+    try:
+        loop.train(run, loop.TrainState())
+    finally:
+        gc.callbacks.remove(on_gc)
+    steps = [e for e in events if e[0] == "step"]
+    assert not any(enabled for _, _, enabled, _ in steps)  # the automatic collector is off
+    assert gc.isenabled()  # and back on after the stage
+    # one full collection at the start; one every `interval` steps; with --manual-gc-eval a
+    # full one before the loop's evaluation at 4 and a young one after it (not around the
+    # final evaluation, as in Megatron-LM)
+    expected = [2]
+    for iteration in range(1, 7):
+        assert steps[iteration - 1][3] == len(expected)
+        if iteration == 4 and around_eval:
+            expected += [2, 0]
+        if interval and iteration % interval == 0:
+            expected.append(2)
+    assert collections == expected
+
+
+@pytest.mark.parametrize("flags_on", [True, False])
+def test_tensorboard_scalars_follow_megatron_lms_flags_and_intervals(stand_ins, tmp_path,
+                                                                      flags_on):
+    """The loop with a real SummaryWriter; tensorboard is optional (not in the test extra)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _ = fake_run(6, eval_interval=4, log_interval=3)  # evaluations at 4 and 6
+    run.args.__dict__.update(
+        tensorboard_dir=str(tmp_path), tensorboard_log_interval=2, tensorboard_queue_size=5,
+        log_loss_scale_to_tensorboard=flags_on, log_world_size_to_tensorboard=flags_on,
+        log_memory_to_tensorboard=flags_on, log_timers_to_tensorboard=flags_on,
+        log_validation_ppl_to_tensorboard=flags_on)
+    run.tensorboard = metrics.TensorBoard(run.args, enabled=True)
+    loop.train(run, loop.TrainState())
+    run.tensorboard.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    written = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+               for tag in events.Tags()["scalars"]}
+
+    def steps(tag):
+        return [step for step, _ in written[tag]]
+
+    # every --tensorboard-log-interval iterations, and against consumed samples (2 a step)
+    for tag, value in [("learning-rate", 1e-3), ("batch-size", 2), ("lm loss", 2.0),
+                       ("grad-norm", 0.5)]:
+        assert written[tag] == [(i, pytest.approx(value)) for i in (2, 4, 6)]
+        assert steps(f"{tag} vs samples") == [4, 8, 12]
+    assert written["lm loss validation"] == [(4, 1.5), (6, 1.5)]
+    assert steps("lm loss validation vs samples") == [8, 12]
+    assert steps("tokens-per-second") == [3, 6]  # this project's, at --log-interval
+    optional = {"loss-scale": [(i, 1.0) for i in (2, 4, 6)],
+                "world-size": [(i, 1.0) for i in (2, 4, 6)],
+                "lm loss validation ppl": [(4, pytest.approx(math.exp(1.5)))] * 1
+                + [(6, pytest.approx(math.exp(1.5)))]}
+    for tag, expected in optional.items():
+        assert (written.get(tag) == expected) if flags_on else tag not in written
+    for tag, at in [("iteration-time", [3, 6]), ("throughput", [3, 6]),
+                    ("mem-max-rss-bytes", [2, 4, 6])]:
+        assert (steps(tag) == at and all(v > 0 for _, v in written[tag])) if flags_on \
+            else tag not in written
+
+
 def test_train_lines_report_the_process_peak_memory_on_cpu(stand_ins):
     run, events = fake_run(2, eval_iters=0)
     loop.train(run, loop.TrainState())
@@ -168,13 +259,13 @@ def test_a_ramp_gives_each_step_its_batch_and_saves_when_it_grows(stand_ins, mon
     run, events, expected = ramped_run(save=True)
     loop.train(run, loop.TrainState())
     assert run.args.steps == [(i + 1, b // 2, b) for i, b in enumerate(expected)]  # mbs 2, DP 1
-    lines = [line for kind, line in events if kind == "print" and "consumed samples" in line]
+    lines = training_lines("\n".join(line for kind, line in events if kind == "print")).values()
     consumed = [sum(expected[:i + 1]) for i in range(len(expected))]
-    assert [int(re.search(r"global batch size:\s+(\d+)", x).group(1)) for x in lines] == expected
-    assert [int(re.search(r"consumed samples:\s+(\d+)", x).group(1)) for x in lines] == consumed
-    tokens = [float(re.search(r"tokens per second: ([\d.]+)", x).group(1)) for x in lines]
+    assert [int(x["global batch size"]) for x in lines] == expected
+    assert [int(x["consumed samples"]) for x in lines] == consumed
+    tokens = [float(x["tokens per second"]) for x in lines]
     assert tokens == pytest.approx([8e6 * b for b in expected])  # T=8 tokens per sample
-    tflops = [float(re.search(r"\(TFLOP/s\): ([\d.]+)", x).group(1)) for x in lines]
+    tflops = [float(x["throughput per device (TFLOP/s)"]) for x in lines]
     per_sample = metrics.step_flops(run.plan, run.shape, global_batch_size=1) / 1e6
     assert per_sample > 0.01  # three printed decimals tell the batches apart
     assert tflops == pytest.approx([per_sample * b for b in expected], abs=1e-3)
@@ -245,25 +336,30 @@ def test_mfu_peak_of_the_device(monkeypatch, device_name, precision, expected):
 
 def test_real_run_ends_with_a_validation_and_logs_peak_memory(tmp_path):
     import os
-    import socket
     import subprocess
     import sys
 
+    from repo_tools import child_environment
+
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     flags = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 8 "
              "--micro-batch-size 2 --global-batch-size 4 --train-iters 6 --mock-data --vocab-size 128 "
              "--make-vocab-size-divisible-by 64 --untie-embeddings-and-output-weights --patch-size 4 "
              "--patch-data-fraction 0.667 --log-interval 2 --eval-interval 4 --eval-iters 1 --cpu "
              "--lr 3e-4").split() + list(RECIPE_FLAGS)
-    result = subprocess.run(
-        [sys.executable, os.path.join(repo, "pretrain_patch_gpt.py")] + flags,
-        capture_output=True, text=True, timeout=240, cwd=str(tmp_path),
-        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_PORT=str(port)))
-    assert result.returncode == 0, result.stderr[-3000:]
-    evaluations = validation_lines(result.stdout)
+    losses = {}
+    for workers in ("2", "0"):  # Megatron-LM's default of 2 reader processes, and none
+        result = subprocess.run(
+            [sys.executable, os.path.join(repo, "pretrain_patch_gpt.py"), *flags,
+             "--num-workers", workers],
+            capture_output=True, text=True, timeout=240, cwd=str(tmp_path),
+            env=child_environment())
+        assert result.returncode == 0, result.stderr[-3000:]
+        evaluations = validation_lines(result.stdout)
+        losses[workers] = ([fields["patch loss"] for fields in training_lines(result.stdout).values()]
+                           + [v for _, _, values in evaluations for v in values.values()])
+    # the same samples in the same order: the same training and validation losses, to the digit
+    assert len(losses["2"]) == 3 + 2 * 3 and losses["2"] == losses["0"]
     assert [iteration for _, iteration, _ in evaluations] == [4, 6]
     assert evaluations[-1][0] == "patch" and list(evaluations[-1][2]) == [
         "patch loss", "token nll (K=1)", "token ppl (K=1)"]
