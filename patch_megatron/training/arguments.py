@@ -43,6 +43,7 @@ group starts and raise :class:`ArgumentError` whose message names the fix.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import warnings
@@ -325,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-memory-to-tensorboard", action="store_true",
                    help="also this rank's memory (GPU: the allocator's; CPU: the peak RSS)")
     g.add_argument("--log-world-size-to-tensorboard", action="store_true")
+    g.add_argument("--wandb-project", default="",
+                   help="also log the TensorBoard scalars to this Weights & Biases project "
+                        "(pip install wandb); offline unless WANDB_API_KEY or WANDB_MODE is set")
+    g.add_argument("--wandb-exp-name", default="", help="the W&B run's name (needed with a project)")
+    g.add_argument("--wandb-save-dir", default="", help="where W&B writes (default: --save/wandb)")
+    g.add_argument("--wandb-entity", default="", help="the W&B team or user")
     g.add_argument("--profile", action="store_true",
                    help="profile steps --profile-step-start..--profile-step-end: an nsys capture "
                         "range (cudaProfilerStart/Stop), or torch.profiler with "
@@ -523,6 +530,14 @@ def _check_model(a) -> None:
         _require(a.max_position_embeddings >= a.seq_length,
                  f"--max-position-embeddings {a.max_position_embeddings} is below --seq-length "
                  f"{a.seq_length} (positions are patch indices, so T not K*T)")
+
+
+def _check_wandb(a) -> None:
+    if a.wandb_project:
+        # Megatron-LM refuses a project without a run name too.
+        _require(a.wandb_exp_name, "--wandb-project needs --wandb-exp-name (the run's name)")
+        _require(a.wandb_save_dir or a.save, "--wandb-project writes into --save/wandb: give "
+                 "--save or --wandb-save-dir")
 
 
 def _check_patch_and_length(a) -> None:
@@ -730,6 +745,7 @@ def parse_args(argv=None):
         warnings.warn("--sequence-parallel is turned off: --tensor-model-parallel-size is 1")
         args.sequence_parallel = False
     _check_model(args)
+    _check_wandb(args)
     _check_patch_and_length(args)
     _check_rampup_flags(args)
     _check_optimizer(args)
@@ -793,6 +809,9 @@ def _check_installed(a) -> None:
     _require(a.transformer_impl != "transformer_engine" or have_transformer_engine(),
              "--transformer-impl transformer_engine: Transformer Engine is not installed here; "
              "install it (transformer_engine[pytorch]) or use --transformer-impl local")
+    _require(not a.wandb_project or importlib.util.find_spec("wandb") is not None,
+             "--wandb-project: Weights & Biases is not installed here; pip install wandb, or "
+             "drop the --wandb-* flags")
 
 
 def check_world_size(args, world_size: int | None = None) -> int:

@@ -112,10 +112,6 @@ REFUSED = {
     "--num-experts": "mixture-of-experts layers are " + _NOT_YET + "; this project trains dense "
                      "GPT/LLaMA models",
     "--multi-latent-attention": "multi-latent attention is " + _NOT_YET,
-    "--wandb-project": "Weights & Biases logging is " + _NOT_YET + "; use --tensorboard-dir",
-    "--wandb-exp-name": "Weights & Biases logging is " + _NOT_YET + "; use --tensorboard-dir",
-    "--wandb-save-dir": "Weights & Biases logging is " + _NOT_YET,
-    "--wandb-entity": "Weights & Biases logging is " + _NOT_YET,
     "--test-mode": "Megatron-LM's functional-test mode has no meaning here",
     "--eod-mask-loss": "masking the loss at end-of-document tokens is " + _NOT_YET,
     "--reset-position-ids": "per-document positions are " + _NOT_YET,

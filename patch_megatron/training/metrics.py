@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -171,7 +172,9 @@ _PERPLEXITY_OF = {"lm loss PPL": "lm loss", "token ppl (K=1)": "token nll (K=1)"
 
 class TensorBoard:
     """Megatron-LM's TensorBoard scalars, under its names, when --tensorboard-dir is given and
-    tensorboard is installed (this rank writes when ``enabled``).
+    tensorboard is installed, and to Weights & Biases with --wandb-project (this rank writes
+    when ``enabled``). W&B gets each scalar under the same name, against the iteration (its
+    step), as Megatron-LM logs them; the "vs samples" copies are TensorBoard's.
 
     Every --tensorboard-log-interval iterations: the learning rate, batch size, loss, loss scale
     (unless --no-log-loss-scale-to-tensorboard), grad norm, and with their flags the world
@@ -183,9 +186,10 @@ class TensorBoard:
     """
 
     def __init__(self, args, enabled: bool):
-        self.writer = None
+        self.writer = self.wandb = None
         self.log_dir = getattr(args, "tensorboard_dir", None)
-        if not self.log_dir:
+        self.wandb_project = getattr(args, "wandb_project", "")
+        if not (self.log_dir or self.wandb_project):
             return
         self.log_interval = args.tensorboard_log_interval
         self.loss_scale = args.log_loss_scale_to_tensorboard
@@ -193,7 +197,9 @@ class TensorBoard:
         self.memory = args.log_memory_to_tensorboard
         self.timers = args.log_timers_to_tensorboard
         self.validation_ppl = args.log_validation_ppl_to_tensorboard
-        if enabled:
+        if enabled and self.wandb_project:
+            self.wandb = start_wandb(args)
+        if enabled and self.log_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -202,14 +208,26 @@ class TensorBoard:
                 return
             self.writer = SummaryWriter(log_dir=self.log_dir, max_queue=args.tensorboard_queue_size)
 
+    @property
+    def writing(self) -> bool:
+        return self.writer is not None or self.wandb is not None
+
+    def _add(self, name: str, value, iteration: int, consumed_samples: int | None = None) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(name, value, iteration)
+            if consumed_samples is not None:
+                self.writer.add_scalar(f"{name} vs samples", value, consumed_samples)
+        if self.wandb is not None:
+            self.wandb.log({name: value}, step=iteration)
+
     def due(self, iteration: int) -> bool:
         """Whether ``training`` writes at this iteration; the same on every rank (it decides
         collectives such as the params norm), whichever rank writes."""
-        return bool(self.log_dir) and iteration % self.log_interval == 0
+        return bool(self.log_dir or self.wandb_project) and iteration % self.log_interval == 0
 
     def training(self, iteration: int, consumed_samples: int, values: dict, loss_scale: float,
                  world_size: int, device: torch.device) -> None:
-        if self.writer is None:
+        if not self.writing:
             return
         values = dict(values)
         if self.loss_scale:
@@ -218,14 +236,13 @@ class TensorBoard:
             values["world-size"] = world_size
         for name, value in values.items():
             if value is not None:
-                self.writer.add_scalar(name, value, iteration)
-                self.writer.add_scalar(f"{name} vs samples", value, consumed_samples)
+                self._add(name, value, iteration, consumed_samples)
         if self.memory:
             self.scalars(_memory_scalars(device), iteration)
 
     def interval(self, iteration: int, seconds_per_iter: float, tflops: float,
                  tokens_per_s: float, consumed_tokens: int) -> None:
-        if self.writer is None:
+        if not self.writing:
             return
         if self.timers:
             self.scalars({"iteration-time": seconds_per_iter, "throughput": tflops}, iteration)
@@ -233,7 +250,7 @@ class TensorBoard:
                      iteration)
 
     def validation(self, results: dict, iteration: int, consumed_samples: int) -> None:
-        if self.writer is None:
+        if not self.writing:
             return
         for key, value in results.items():
             if key not in _PERPLEXITY_OF:
@@ -242,18 +259,39 @@ class TensorBoard:
                 name = f"{_PERPLEXITY_OF[key]} validation ppl"
             else:
                 continue
-            self.writer.add_scalar(name, value, iteration)
-            self.writer.add_scalar(f"{name} vs samples", value, consumed_samples)
+            self._add(name, value, iteration, consumed_samples)
 
     def scalars(self, values: dict, step: int) -> None:
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(name, value, step)
+        for name, value in values.items():
+            self._add(name, value, step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def start_wandb(args):
+    """The W&B run of --wandb-project (Megatron-LM's settings). Without WANDB_API_KEY or
+    WANDB_MODE it runs offline (``wandb sync`` uploads it later): a cluster node often has no
+    network, and an online run without a key would stop to ask for one."""
+    import wandb  # its presence is checked at start-up (arguments.check_world_size)
+
+    from patch_megatron.training.checkpoint_record import plain_flags
+
+    save_dir = args.wandb_save_dir or os.path.join(args.save, "wandb")
+    os.makedirs(save_dir, exist_ok=True)
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    if mode == "offline":
+        print(f"W&B: no WANDB_API_KEY or WANDB_MODE, so the run is written offline under "
+              f"{save_dir}; upload it with `wandb sync`", flush=True)
+    settings = dict(dir=save_dir, name=args.wandb_exp_name, project=args.wandb_project,
+                    config=plain_flags(args), mode=mode)
+    if args.wandb_entity:
+        settings["entity"] = args.wandb_entity
+    return wandb.init(**settings)
 
 
 def _memory_scalars(device: torch.device) -> dict:

@@ -181,3 +181,24 @@ def test_a_missing_learning_rate_is_named():
     base = [flag for flag in BASE if flag not in ("--lr", "3e-4")]
     with pytest.raises(ArgumentError, match="--lr"):
         parse("--train-iters 5", base=base)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("--wandb-project p", "--wandb-project needs --wandb-exp-name"),
+    ("--wandb-project p --wandb-exp-name run", "give --save or --wandb-save-dir"),
+])
+def test_wandb_flags_are_checked_as_in_megatron_lm(flags, message):
+    with pytest.raises(ArgumentError, match=message):
+        parse("--global-batch-size 8 --train-iters 10", flags)
+
+
+def test_wandb_without_the_package_is_refused_before_training(monkeypatch):
+    import importlib.util
+
+    args = parse("--global-batch-size 8 --train-iters 10 --wandb-project p --wandb-exp-name run "
+                 "--save ckpt")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ArgumentError, match="Weights & Biases is not installed here; pip install wandb"):
+        check_world_size(args, world_size=1)

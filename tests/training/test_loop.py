@@ -6,6 +6,7 @@ decisions in one process; tests/test_pretrain_patch_gpt.py runs the real thing.
 """
 
 import math
+import os
 import types
 
 import pytest
@@ -221,6 +222,42 @@ def test_tensorboard_scalars_follow_megatron_lms_flags_and_intervals(stand_ins, 
                     ("mem-max-rss-bytes", [2, 4, 6])]:
         assert (steps(tag) == at and all(v > 0 for _, v in written[tag])) if flags_on \
             else tag not in written
+
+
+def test_wandb_gets_megatron_lms_scalars_against_the_iteration(stand_ins, tmp_path, monkeypatch,
+                                                               capsys):
+    """A real W&B run (offline without an API key); wandb is optional (not in the test extra)."""
+    import glob
+
+    pytest.importorskip("wandb")
+    for variable in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(variable, raising=False)
+    run, _ = fake_run(6, eval_interval=4, log_interval=3)  # evaluations at 4 and 6
+    run.args.__dict__.update(
+        tensorboard_dir=None, wandb_project="patch-megatron-test", wandb_exp_name="loop",
+        wandb_save_dir=str(tmp_path), wandb_entity="", tensorboard_log_interval=2,
+        tensorboard_queue_size=5, log_loss_scale_to_tensorboard=True,
+        log_world_size_to_tensorboard=False, log_memory_to_tensorboard=False,
+        log_timers_to_tensorboard=False, log_validation_ppl_to_tensorboard=False)
+    run.tensorboard = metrics.TensorBoard(run.args, enabled=True)
+    logged = []
+    send = run.tensorboard.wandb.log
+    monkeypatch.setattr(run.tensorboard.wandb, "log",
+                        lambda data, step: (logged.append((step, data)), send(data, step=step)))
+    loop.train(run, loop.TrainState())
+    run.tensorboard.close()
+    assert "written offline" in capsys.readouterr().out
+
+    def at(name):
+        return [(step, data[name]) for step, data in logged if name in data]
+
+    for name, value in [("learning-rate", 1e-3), ("batch-size", 2), ("lm loss", 2.0),
+                        ("grad-norm", 0.5), ("loss-scale", 1.0)]:
+        assert at(name) == [(i, pytest.approx(value)) for i in (2, 4, 6)]
+    assert at("lm loss validation") == [(4, 1.5), (6, 1.5)]
+    assert not any(name.endswith("vs samples") for _, data in logged for name in data)
+    (record,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert os.path.getsize(record) > 0  # the offline run wandb sync uploads
 
 
 def test_train_lines_report_the_process_peak_memory_on_cpu(stand_ins):
