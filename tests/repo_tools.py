@@ -33,3 +33,11 @@ def child_environment(**extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()))
     env.update(extra)
     return env
+
+
+# Training runs in tests read batches in the training process: each run's reader processes
+# (--num-workers, default 2 as in Megatron-LM) start a fresh interpreter that imports torch,
+# about a second of CPU per process, and the suite launches a few hundred. The reader processes
+# themselves are tested where they matter: tests/training/test_loop.py compares 2 workers with
+# 0, and the kill and signal tests in tests/test_pretrain_patch_gpt.py keep the default.
+IN_PROCESS_READING = ("--num-workers", "0")

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from patch_megatron.training import log_reading
-from repo_tools import free_port
+from repo_tools import IN_PROCESS_READING, free_port
 from patch_megatron.llama_recipe import RECIPE_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +30,7 @@ FLAGS = (
     "--make-vocab-size-divisible-by 64 --untie-embeddings-and-output-weights "
     "--patch-size 4 --patch-data-fraction 0.667 --lr 3e-3 --lr-warmup-iters 1 "
     "--log-interval 1 --eval-interval 4 --eval-iters 1 --cpu"
-).split() + list(RECIPE_FLAGS)
+).split() + list(RECIPE_FLAGS) + list(IN_PROCESS_READING)
 
 
 def command(extra, nproc=1):
@@ -286,7 +286,8 @@ def test_fp16_saves_before_its_first_step_and_resumes_with_its_loss_scale(tmp_pa
 def test_sigkill_at_any_moment_then_resume_gives_the_same_losses(reference, tmp_path):
     _, _, ref_losses = reference
     save = str(tmp_path / "ckpt")
-    process = subprocess.Popen(command(["--save", save, "--save-interval", "2"]),
+    # Megatron-LM's default reader processes (IN_PROCESS_READING): a kill reaches them too
+    process = subprocess.Popen(command(["--save", save, "--save-interval", "2", "--num-workers", "2"]),
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                env=environment(), cwd=REPO, start_new_session=True)
     seen = []
@@ -311,7 +312,7 @@ def test_sigkill_at_any_moment_then_resume_gives_the_same_losses(reference, tmp_
 
 def test_sigterm_with_exit_signal_handler_saves_and_exits_zero(tmp_path):
     save = str(tmp_path / "ckpt")
-    process = subprocess.Popen(command(["--save", save, "--exit-signal-handler"]),
+    process = subprocess.Popen(command(["--save", save, "--exit-signal-handler", "--num-workers", "2"]),
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                env=environment(), cwd=REPO)
     output = []
@@ -655,7 +656,7 @@ def test_a_run_killed_mid_save_leaves_no_child_processes(tmp_path):
     save = str(tmp_path / "ckpt")
     process = subprocess.Popen(
         command(["--save", save, "--save-interval", "1", "--train-iters", "2000", "--eval-iters",
-                 "0", "--log-interval", "100"]),
+                 "0", "--log-interval", "100", "--num-workers", "2"]),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment(), cwd=REPO)
     seen, writer_seen = {}, False
     try:

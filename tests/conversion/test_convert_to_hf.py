@@ -172,7 +172,7 @@ def test_quickstart_sized_export_works_as_a_hugging_face_user_uses_it(tokenizer_
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from repo_tools import REPO_ROOT as REPO, child_environment, load_module
+    from repo_tools import IN_PROCESS_READING, REPO_ROOT as REPO, child_environment, load_module
 
     quickstart = load_module(os.path.join(REPO, "examples", "quickstart.py"))
     save = str(tmp_path / "ckpt")
@@ -180,7 +180,7 @@ def test_quickstart_sized_export_works_as_a_hugging_face_user_uses_it(tokenizer_
                "--mock-data", "--vocab-size", str(vocab_size), "--patch-size", "1",
                "--patch-data-fraction", "0", "--train-iters", "2", "--global-batch-size", "2",
                "--micro-batch-size", "2", "--lr", "1e-3", "--eval-iters", "0", "--cpu",
-               "--save", save]
+               "--save", save, *IN_PROCESS_READING]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
                             env=child_environment())
     assert result.returncode == 0, result.stderr[-3000:]

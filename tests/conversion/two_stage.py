@@ -14,7 +14,7 @@ import sys
 import torch
 
 from patch_megatron.training import log_reading
-from repo_tools import child_environment, free_port, load_tool
+from repo_tools import IN_PROCESS_READING, child_environment, free_port, load_tool
 from patch_megatron.llama_recipe import RECIPE_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,7 +22,7 @@ SHAPE_FLAGS = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --group-
                "--num-query-groups 2 --ffn-hidden-size 48 --seq-length 8 --micro-batch-size 2 "
                "--make-vocab-size-divisible-by 64 --untie-embeddings-and-output-weights "
                "--mock-data --eval-iters 0 --log-interval 1 --lr-warmup-iters 0 --cpu "
-               "--patch-data-fraction 0.5 --train-tokens 768").split() + list(RECIPE_FLAGS)
+               "--patch-data-fraction 0.5 --train-tokens 768").split() + list(RECIPE_FLAGS) + list(IN_PROCESS_READING)
 PATCH_FLAGS = "--patch-size 4 --global-batch-size 4 --lr 1e-3".split()  # 3 iterations
 TOKEN_FLAGS = "--patch-size 1 --global-batch-size 8 --lr 5e-4 --exit-interval 2".split()
 

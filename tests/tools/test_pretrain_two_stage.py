@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from repo_tools import REPO_ROOT, load_tool
+from repo_tools import IN_PROCESS_READING, REPO_ROOT, load_tool
 from patch_megatron.training.arguments import parse_args
 from patch_megatron.training.log_reading import runner_seconds, runner_sections
 from patch_megatron.llama_recipe import RECIPE_FLAGS
@@ -20,7 +20,7 @@ runner = load_tool("pretrain_two_stage")
 TINY = ("--train-tokens 384 --patch-size 4 --patch-data-fraction 0.6666666666666666 "
         "--global-batch-size 8 --num-layers 2 --hidden-size 32 --num-attention-heads 4 "
         "--ffn-hidden-size 64 --seq-length 8 --micro-batch-size 2 --mock-data --vocab-size 64 "
-        "--eval-iters 0 --log-interval 1 --lr-warmup-iters 1 --cpu --lr 3e-4").split() + list(RECIPE_FLAGS)
+        "--eval-iters 0 --log-interval 1 --lr-warmup-iters 1 --cpu --lr 3e-4").split() + list(RECIPE_FLAGS) + list(IN_PROCESS_READING)
 NODE_VARIABLES = ("GPUS_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 

@@ -23,7 +23,7 @@ from patch_megatron.training.checkpoint_record import (
     shape_record,
     to_common,
 )
-from repo_tools import REPO_ROOT, child_environment
+from repo_tools import IN_PROCESS_READING, REPO_ROOT, child_environment
 
 FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures")
 MLM = os.path.join(FIXTURES, "megatron_lm")
@@ -40,7 +40,7 @@ MLM_FLAGS = [
     "--untie-embeddings-and-output-weights", "--ffn-hidden-size", "64",
     "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "1",
     "--weight-decay", "0.1", "--clip-grad", "1.0", "--seed", "1234",
-    "--cpu", "--eval-iters", "0", "--log-interval", "1",
+    "--cpu", "--eval-iters", "0", "--log-interval", "1", *IN_PROCESS_READING,
 ]
 
 

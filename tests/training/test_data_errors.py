@@ -4,14 +4,14 @@ import os
 import subprocess
 import sys
 
-from repo_tools import child_environment
+from repo_tools import IN_PROCESS_READING, child_environment
 from patch_megatron.llama_recipe import RECIPE_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 8 "
          "--micro-batch-size 2 --global-batch-size 4 --train-iters 2 --patch-size 4 "
          "--patch-data-fraction 0.5 --lr 1e-3 --eval-iters 0 --cpu "
-         "--make-vocab-size-divisible-by 64 --tokenizer-type GPTSentencePieceTokenizer").split() + list(RECIPE_FLAGS)
+         "--make-vocab-size-divisible-by 64 --tokenizer-type GPTSentencePieceTokenizer").split() + list(RECIPE_FLAGS) + list(IN_PROCESS_READING)
 
 
 def run(extra):

@@ -82,7 +82,7 @@ def test_log_params_norm_num_zeros_and_the_pytorch_profiler(tmp_path):
     import subprocess
     import sys
 
-    from repo_tools import child_environment
+    from repo_tools import IN_PROCESS_READING, child_environment
 
     board = tmp_path / "tb"
     result = subprocess.run(
@@ -90,7 +90,7 @@ def test_log_params_norm_num_zeros_and_the_pytorch_profiler(tmp_path):
          "3", "--log-interval", "1", "--eval-iters", "0", "--log-params-norm",
          "--log-num-zeros-in-grad", "--profile", "--use-pytorch-profiler",
          "--profile-step-start", "1", "--profile-step-end", "2", "--tensorboard-dir", str(board),
-         *RECIPE_FLAGS],
+         *RECIPE_FLAGS, *IN_PROCESS_READING],
         capture_output=True, text=True, env=child_environment(), cwd=str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if " iteration " in line]

@@ -18,7 +18,7 @@ import textwrap
 import pytest
 import torch
 
-from repo_tools import REPO_ROOT, child_environment, load_tool
+from repo_tools import IN_PROCESS_READING, REPO_ROOT, child_environment, load_tool
 from patch_megatron.training import checkpointing, safe_load
 from patch_megatron.llama_recipe import RECIPE_FLAGS
 
@@ -28,7 +28,7 @@ FLAGS = (
     "--make-vocab-size-divisible-by 64 --untie-embeddings-and-output-weights "
     "--patch-size 4 --patch-data-fraction 0.667 --lr 3e-3 --lr-warmup-iters 1 "
     "--log-interval 1 --eval-iters 0 --cpu"
-).split() + list(RECIPE_FLAGS)
+).split() + list(RECIPE_FLAGS) + list(IN_PROCESS_READING)
 
 
 class Planted:

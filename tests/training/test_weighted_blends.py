@@ -16,7 +16,7 @@ import torch
 
 from patch_megatron.training import log_reading
 from patch_megatron.training.data import BATCH_FIELDS, MicroBatches
-from repo_tools import child_environment, free_port
+from repo_tools import IN_PROCESS_READING, child_environment, free_port
 from patch_megatron.llama_recipe import RECIPE_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,7 +24,7 @@ FLAGS = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 8
          "--micro-batch-size 2 --global-batch-size 4 --train-iters 3 "
          "--make-vocab-size-divisible-by 64 --untie-embeddings-and-output-weights "
          "--lr 3e-3 --lr-warmup-iters 1 --log-interval 1 --eval-interval 2 --eval-iters 1 "
-         "--split 80,10,10 --cpu --tokenizer-type GPTSentencePieceTokenizer").split() + list(RECIPE_FLAGS)
+         "--split 80,10,10 --cpu --tokenizer-type GPTSentencePieceTokenizer").split() + list(RECIPE_FLAGS) + list(IN_PROCESS_READING)
 PATCH = "--patch-size 4 --patch-data-fraction 0.667".split()
 
 
