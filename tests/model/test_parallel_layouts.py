@@ -89,7 +89,14 @@ def _layout_worker(tp, pp, sp, full_weights):
                  for n, p in model.named_parameters()}
         loss_and_count = torch.stack([d["loss"] for d in losses]).sum(0) if losses else None
         results[arch, K] = dict(grads=grads, loss_and_count=loss_and_count)
-    return dict(tp=(tp, tp_rank), pp_rank=pp_rank, dp_rank=dp_rank, results=results)
+    result = dict(tp=(tp, tp_rank), pp_rank=pp_rank, dp_rank=dp_rank, results=results)
+    ps.destroy_model_parallel()  # the next layout builds its own groups on the same world
+    return result
+
+
+def _layouts_worker(layouts, full_weights):
+    """Every layout in turn on the same two processes (one launch: each costs a megatron import)."""
+    return {layout: _layout_worker(*layout, full_weights) for layout in layouts}
 
 
 def _assemble(rank_results, case):
@@ -144,11 +151,21 @@ def single_process_reference():
     return out
 
 
-@pytest.mark.parametrize("tp, pp, sp", [(2, 1, False), (1, 2, False), (1, 1, False), (2, 1, True)],
-                         ids=["TP2", "PP2", "DP2", "TP2-SP"])
-def test_layout_matches_single_process(tp, pp, sp, single_process_reference):
+LAYOUTS = {"TP2": (2, 1, False), "PP2": (1, 2, False), "DP2": (1, 1, False),
+           "TP2-SP": (2, 1, True)}
+
+
+@pytest.fixture(scope="module")
+def two_process_results(single_process_reference):
+    """Each layout's per-rank results, all from one two-process launch."""
     weights = {case: ref["weights"] for case, ref in single_process_reference.items()}
-    ranks = run_on_ranks(_layout_worker, 2, tp, pp, sp, weights)
+    ranks = run_on_ranks(_layouts_worker, 2, list(LAYOUTS.values()), weights)
+    return {name: [r[layout] for r in ranks] for name, layout in LAYOUTS.items()}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process(layout, two_process_results, single_process_reference):
+    ranks = two_process_results[layout]
     for case, ref in single_process_reference.items():
         loss, grads = _assemble(ranks, case)
         torch.testing.assert_close(torch.tensor(loss), ref["loss"], rtol=1e-5, atol=1e-6)
