@@ -59,6 +59,8 @@ def main(argv=None) -> int:
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
             sequence_parallel=args.sequence_parallel,
             cpu=args.cpu,
+            rank_order=(parallel.PIPELINE_BEFORE_DATA if args.use_tp_pp_dp_mapping
+                        else parallel.DATA_BEFORE_PIPELINE),
         ),
         seed=args.seed,
         timeout_minutes=args.distributed_timeout_minutes,

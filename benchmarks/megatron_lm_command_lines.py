@@ -32,8 +32,24 @@ LEFT_OUT = ("moe", "mla", "_ep", "fsdp", "gdn", "modelopt", "mamba", "hybrid", "
 PATCH_FLAGS = ["--patch-size", "4", "--patch-data-fraction", "0.667"]
 
 
+# What Megatron-LM's functional-test launcher sets in the environment, where a flag's value
+# needs a number; any other placeholder (a path) stands for itself, in lower case.
+HARNESS_VALUES = {"REPEAT": "1"}
+
+
 def _placeholders(value: str) -> str:
-    return re.sub(r"\$\{?([A-Z_]+)\}?", lambda m: m.group(1).lower(), value)
+    return re.sub(r"\$\{?([A-Z_]+)\}?",
+                  lambda m: HARNESS_VALUES.get(m.group(1), m.group(1).lower()), value)
+
+
+def _harness_words(value) -> list[str]:
+    """A configuration value as the launcher (``shell_test_utils/_run_training.sh``) passes it:
+    ``[a b c]`` loses its brackets and becomes one argument a word; any other value, spaces and
+    all, stays one argument."""
+    text = _placeholders(str(value).strip())
+    if re.fullmatch(r"\[[^]]+\]", text):
+        return text[1:-1].split()
+    return [text]
 
 
 def functional_tests(root: str) -> dict[str, list[str]]:
@@ -49,7 +65,7 @@ def functional_tests(root: str) -> dict[str, list[str]]:
             if value is True:
                 argv.append(flag)
             elif value is not False and value is not None:
-                argv += [flag, *_placeholders(str(value)).split()]
+                argv += [flag, *_harness_words(value)]
         lines[name] = argv
     return lines
 

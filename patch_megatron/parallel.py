@@ -10,12 +10,19 @@ import torch
 from patch_megatron import cpu_mode
 
 
+# How megatron-core numbers the ranks, fastest-varying group first: Megatron-LM's default puts
+# data-parallel replicas before pipeline stages; --use-tp-pp-dp-mapping swaps the two.
+DATA_BEFORE_PIPELINE = "tp-cp-ep-dp-pp"
+PIPELINE_BEFORE_DATA = "tp-cp-ep-pp-dp"
+
+
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
     cpu: bool | None = None  # None: CPU mode exactly when no GPU exists
+    rank_order: str = DATA_BEFORE_PIPELINE
 
 
 def device() -> torch.device:
@@ -64,6 +71,7 @@ def initialize(config: ParallelConfig, seed: int, timeout_minutes: float = 10) -
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=config.tensor_model_parallel_size,
             pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+            order=config.rank_order,
             # Without it megatron gives its groups its own default (30 minutes).
             distributed_timeout_minutes=timeout_minutes,
         )

@@ -1,4 +1,5 @@
-"""patch_megatron.parallel: --distributed-timeout-minutes reaches every process group."""
+"""patch_megatron.parallel: --distributed-timeout-minutes reaches every process group, and the
+rank order (--use-tp-pp-dp-mapping) is megatron-core's."""
 
 import multiprocessing
 import os
@@ -8,7 +9,7 @@ import time
 
 import pytest
 
-from tests.distributed_harness import free_port
+from tests.distributed_harness import free_port, run_on_ranks
 
 TIMEOUT_MINUTES = 0.05  # 3 s: megatron's own default for its groups is 30 minutes
 
@@ -67,6 +68,35 @@ def test_a_frozen_tensor_parallel_peer_times_out_after_the_given_timeout():
                 os.kill(process.pid, signal.SIGKILL)
             process.join(timeout=10)
 
+
+def _stages_and_replicas():
+    import torch
+    from megatron.core import parallel_state
+
+    from patch_megatron import parallel
+
+    layouts = {}
+    for order in (parallel.DATA_BEFORE_PIPELINE, parallel.PIPELINE_BEFORE_DATA):
+        parallel.initialize(parallel.ParallelConfig(pipeline_model_parallel_size=2, cpu=True,
+                                                    rank_order=order), seed=1)
+        layouts[order] = (parallel_state.get_pipeline_model_parallel_rank(),
+                          parallel_state.get_data_parallel_rank())
+        parallel_state.destroy_model_parallel()  # the world stays for the next order
+    rank = torch.distributed.get_rank()
+    parallel.destroy()
+    return rank, layouts
+
+
+def test_the_rank_order_numbers_replicas_or_stages_first():
+    # 4 ranks = PP 2 x DP 2, as (stage, replica). Megatron-LM's default: consecutive ranks are
+    # data-parallel replicas of one stage; --use-tp-pp-dp-mapping: they are one pipeline's stages.
+    from patch_megatron import parallel
+
+    ranks = dict(run_on_ranks(_stages_and_replicas, 4))
+    by_order = {order: {rank: layouts[order] for rank, layouts in ranks.items()}
+                for order in (parallel.DATA_BEFORE_PIPELINE, parallel.PIPELINE_BEFORE_DATA)}
+    assert by_order[parallel.DATA_BEFORE_PIPELINE] == {0: (0, 0), 1: (0, 1), 2: (1, 0), 3: (1, 1)}
+    assert by_order[parallel.PIPELINE_BEFORE_DATA] == {0: (0, 0), 1: (1, 0), 2: (0, 1), 3: (1, 1)}
 
 if __name__ == "__main__":
     pytest.main([__file__])

@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap-param-gather", action="store_true",
                    help="with --use-distributed-optimizer: all-gather the updated parameters "
                         "bucket by bucket during the next forward pass, instead of after the step")
+    g.add_argument("--use-tp-pp-dp-mapping", action="store_true",
+                   help="number the ranks tensor-parallel first, then pipeline, then data "
+                        "parallel (default: data-parallel replicas before pipeline stages)")
     g.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=None,
                    help="--cpu forces CPU mode (gloo), --no-cpu forbids it; default: CPU mode "
                         "exactly when no GPU exists")
@@ -289,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--save-retain-interval", type=int, default=None,
+                   help="keep only the checkpoints whose iteration is a multiple of this (and the "
+                        "latest): each save deletes the one it replaces otherwise")
     g.add_argument("--overwrite-save", action="store_true",
                    help="this project's flag (not Megatron-LM's): let a run that loaded no "
                         "checkpoint write into a --save that already holds checkpoints, replacing "
@@ -699,6 +705,11 @@ def _check_io_and_logging(a) -> None:
     _require(a.save_interval is None or a.save_interval >= 1, "--save-interval must be >= 1")
     _require(not (a.save_interval and not a.save),
              "--save-interval needs --save DIR (where to write the checkpoints)")
+    if a.save_retain_interval is not None:
+        _require(a.save_retain_interval > 0 and a.save_interval
+                 and a.save_retain_interval % a.save_interval == 0,
+                 f"--save-retain-interval {a.save_retain_interval} must be a positive multiple of "
+                 f"--save-interval ({a.save_interval}), as Megatron-LM requires")
     _require(not (a.exit_signal_handler and not a.save),
              "--exit-signal-handler saves on SIGTERM and needs --save DIR")
     _require(not (a.finetune and not a.load), "--finetune needs --load DIR")

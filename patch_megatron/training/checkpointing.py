@@ -350,6 +350,7 @@ def save_checkpoint(save_dir, model, optimizer, scheduler, state, args, plan) ->
                             content_metadata=content)
     _barrier()
     if rank == 0:
+        previous = _previous_latest(save_dir) if args.save_retain_interval else None
         safe_load.write_checksums(partial_dir)  # every rank's files are written: record them
         if os.path.exists(final):  # an older, never-latest copy of this iteration
             shutil.rmtree(final)
@@ -361,8 +362,30 @@ def save_checkpoint(save_dir, model, optimizer, scheduler, state, args, plan) ->
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(save_dir, LATEST_FILE))
         _fsync_dir(save_dir)
+        if previous is not None:
+            _drop_unretained(save_dir, previous, state.iteration, args.save_retain_interval)
     _barrier()
     return final
+
+
+def _previous_latest(save_dir: str) -> int | None:
+    try:
+        return read_latest_iteration(save_dir)
+    except CheckpointError:  # an unreadable tracker names no checkpoint to delete
+        return None
+
+
+def _drop_unretained(save_dir: str, previous: int, iteration: int, retain_interval: int) -> None:
+    """--save-retain-interval, as Megatron-LM: once the new checkpoint is latest, the one it
+    replaces is deleted unless its iteration is a multiple of the interval (or it is a link)."""
+    if previous <= 0 or previous == iteration or previous % retain_interval == 0:
+        return
+    path = iteration_dir(save_dir, previous)
+    if os.path.islink(path) or not os.path.isdir(path):
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    print(f"> deleted {path} (--save-retain-interval {retain_interval} keeps multiples of it "
+          "and the latest)", flush=True)
 
 
 def model_shape_of(model) -> ModelShape:

@@ -24,6 +24,9 @@ _NOT_LOGGED = "a logging switch; this log line is not printed here (training is 
 _ALWAYS_ON_THE_BOARD = ("an older Megatron-LM spelling (core_v0.16.1 has no such flag): with "
                         "--tensorboard-dir this scalar is always written, as there")
 
+_ONLY_WITH_CP = ("read only with --context-parallel-size > 1, which is refused here; at 1 it "
+                 "changes nothing")
+
 NO_OP = {
     "--use-mcore-models": "megatron-core's models are the only ones here (deprecated in Megatron-LM)",
     "--no-gradient-accumulation-fusion": _FUSION,
@@ -72,6 +75,14 @@ NO_OP = {
     "--timing-log-level": _NOT_LOGGED,
     "--timing-log-option": _NOT_LOGGED,
     "--log-throughput": "tokens/s, TFLOP/s and MFU are always in the log line here",
+    "--cp-comm-type": _ONLY_WITH_CP,
+    "--hierarchical-context-parallel-sizes": _ONLY_WITH_CP,
+    **{flag: "read only with --fim-data, which is refused here" for flag in (
+        "--fim-rate", "--fim-spm-rate", "--fim-split-sample", "--fim-fragment-rate",
+        "--fim-no-prefix", "--fim-prefix-token", "--fim-middle-token", "--fim-suffix-token",
+        "--fim-pad-token", "--fim-eod-token")},
+    "--expert-tensor-parallel-size": "sizes the expert layers' groups; this project's dense "
+                                     "models have none (--num-experts is refused)",
 }
 
 _NOT_YET = "not implemented in patch-megatron yet"
@@ -97,7 +108,6 @@ REFUSED = {
                                                   + _NOT_YET,
     "--use-checkpoint-args": "model flags are not read from the checkpoint; give them on the "
                              "command line (a mismatch is named when loading)",
-    "--save-retain-interval": "pruning old checkpoints is " + _NOT_YET + "; every save is kept",
     "--ddp-average-in-collective": "gradients are summed and divided by the global token count "
                                    "(per-token loss); averaging in the collective would double "
                                    "count",
@@ -113,6 +123,11 @@ REFUSED = {
                      "GPT/LLaMA models",
     "--multi-latent-attention": "multi-latent attention is " + _NOT_YET,
     "--test-mode": "Megatron-LM's functional-test mode has no meaning here",
+    "--error-injection-rate": "injected errors exercise Megatron-LM's rerun state machine, which "
+                              "does not run here (the errors would change the run)",
+    "--error-injection-type": "injected errors exercise Megatron-LM's rerun state machine, which "
+                              "does not run here",
+    "--fim-data": "fill-in-the-middle samples are " + _NOT_YET + "; the data is read as it is",
     "--eod-mask-loss": "masking the loss at end-of-document tokens is " + _NOT_YET,
     "--reset-position-ids": "per-document positions are " + _NOT_YET,
     "--reset-attention-mask": "per-document attention masks are " + _NOT_YET,
