@@ -44,6 +44,9 @@ class PatchGPTConfig(ModelShape):
     params_dtype: torch.dtype = torch.float32
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # Uneven pipelines: the first and last stages' layer counts (None: an even share).
+    num_layers_in_first_pipeline_stage: int | None = None
+    num_layers_in_last_pipeline_stage: int | None = None
     sequence_parallel: bool = False
     # "transformer_engine" or "local" (megatron-core's layers, torch's fused attention);
     # None: Transformer Engine when it is installed.
@@ -77,7 +80,9 @@ class PatchGPTConfig(ModelShape):
     def validate(self) -> None:
         """What megatron would reject later about this run's layout, named up front."""
         tp = self.tensor_model_parallel_size
-        self.check_parallel(tp, self.pipeline_model_parallel_size)
+        self.check_parallel(tp, self.pipeline_model_parallel_size,
+                            self.num_layers_in_first_pipeline_stage,
+                            self.num_layers_in_last_pipeline_stage)
         checks = [
             (self.patch_size >= 1, f"--patch-size must be >= 1, got {self.patch_size}"),
             (not self.sequence_parallel or tp > 1,
@@ -139,6 +144,8 @@ class PatchGPTConfig(ModelShape):
             fp16=self.params_dtype == torch.float16,
             tensor_model_parallel_size=self.tensor_model_parallel_size,
             pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            num_layers_in_first_pipeline_stage=self.num_layers_in_first_pipeline_stage,
+            num_layers_in_last_pipeline_stage=self.num_layers_in_last_pipeline_stage,
             sequence_parallel=self.sequence_parallel,
             pipeline_dtype=self.params_dtype,
             use_cpu_initialization=cpu,

@@ -121,8 +121,14 @@ class ModelShape:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{_flag(name)} must be a positive integer, got {value!r}")
 
-    def check_parallel(self, tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> None:
-        """That megatron-core can split this shape over TP x PP ranks, else why not."""
+    def check_parallel(self, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
+                       first_stage_layers: int | None = None,
+                       last_stage_layers: int | None = None) -> None:
+        """That megatron-core can split this shape over TP x PP ranks, else why not.
+
+        ``first_stage_layers``/``last_stage_layers`` (--decoder-first/last-pipeline-num-layers)
+        fix the end stages' layer counts; the stages between split the rest evenly.
+        """
         tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
         if tp < 1 or pp < 1:
             raise ValueError("--tensor-model-parallel-size and --pipeline-model-parallel-size "
@@ -141,11 +147,30 @@ class ModelShape:
             (self.vocab_size is None or self.vocab_size % tp == 0,
              f"the vocabulary's {self.vocab_size} rows are not divisible by "
              f"--tensor-model-parallel-size {tp}: pad it (--make-vocab-size-divisible-by)"),
-            (self.num_layers % pp == 0,
-             f"--num-layers {self.num_layers} cannot be split evenly over "
-             f"--pipeline-model-parallel-size {pp}"),
         ]
         _raise_first(checks)
+        if first_stage_layers is None and last_stage_layers is None:
+            _raise_first([(self.num_layers % pp == 0,
+                           f"--num-layers {self.num_layers} cannot be split evenly over "
+                           f"--pipeline-model-parallel-size {pp}: give a multiple of {pp}, or "
+                           "the end stages' counts (--decoder-first-pipeline-num-layers, "
+                           "--decoder-last-pipeline-num-layers)")])
+            return
+        ends = {"--decoder-first-pipeline-num-layers": first_stage_layers,
+                "--decoder-last-pipeline-num-layers": last_stage_layers}
+        given = {flag: n for flag, n in ends.items() if n is not None}
+        middle_layers = self.num_layers - sum(given.values())
+        middle_stages = pp - len(given)
+        _raise_first([
+            (pp > 1, f"{' and '.join(given)} need --pipeline-model-parallel-size > 1"),
+            (all(n >= 1 for n in given.values()),
+             f"{' and '.join(given)} must be >= 1 (megatron-core builds no empty end stage)"),
+            (middle_layers >= 0 and bool(middle_layers) == bool(middle_stages)
+             and (not middle_stages or middle_layers % middle_stages == 0),
+             f"--num-layers {self.num_layers} with {', '.join(f'{f} {n}' for f, n in given.items())}"
+             f" leaves {middle_layers} of them for the {middle_stages} other pipeline stages: "
+             "they must split evenly, with at least one layer each"),
+        ])
 
     @property
     def gated_linear_unit(self) -> bool:

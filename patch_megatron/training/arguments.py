@@ -238,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("parallelism and device")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                   help="layers on the first pipeline stage (which also holds the embedding); "
+                        "the stages between split the rest evenly")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                   help="layers on the last pipeline stage (which also computes the loss)")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true",
@@ -525,7 +530,9 @@ def _check_model(a) -> None:
         _require(a.num_query_groups is not None,
                  "--group-query-attention needs --num-query-groups")
     try:  # the shape's own checks, before the tokenizer gives the vocabulary
-        model_shape(a).check_parallel(a.tensor_model_parallel_size, a.pipeline_model_parallel_size)
+        model_shape(a).check_parallel(a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
+                                      a.decoder_first_pipeline_num_layers,
+                                      a.decoder_last_pipeline_num_layers)
     except ValueError as error:
         raise ArgumentError(str(error)) from None
     tp = a.tensor_model_parallel_size
@@ -789,6 +796,11 @@ def _check_est(a) -> None:
             _require(a.swiglu and not a.add_bias_linear and not a.add_qkv_bias,
                      "--est samples units of SwiGLU MLPs without biases: add --swiglu "
                      "--disable-bias-linear")
+            uneven = [f"--decoder-{end}-pipeline-num-layers" for end in ("first", "last")
+                      if getattr(a, f"decoder_{end}_pipeline_num_layers") is not None]
+            _require(not uneven, f"--est drops the same number of layers on every pipeline "
+                     f"stage, which {' and '.join(uneven)} make unequal: split --num-layers "
+                     "evenly over the stages")
             layout = Layout(a.tensor_model_parallel_size, a.pipeline_model_parallel_size)
             check_layout(model_shape(a), layout, config.gqa_sampling)
     except ValueError as error:

@@ -25,6 +25,8 @@ def model_config(args, vocab_size: int) -> PatchGPTConfig:
         params_dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
         sequence_parallel=args.sequence_parallel,
         transformer_impl=args.transformer_impl,
         recompute_granularity=args.recompute_granularity,

@@ -216,6 +216,13 @@ def _check_optimizer_state_loads(record: CheckpointRecord, args, path: str) -> N
             f"{record.layout[0]} x PP {record.layout[1]}; this run is TP {here_layout[0]} x PP "
             f"{here_layout[1]} and that state cannot be resharded (another data-parallel size "
             f"can). {fix}")
+    for end in ("first", "last"):  # the stages' layer counts shape the shards too
+        name = f"decoder_{end}_pipeline_num_layers"
+        if saved == DISTRIBUTED_OPTIMIZER and record.flags.get(name) != getattr(args, name):
+            raise CheckpointError(
+                f"checkpoint {path} holds distributed-optimizer state sharded with "
+                f"--decoder-{end}-pipeline-num-layers {record.flags.get(name)}; this run has "
+                f"{getattr(args, name)} and that state cannot be resharded. {fix}")
 
 
 def _sharding_metadata(content: dict | None, optimizer_state_format: str | None) -> dict:

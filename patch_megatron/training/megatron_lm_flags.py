@@ -99,11 +99,12 @@ REFUSED = {
     "--microbatch-group-size-per-virtual-pipeline-stage": "interleaved pipeline schedules are "
                                                           + _NOT_YET,
     "--overlap-p2p-communication-warmup-flush": "interleaved pipeline schedules are " + _NOT_YET,
-    "--decoder-first-pipeline-num-layers": "uneven pipeline stages are " + _NOT_YET
-                                           + "; use --num-layers divisible by the PP size",
-    "--decoder-last-pipeline-num-layers": "uneven pipeline stages are " + _NOT_YET,
-    "--account-for-embedding-in-pipeline-split": "uneven pipeline stages are " + _NOT_YET,
-    "--account-for-loss-in-pipeline-split": "uneven pipeline stages are " + _NOT_YET,
+    "--account-for-embedding-in-pipeline-split": "counting the embedding as a layer is "
+                                                 + _NOT_YET + "; give the first stage fewer "
+                                                 "layers with --decoder-first-pipeline-num-layers",
+    "--account-for-loss-in-pipeline-split": "counting the loss as a layer is " + _NOT_YET
+                                            + "; give the last stage fewer layers with "
+                                            "--decoder-last-pipeline-num-layers",
     "--overlap-param-gather-with-optimizer-step": "overlapping the parameter all-gather is "
                                                   + _NOT_YET,
     "--use-checkpoint-args": "model flags are not read from the checkpoint; give them on the "

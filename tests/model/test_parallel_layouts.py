@@ -1,4 +1,5 @@
-"""TP=2, PP=2, DP=2 and TP=2 with sequence parallelism against TP=1/PP=1/DP=1.
+"""TP=2, PP=2 (even, and uneven: 1 + 2 of 3 layers), DP=2 and TP=2 with sequence
+parallelism against TP=1/PP=1/DP=1.
 
 Each layout runs on two real gloo processes through megatron-core's own
 pipeline schedule, DDP and finalize_model_grads, for K=1 and K=4 and for both
@@ -16,11 +17,16 @@ from patch_megatron.llama_recipe import LLAMA_ARCHITECTURE
 
 SHAPE = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
              ffn_hidden_size=48, vocab_size=64, seq_length=6)
+UNEVEN_LAYERS = 3  # the uneven pipeline's model: 1 layer on the first stage, 2 on the last
 # Dropout off in both, so that layouts can be compared exactly.
 ARCHITECTURES = {"llama": LLAMA_ARCHITECTURE,
                  "gpt": dict(hidden_dropout=0.0, attention_dropout=0.0)}
 CASES = [(arch, K) for arch in ARCHITECTURES for K in (1, 4)]
 BATCH = 4
+
+
+def _shape(first_stage_layers):
+    return SHAPE if first_stage_layers is None else dict(SHAPE, num_layers=UNEVEN_LAYERS)
 
 
 def _data(K, seed):
@@ -31,7 +37,7 @@ def _data(K, seed):
     return window[:, :-K], window[:, K:], mask
 
 
-def _layout_worker(tp, pp, sp, full_weights):
+def _layout_worker(tp, pp, sp, first_stage_layers, full_weights):
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -45,16 +51,25 @@ def _layout_worker(tp, pp, sp, full_weights):
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     results = {}
+    shape = _shape(first_stage_layers)
     for arch, K in CASES:
-        cfg = PatchGPTConfig(**SHAPE, **ARCHITECTURES[arch], patch_size=K,
+        cfg = PatchGPTConfig(**shape, **ARCHITECTURES[arch], patch_size=K,
                              tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                             sequence_parallel=sp)
+                             sequence_parallel=sp,
+                             num_layers_in_first_pipeline_stage=first_stage_layers)
         model = build_model(cfg)
-        layers_per_stage = SHAPE["num_layers"] // pp
+        if first_stage_layers is None:
+            layers_per_stage = shape["num_layers"] // pp
+        else:
+            layers_per_stage = (shape["num_layers"] - first_stage_layers) // (pp - 1)
+
+        def global_name_of(name):
+            return global_name(name, pp_rank, layers_per_stage, first_stage_layers)
+
         gated = arch == "llama"
+        weights = full_weights[first_stage_layers is not None][arch, K]
         local = {
-            name: tp_slice(name, full_weights[arch, K][global_name(name, pp_rank, layers_per_stage)],
-                           tp, tp_rank, gated)
+            name: tp_slice(name, weights[global_name_of(name)], tp, tp_rank, gated)
             for name in model.state_dict() if not name.endswith("_extra_state")
         }
         model.load_state_dict(local, strict=False)
@@ -85,11 +100,12 @@ def _layout_worker(tp, pp, sp, full_weights):
             num_microbatches=tokens.shape[0], seq_length=SHAPE["seq_length"], micro_batch_size=1,
             forward_only=False,
         )
-        grads = {global_name(n, pp_rank, layers_per_stage): p.main_grad.clone()
-                 for n, p in model.named_parameters()}
+        grads = {global_name_of(n): p.main_grad.clone() for n, p in model.named_parameters()}
         loss_and_count = torch.stack([d["loss"] for d in losses]).sum(0) if losses else None
         results[arch, K] = dict(grads=grads, loss_and_count=loss_and_count)
-    result = dict(tp=(tp, tp_rank), pp_rank=pp_rank, dp_rank=dp_rank, results=results)
+    layers = sorted({int(n.split(".")[2]) for n in grads if n.startswith("decoder.layers.")})
+    result = dict(tp=(tp, tp_rank), pp_rank=pp_rank, dp_rank=dp_rank, results=results,
+                  layers=layers)
     ps.destroy_model_parallel()  # the next layout builds its own groups on the same world
     return result
 
@@ -131,15 +147,21 @@ def _dp_replicas_agree(rank_results, case):
 
 @pytest.fixture(scope="module")
 def single_process_reference():
-    """Weights and the TP=1/PP=1/DP=1 loss and gradients of the same model in this process."""
+    """Weights and the TP=1/PP=1/DP=1 loss and gradients of the same models in this process,
+    by whether the model is the uneven pipeline's."""
     from patch_megatron.parallel import initialize_world_of_one
+
+    initialize_world_of_one(1234)
+    return {uneven: _single_process(_shape(1 if uneven else None)) for uneven in (False, True)}
+
+
+def _single_process(shape):
     from patch_megatron.model.config import PatchGPTConfig
     from patch_megatron.model.patch_gpt import build_model
 
-    initialize_world_of_one(1234)
     out = {}
     for arch, K in CASES:
-        model = build_model(PatchGPTConfig(**SHAPE, **ARCHITECTURES[arch], patch_size=K))
+        model = build_model(PatchGPTConfig(**shape, **ARCHITECTURES[arch], patch_size=K))
         tokens, labels, mask = _data(K, seed=K)
         loss = (model(tokens, labels=labels) * mask).sum() / mask.sum()
         loss.backward()
@@ -151,14 +173,16 @@ def single_process_reference():
     return out
 
 
-LAYOUTS = {"TP2": (2, 1, False), "PP2": (1, 2, False), "DP2": (1, 1, False),
-           "TP2-SP": (2, 1, True)}
+# (TP, PP, sequence parallel, layers on the first pipeline stage)
+LAYOUTS = {"TP2": (2, 1, False, None), "PP2": (1, 2, False, None), "DP2": (1, 1, False, None),
+           "TP2-SP": (2, 1, True, None), "PP2-uneven": (1, 2, False, 1)}
 
 
 @pytest.fixture(scope="module")
 def two_process_results(single_process_reference):
     """Each layout's per-rank results, all from one two-process launch."""
-    weights = {case: ref["weights"] for case, ref in single_process_reference.items()}
+    weights = {uneven: {case: ref["weights"] for case, ref in cases.items()}
+               for uneven, cases in single_process_reference.items()}
     ranks = run_on_ranks(_layouts_worker, 2, list(LAYOUTS.values()), weights)
     return {name: [r[layout] for r in ranks] for name, layout in LAYOUTS.items()}
 
@@ -166,7 +190,10 @@ def two_process_results(single_process_reference):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(layout, two_process_results, single_process_reference):
     ranks = two_process_results[layout]
-    for case, ref in single_process_reference.items():
+    uneven = LAYOUTS[layout][3] is not None
+    if uneven:  # the first stage built one layer, the last two
+        assert {r["pp_rank"]: r["layers"] for r in ranks} == {0: [0], 1: [1, 2]}
+    for case, ref in single_process_reference[uneven].items():
         loss, grads = _assemble(ranks, case)
         torch.testing.assert_close(torch.tensor(loss), ref["loss"], rtol=1e-5, atol=1e-6)
         assert grads.keys() == ref["grads"].keys()

@@ -78,6 +78,15 @@ BAD = [
     ("--train-iters 5 --group-query-attention --num-query-groups 3", "must divide"),
     ("--train-iters 5 --tensor-model-parallel-size 3", "not divisible by --tensor-model-parallel-size"),
     ("--train-iters 5 --pipeline-model-parallel-size 4 --num-layers 2", "split evenly"),
+    ("--train-iters 5 --pipeline-model-parallel-size 3 --num-layers 5 "
+     "--decoder-first-pipeline-num-layers 2", "leaves 3 of them for the 2 other pipeline stages"),
+    ("--train-iters 5 --pipeline-model-parallel-size 2 --num-layers 3 "
+     "--decoder-first-pipeline-num-layers 1 --decoder-last-pipeline-num-layers 1",
+     "leaves 1 of them for the 0 other"),
+    ("--train-iters 5 --num-layers 3 --decoder-last-pipeline-num-layers 1",
+     "need --pipeline-model-parallel-size > 1"),
+    ("--train-iters 5 --pipeline-model-parallel-size 2 --decoder-first-pipeline-num-layers 0",
+     "must be >= 1"),
     ("--train-iters 5 --swiglu --squared-relu", "pick one"),
     ("--train-iters 5 --position-embedding-type relative", "invalid choice"),
     ("--train-iters 5 --position-embedding-type learned_absolute --no-position-embedding",
@@ -142,6 +151,9 @@ def test_transformer_impl_is_checked_on_the_machine_that_runs_it():
     assert check_world_size(parse("--train-iters 5 --transformer-impl local"), world_size=1) == 1
     with pytest.raises(ArgumentError, match="--est builds its layers on megatron-core's local"):
         parse("--train-iters 5 --est --transformer-impl transformer_engine")
+    with pytest.raises(ArgumentError, match="--est drops the same number of layers on every"):
+        parse("--train-iters 5 --est --swiglu --disable-bias-linear --num-layers 3 "
+              "--pipeline-model-parallel-size 2 --decoder-first-pipeline-num-layers 1")
 
 
 def test_parsing_and_checking_flags_does_not_load_megatron():
