@@ -75,6 +75,17 @@ NO_OP = {
     "--timing-log-level": _NOT_LOGGED,
     "--timing-log-option": _NOT_LOGGED,
     "--log-throughput": "tokens/s, TFLOP/s and MFU are always in the log line here",
+    "--ddp-average-in-collective": "where the data-parallel mean is taken: here gradients are "
+                                   "summed and divided once by the global batch's scored tokens, "
+                                   "the same mean (every token is scored)",
+    "--defer-embedding-wgrad-compute": "when the output layer's weight gradients are computed "
+                                       "(during the pipeline flush, with fused weight-gradient "
+                                       "accumulation, which does not run here): the same "
+                                       "gradients",
+    "--wgrad-deferral-limit": "how many micro-batches --defer-embedding-wgrad-compute defers: the "
+                              "same gradients",
+    "--test-mode": "Megatron-LM's real-time self-checks alongside training, not performed here; "
+                   "training is unchanged",
     "--cp-comm-type": _ONLY_WITH_CP,
     "--hierarchical-context-parallel-sizes": _ONLY_WITH_CP,
     **{flag: "read only with --fim-data, which is refused here" for flag in (
@@ -109,12 +120,6 @@ REFUSED = {
                                                   + _NOT_YET,
     "--use-checkpoint-args": "model flags are not read from the checkpoint; give them on the "
                              "command line (a mismatch is named when loading)",
-    "--ddp-average-in-collective": "gradients are summed and divided by the global token count "
-                                   "(per-token loss); averaging in the collective would double "
-                                   "count",
-    "--defer-embedding-wgrad-compute": "needs fused weight-gradient accumulation, which this "
-                                       "project does not run",
-    "--wgrad-deferral-limit": "needs fused weight-gradient accumulation",
     "--cuda-graph-impl": "CUDA graphs are " + _NOT_YET,
     "--fp8-format": "fp8 training is " + _NOT_YET + "; use --bf16",
     "--fp8-param-gather": "fp8 training is " + _NOT_YET,
@@ -123,7 +128,6 @@ REFUSED = {
     "--num-experts": "mixture-of-experts layers are " + _NOT_YET + "; this project trains dense "
                      "GPT/LLaMA models",
     "--multi-latent-attention": "multi-latent attention is " + _NOT_YET,
-    "--test-mode": "Megatron-LM's functional-test mode has no meaning here",
     "--error-injection-rate": "injected errors exercise Megatron-LM's rerun state machine, which "
                               "does not run here (the errors would change the run)",
     "--error-injection-type": "injected errors exercise Megatron-LM's rerun state machine, which "
