@@ -61,6 +61,7 @@ def main(argv=None) -> int:
             cpu=args.cpu,
             rank_order=(parallel.PIPELINE_BEFORE_DATA if args.use_tp_pp_dp_mapping
                         else parallel.DATA_BEFORE_PIPELINE),
+            virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         ),
         seed=args.seed,
         timeout_minutes=args.distributed_timeout_minutes,

@@ -23,6 +23,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     cpu: bool | None = None  # None: CPU mode exactly when no GPU exists
     rank_order: str = DATA_BEFORE_PIPELINE
+    virtual_pipeline_model_parallel_size: int | None = None  # chunks per rank, interleaved
 
 
 def device() -> torch.device:
@@ -72,6 +73,7 @@ def initialize(config: ParallelConfig, seed: int, timeout_minutes: float = 10) -
             tensor_model_parallel_size=config.tensor_model_parallel_size,
             pipeline_model_parallel_size=config.pipeline_model_parallel_size,
             order=config.rank_order,
+            virtual_pipeline_model_parallel_size=config.virtual_pipeline_model_parallel_size,
             # Without it megatron gives its groups its own default (30 minutes).
             distributed_timeout_minutes=timeout_minutes,
         )

@@ -31,14 +31,15 @@ def tp_concat(name, shards, gated=True):
     return torch.cat(shards, dim=0)
 
 
-def global_name(local_name, pp_rank, layers_per_stage, first_stage_layers=None):
-    """A pipeline stage's local parameter name as the whole model names it (stages after an
-    uneven first one of ``first_stage_layers`` hold ``layers_per_stage`` each)."""
+def global_name(local_name, pp_rank, layers_per_stage):
+    """A pipeline stage's local parameter name as the whole model names it."""
+    return shifted_name(local_name, pp_rank * layers_per_stage)
+
+
+def shifted_name(local_name, layer_offset):
+    """A model chunk's local parameter name as the whole model names it, for a chunk whose
+    first layer is the model's layer ``layer_offset``."""
     parts = local_name.split(".")
     if parts[:2] == ["decoder", "layers"]:
-        if first_stage_layers is None:
-            offset = pp_rank * layers_per_stage
-        else:
-            offset = 0 if pp_rank == 0 else first_stage_layers + (pp_rank - 1) * layers_per_stage
-        parts[2] = str(int(parts[2]) + offset)
+        parts[2] = str(int(parts[2]) + layer_offset)
     return ".".join(parts)

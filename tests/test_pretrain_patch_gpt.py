@@ -196,6 +196,40 @@ def test_overlapped_parameter_gather_matches_one_process_and_saves_the_current_w
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_save_retain_interval_and_an_interleaved_pipeline_continuing_its_checkpoint(tmp_path):
+    # 4 layers, PP=2 with 2 model chunks of 1 layer per rank (megatron-core's interleaved
+    # schedule): from the one-process run's iteration 2 it trains, evaluates and saves as that
+    # run does; its checkpoint holds the chunks as Megatron-LM's model0/model1, the same weights.
+    # The one-process run also checks --save-retain-interval (a launch saved): of its saves at
+    # 1..4 with interval 2, 1 and 3 are deleted once the next is latest, as in Megatron-LM.
+    deep = ["--num-layers", "4", "--train-iters", "4", "--eval-interval", "2"]
+    one, at_two, interleaved = (str(tmp_path / name) for name in ("one", "at_two", "interleaved"))
+    first = run(deep + ["--save", one, "--save-interval", "1", "--save-retain-interval", "2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert sorted(n for n in os.listdir(one) if n.startswith("iter_")) == ["iter_0000002",
+                                                                          "iter_0000004"]
+    assert first.stdout.count("> deleted") == 2
+    shutil.copytree(os.path.join(one, "iter_0000002"), os.path.join(at_two, "iter_0000002"))
+    with open(os.path.join(at_two, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("2")
+    result = run(deep + ["--pipeline-model-parallel-size", "2",
+                         "--num-layers-per-virtual-pipeline-stage", "1", "--load", at_two,
+                         "--save", interleaved], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    want = losses(first.stdout)
+    assert_same_to_rounding(losses(result.stdout), {i: want[i] for i in (3, 4)})
+    evaluated = {i: values for _, i, values in log_reading.validation_lines(result.stdout)}
+    expected = {i: values for _, i, values in log_reading.validation_lines(first.stdout)}
+    assert list(evaluated) == [4] and evaluated[4].keys() == expected[4].keys()
+    assert_same_to_rounding(evaluated[4], expected[4])
+    ours = checkpoint_tensors(os.path.join(interleaved, "iter_0000004"))
+    theirs = checkpoint_tensors(os.path.join(one, "iter_0000004"))
+    weights = [k for k in theirs if k.startswith(("embedding.", "decoder.", "output_layer."))]
+    assert ours["decoder.layers.mlp.linear_fc2.weight"].shape[0] == 4  # the layers, stacked
+    for name in weights:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 # bf16 with megatron's distributed optimizer: the GPU recipe's precision and optimizer, run on
 # CPU. Two data-parallel ranks, so the optimizer state really is sharded.
 BF16_DISTRIBUTED = ["--bf16", "--use-distributed-optimizer"]

@@ -47,6 +47,12 @@ class PatchGPTConfig(ModelShape):
     # Uneven pipelines: the first and last stages' layer counts (None: an even share).
     num_layers_in_first_pipeline_stage: int | None = None
     num_layers_in_last_pipeline_stage: int | None = None
+    # The interleaved schedule: model chunks per pipeline rank (None: one), the micro-batches
+    # each chunk runs in a row (None: PP), and whether stage-to-stage transfers overlap compute.
+    virtual_pipeline_model_parallel_size: int | None = None
+    microbatch_group_size_per_vp_stage: int | None = None
+    overlap_p2p_comm: bool = False
+    overlap_p2p_comm_warmup_flush: bool = False
     sequence_parallel: bool = False
     # "transformer_engine" or "local" (megatron-core's layers, torch's fused attention);
     # None: Transformer Engine when it is installed.
@@ -82,7 +88,8 @@ class PatchGPTConfig(ModelShape):
         tp = self.tensor_model_parallel_size
         self.check_parallel(tp, self.pipeline_model_parallel_size,
                             self.num_layers_in_first_pipeline_stage,
-                            self.num_layers_in_last_pipeline_stage)
+                            self.num_layers_in_last_pipeline_stage,
+                            self.virtual_pipeline_model_parallel_size)
         checks = [
             (self.patch_size >= 1, f"--patch-size must be >= 1, got {self.patch_size}"),
             (not self.sequence_parallel or tp > 1,
@@ -146,6 +153,10 @@ class PatchGPTConfig(ModelShape):
             pipeline_model_parallel_size=self.pipeline_model_parallel_size,
             num_layers_in_first_pipeline_stage=self.num_layers_in_first_pipeline_stage,
             num_layers_in_last_pipeline_stage=self.num_layers_in_last_pipeline_stage,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
+            microbatch_group_size_per_vp_stage=self.microbatch_group_size_per_vp_stage,
+            overlap_p2p_comm=self.overlap_p2p_comm,
+            overlap_p2p_comm_warmup_flush=self.overlap_p2p_comm_warmup_flush,
             sequence_parallel=self.sequence_parallel,
             pipeline_dtype=self.params_dtype,
             use_cpu_initialization=cpu,
@@ -154,7 +165,8 @@ class PatchGPTConfig(ModelShape):
             persist_layer_norm=False,
             apply_rope_fusion=False,
             gradient_accumulation_fusion=False,
-            # Gloo runs point-to-point ops one by one; batching them needs NCCL.
-            batch_p2p_comm=not cpu,
+            # Gloo runs point-to-point ops one by one; batching them needs NCCL. Overlapped
+            # transfers are single asynchronous ones (megatron-core refuses both at once).
+            batch_p2p_comm=not cpu and not self.overlap_p2p_comm,
             cuda_graph_scope=[],  # megatron's default "full" warns that it is deprecated
         )

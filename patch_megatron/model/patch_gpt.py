@@ -70,8 +70,10 @@ class PatchGPTModel(GPTModel):
 
 def build_model(config: PatchGPTConfig, pre_process: bool | None = None,
                 post_process: bool | None = None, cpu: bool | None = None,
-                layer_spec=None) -> PatchGPTModel:
-    """The model chunk of this pipeline rank (needs megatron's parallel state initialised).
+                layer_spec=None, vp_stage: int | None = None) -> PatchGPTModel:
+    """The model chunk of this pipeline rank (needs megatron's parallel state initialised):
+    with the interleaved schedule, its chunk ``vp_stage`` of
+    ``config.virtual_pipeline_model_parallel_size``.
 
     ``layer_spec(transformer_config)`` gives the decoder's layer specs; by default
     ``spec.decoder_block_spec``'s. EST passes ``patch_megatron.est.spec.subnetwork_block_spec``,
@@ -82,15 +84,18 @@ def build_model(config: PatchGPTConfig, pre_process: bool | None = None,
     from patch_megatron import cpu_mode
 
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage()
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                             vp_stage=vp_stage)
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage()
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                             vp_stage=vp_stage)
     if cpu is None:
         cpu = cpu_mode.is_installed()
     transformer_config = config.transformer_config(cpu=cpu)
     if layer_spec is None:
         block_spec = decoder_block_spec(
-            transformer_config, use_transformer_engine=config.transformer_impl == "transformer_engine")
+            transformer_config, use_transformer_engine=config.transformer_impl == "transformer_engine",
+            vp_stage=vp_stage)
     else:
         block_spec = layer_spec(transformer_config)
     model = PatchGPTModel(
@@ -105,6 +110,7 @@ def build_model(config: PatchGPTConfig, pre_process: bool | None = None,
         position_embedding_type=config.position_embedding_type,
         rotary_percent=config.rotary_percent,
         rotary_base=config.rotary_base,
+        vp_stage=vp_stage,
     )
     if not cpu:
         model.cuda(torch.cuda.current_device())

@@ -123,11 +123,14 @@ class ModelShape:
 
     def check_parallel(self, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
                        first_stage_layers: int | None = None,
-                       last_stage_layers: int | None = None) -> None:
+                       last_stage_layers: int | None = None,
+                       virtual_stages: int | None = None) -> None:
         """That megatron-core can split this shape over TP x PP ranks, else why not.
 
         ``first_stage_layers``/``last_stage_layers`` (--decoder-first/last-pipeline-num-layers)
-        fix the end stages' layer counts; the stages between split the rest evenly.
+        fix the end stages' layer counts; the stages between split the rest evenly. With
+        ``virtual_stages`` model chunks per pipeline rank (the interleaved schedule) each
+        stage's layers split evenly over its chunks.
         """
         tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
         if tp < 1 or pp < 1:
@@ -155,6 +158,8 @@ class ModelShape:
                            f"--pipeline-model-parallel-size {pp}: give a multiple of {pp}, or "
                            "the end stages' counts (--decoder-first-pipeline-num-layers, "
                            "--decoder-last-pipeline-num-layers)")])
+            self._check_virtual_stages({"each pipeline stage": self.num_layers // pp},
+                                       virtual_stages)
             return
         ends = {"--decoder-first-pipeline-num-layers": first_stage_layers,
                 "--decoder-last-pipeline-num-layers": last_stage_layers}
@@ -171,6 +176,22 @@ class ModelShape:
              f" leaves {middle_layers} of them for the {middle_stages} other pipeline stages: "
              "they must split evenly, with at least one layer each"),
         ])
+        stages = {{"--decoder-first-pipeline-num-layers": "the first stage",
+                   "--decoder-last-pipeline-num-layers": "the last stage"}[f]: n
+                  for f, n in given.items()}
+        if middle_stages:
+            stages["each middle stage"] = middle_layers // middle_stages
+        self._check_virtual_stages(stages, virtual_stages)
+
+    @staticmethod
+    def _check_virtual_stages(stage_layers: dict[str, int], virtual_stages: int | None) -> None:
+        if virtual_stages is None:
+            return
+        for stage, layers in stage_layers.items():
+            _raise_first([(layers % virtual_stages == 0,
+                           f"the interleaved schedule splits each pipeline rank's layers into "
+                           f"{virtual_stages} model chunks, but {stage} holds {layers}: give "
+                           "layer counts divisible by the chunks per rank")])
 
     @property
     def gated_linear_unit(self) -> bool:

@@ -57,8 +57,10 @@ def implementation_name(use_transformer_engine: bool | None = None) -> str:
     return f"megatron-core local layers ({norms}, torch scaled_dot_product_attention)"
 
 
-def decoder_block_spec(config, use_transformer_engine: bool | None = None):
-    """The decoder spec for this pipeline rank's layers and final norm; logs the implementation."""
+def decoder_block_spec(config, use_transformer_engine: bool | None = None,
+                       vp_stage: int | None = None):
+    """The decoder spec for this pipeline rank's layers (of its model chunk ``vp_stage`` in the
+    interleaved schedule) and final norm; logs the implementation."""
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
@@ -88,5 +90,6 @@ def decoder_block_spec(config, use_transformer_engine: bool | None = None):
         attention = layer.submodules.self_attention.submodules
         attention.q_layernorm = attention.k_layernorm = TorchNorm
     return TransformerBlockSubmodules(
-        layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=TorchNorm
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=TorchNorm
     )

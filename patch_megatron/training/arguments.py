@@ -243,6 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "the stages between split the rest evenly")
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
                    help="layers on the last pipeline stage (which also computes the loss)")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved pipeline schedule: layers per model chunk (each pipeline "
+                        "rank holds several chunks, spread over the pipeline)")
+    g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,
+                   help="interleaved pipeline schedule: model chunks per pipeline rank")
+    g.add_argument("--microbatch-group-size-per-virtual-pipeline-stage", type=int, default=None,
+                   dest="microbatch_group_size_per_vp_stage",
+                   help="interleaved schedule: consecutive micro-batches per model chunk "
+                        "(default: the pipeline-parallel size)")
+    g.add_argument("--no-overlap-p2p-communication", action="store_false",
+                   dest="overlap_p2p_comm",
+                   help="interleaved schedule: send and receive between stages without "
+                        "overlapping them with compute (then PP must be > 2)")
+    g.add_argument("--overlap-p2p-communication-warmup-flush", action="store_true",
+                   dest="overlap_p2p_comm_warmup_flush",
+                   help="interleaved schedule: overlap the warmup's and flush's sends too")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true",
@@ -533,6 +549,11 @@ def _check_model(a) -> None:
         model_shape(a).check_parallel(a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
                                       a.decoder_first_pipeline_num_layers,
                                       a.decoder_last_pipeline_num_layers)
+        a.virtual_pipeline_model_parallel_size = _virtual_pipeline_size(a)
+        model_shape(a).check_parallel(a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
+                                      a.decoder_first_pipeline_num_layers,
+                                      a.decoder_last_pipeline_num_layers,
+                                      a.virtual_pipeline_model_parallel_size)
     except ValueError as error:
         raise ArgumentError(str(error)) from None
     tp = a.tensor_model_parallel_size
@@ -577,6 +598,58 @@ def _check_patch_and_length(a) -> None:
             _require(a.train_samples >= a.global_batch_size,
                      f"--train-samples {a.train_samples} is less than one global batch "
                      f"({a.global_batch_size})")
+
+
+def _virtual_pipeline_size(a) -> int | None:
+    """Model chunks per pipeline rank of the interleaved schedule (None: not interleaved), as
+    Megatron-LM derives it from the two flags that can ask for it."""
+    per_chunk, chunks = (a.num_layers_per_virtual_pipeline_stage,
+                         a.num_virtual_stages_per_pipeline_rank)
+    if per_chunk is None and chunks is None:
+        _require(a.microbatch_group_size_per_vp_stage is None
+                 and not a.overlap_p2p_comm_warmup_flush,
+                 "--microbatch-group-size-per-virtual-pipeline-stage and "
+                 "--overlap-p2p-communication-warmup-flush tune the interleaved schedule: add "
+                 "--num-layers-per-virtual-pipeline-stage or --num-virtual-stages-per-pipeline-rank")
+        return None
+    _require(per_chunk is None or chunks is None,
+             "give one of --num-layers-per-virtual-pipeline-stage and "
+             "--num-virtual-stages-per-pipeline-rank")
+    pp = a.pipeline_model_parallel_size
+    if chunks is None:
+        _require(a.decoder_first_pipeline_num_layers is None
+                 and a.decoder_last_pipeline_num_layers is None,
+                 "with uneven pipeline stages give the chunks per rank with "
+                 "--num-virtual-stages-per-pipeline-rank (as Megatron-LM requires)")
+        per_rank = a.num_layers // pp
+        _require(per_chunk >= 1 and per_rank % per_chunk == 0,
+                 f"--num-layers-per-virtual-pipeline-stage {per_chunk} must divide the {per_rank} "
+                 f"layers of each of the {pp} pipeline stages")
+        chunks = per_rank // per_chunk
+    _require(chunks >= 1, "--num-virtual-stages-per-pipeline-rank must be >= 1")
+    if chunks == 1:
+        return None  # one chunk per rank: the plain schedule, as in Megatron-LM
+    if a.overlap_p2p_comm:
+        _require(pp > 1, "the interleaved pipeline schedule needs --pipeline-model-parallel-size "
+                 "> 1")
+    else:
+        _require(pp > 2, "the interleaved schedule without --overlap-p2p-communication needs "
+                 "--pipeline-model-parallel-size > 2 (as in Megatron-LM: otherwise two ranks "
+                 "exchange several sends and receives in one batch)")
+    return chunks
+
+
+def _check_interleaved_micro_batches(a, micro_batches: int, which: str) -> None:
+    """megatron-core's interleaved schedule runs micro-batches in groups of N per chunk."""
+    pp = a.pipeline_model_parallel_size
+    group = a.microbatch_group_size_per_vp_stage or pp
+    _require(pp <= group <= micro_batches and (micro_batches % group == 0
+                                               or micro_batches % group >= pp),
+             f"the interleaved pipeline schedule runs {which} of {micro_batches} micro-batches "
+             f"per data-parallel rank in groups of {group} "
+             "(--microbatch-group-size-per-virtual-pipeline-stage, default the PP size): it needs "
+             f"PP {pp} <= {group} <= {micro_batches}, and a last group of 0 or at least {pp}. "
+             "Change --global-batch-size or --micro-batch-size")
 
 
 def _check_rampup_flags(a) -> None:
@@ -796,6 +869,9 @@ def _check_est(a) -> None:
             _require(a.swiglu and not a.add_bias_linear and not a.add_qkv_bias,
                      "--est samples units of SwiGLU MLPs without biases: add --swiglu "
                      "--disable-bias-linear")
+            _require(a.virtual_pipeline_model_parallel_size is None,
+                     "--est with an interleaved pipeline schedule is not implemented yet: drop "
+                     "--num-layers-per-virtual-pipeline-stage/--num-virtual-stages-per-pipeline-rank")
             uneven = [f"--decoder-{end}-pipeline-num-layers" for end in ("first", "last")
                       if getattr(a, f"decoder_{end}_pipeline_num_layers") is not None]
             _require(not uneven, f"--est drops the same number of layers on every pipeline "
@@ -861,6 +937,13 @@ def check_world_size(args, world_size: int | None = None) -> int:
              f"the {args.stage.name} stage's global batch of {args.stage.global_batch_size} samples "
              f"is not divisible by micro-batch-size x data-parallel size = "
              f"{args.micro_batch_size} x {dp}: change --global-batch-size or --micro-batch-size")
+    if args.virtual_pipeline_model_parallel_size is not None:
+        _check_interleaved_micro_batches(args, args.stage.global_batch_size // per_step, "a step")
+        if args.rampup_batch_size is not None:
+            start, increment, _ = args.rampup_batch_size
+            for batch in range(start, args.stage.global_batch_size, increment):
+                _check_interleaved_micro_batches(args, batch // per_step,
+                                                 f"the ramp's step of {batch} samples")
     return dp
 
 

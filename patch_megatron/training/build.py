@@ -27,6 +27,11 @@ def model_config(args, vocab_size: int) -> PatchGPTConfig:
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        microbatch_group_size_per_vp_stage=args.microbatch_group_size_per_vp_stage,
+        # As in Megatron-LM, transfers overlap compute only in the interleaved schedule.
+        overlap_p2p_comm=args.overlap_p2p_comm and args.virtual_pipeline_model_parallel_size is not None,
+        overlap_p2p_comm_warmup_flush=args.overlap_p2p_comm_warmup_flush,
         sequence_parallel=args.sequence_parallel,
         transformer_impl=args.transformer_impl,
         recompute_granularity=args.recompute_granularity,
@@ -45,17 +50,15 @@ def grad_reduce_in_fp32(args) -> bool:
     return args.accumulate_allreduce_grads_in_fp32 or args.bf16
 
 
-def build_ddp_model(args, config: PatchGPTConfig):
-    """This pipeline rank's model in megatron's DDP (gradient buffers, DP all-reduce)."""
+def build_ddp_model(args, config: PatchGPTConfig) -> list:
+    """This pipeline rank's model chunks, each in megatron's DDP (gradient buffers, DP
+    all-reduce): one chunk, or one per virtual stage with the interleaved schedule. A list
+    either way, as megatron-core's schedules, optimizer and Megatron-LM take it."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     layer_spec = None
     if args.est:
         from patch_megatron.est.spec import subnetwork_block_spec as layer_spec
-    model = build_model(config, layer_spec=layer_spec)
-    # The loss is reduced per token over the whole global batch (sum of token losses / token
-    # count), whatever the micro-batching and data-parallel layout: finalize_model_grads divides.
-    model.config.calculate_per_token_loss = True
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32(args),
         overlap_grad_reduce=args.overlap_grad_reduce,
@@ -64,10 +67,23 @@ def build_ddp_model(args, config: PatchGPTConfig):
         check_for_nan_in_grad=False,  # the loop checks the loss and names the iteration
         average_in_collective=False,
     )
-    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    chunks = []
+    for vp_stage in range(config.virtual_pipeline_model_parallel_size or 1):
+        model = build_model(config, layer_spec=layer_spec,
+                            vp_stage=None if config.virtual_pipeline_model_parallel_size is None
+                            else vp_stage)
+        # The loss is reduced per token over the whole global batch (sum of token losses /
+        # token count), whatever the micro-batching and data-parallel layout:
+        # finalize_model_grads divides.
+        model.config.calculate_per_token_loss = True
+        # As in Megatron-LM: later chunks' gradients reduce in one bucket each, so that the
+        # overlapped reductions of the chunks do not interleave.
+        chunks.append(DistributedDataParallel(config=model.config, ddp_config=ddp_config,
+                                              module=model, disable_bucketing=vp_stage > 0))
+    return chunks
 
 
-def build_optimizer(args, ddp_model):
+def build_optimizer(args, model: list):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = OptimizerConfig(
@@ -90,10 +106,10 @@ def build_optimizer(args, ddp_model):
         min_loss_scale=args.min_loss_scale,
         loss_scale_window=args.loss_scale_window,
         hysteresis=args.hysteresis,
-        params_dtype=ddp_model.config.params_dtype,
+        params_dtype=model[0].config.params_dtype,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(config, [ddp_model])
+    return get_megatron_optimizer(config, model)
 
 
 def build_scheduler(args, plan, optimizer):
@@ -119,14 +135,20 @@ def build_scheduler(args, plan, optimizer):
     )
 
 
-def wire_schedule_hooks(ddp_model, optimizer) -> None:
-    """What megatron's schedules call back into: grad finalisation, no_sync, loss scaling."""
+def wire_schedule_hooks(model: list, optimizer) -> None:
+    """What megatron's schedules call back into: grad finalisation, no_sync, loss scaling
+    (the schedules read the first chunk's config; one hook per chunk, as Megatron-LM wires
+    them)."""
     from megatron.core.distributed import finalize_model_grads
 
-    config = ddp_model.config
+    config = model[0].config
     config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp_model.no_sync
-    if ddp_model.ddp_config.overlap_grad_reduce:
+    config.no_sync_func = [chunk.no_sync for chunk in model]
+    if len(model) == 1:
+        config.no_sync_func = config.no_sync_func[0]
+    if model[0].ddp_config.overlap_grad_reduce:
         # The pipeline schedules start the last micro-batch's bucket reductions through this.
-        config.grad_sync_func = ddp_model.start_grad_sync
+        config.grad_sync_func = [chunk.start_grad_sync for chunk in model]
+        if len(model) == 1:
+            config.grad_sync_func = config.grad_sync_func[0]
     config.grad_scale_func = optimizer.scale_loss

@@ -165,8 +165,15 @@ def _rng_sharded_object():
 # ---------------------------------------------------------------------------
 # The sharded state dict: the same builder for saving and loading.
 
-def _model_sharded_state_dict(model, metadata: dict, *, is_loading: bool) -> dict:
-    """The model's sharded state; on loading, without the layers' ``_extra_state`` objects.
+def model_keys(model: list) -> list[str]:
+    """Where each model chunk's state sits in a checkpoint, as Megatron-LM names them:
+    ``model``, or ``model0``, ``model1``, ... with the interleaved schedule."""
+    return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
+
+
+def _model_sharded_state_dict(model: list, metadata: dict, *, is_loading: bool) -> dict:
+    """The model chunks' sharded states by ``model_keys``; on loading, without the layers'
+    ``_extra_state`` objects.
 
     Those are None for megatron's local layers (Transformer Engine keeps FP8
     scaling metadata there, which this project does not use). They are saved,
@@ -175,11 +182,14 @@ def _model_sharded_state_dict(model, metadata: dict, *, is_loading: bool) -> dic
     """
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    state = model.module.sharded_state_dict(metadata=metadata)
-    if not is_loading:
-        return state
-    return {key: value for key, value in state.items()
-            if not (isinstance(value, ShardedObject) and key.endswith("_extra_state"))}
+    states = {}
+    for key, chunk in zip(model_keys(model), model):
+        state = chunk.module.sharded_state_dict(metadata=metadata)
+        if is_loading:
+            state = {name: value for name, value in state.items()
+                     if not (isinstance(value, ShardedObject) and name.endswith("_extra_state"))}
+        states[key] = state
+    return states
 
 
 def optimizer_format(args) -> str:
@@ -216,12 +226,14 @@ def _check_optimizer_state_loads(record: CheckpointRecord, args, path: str) -> N
             f"{record.layout[0]} x PP {record.layout[1]}; this run is TP {here_layout[0]} x PP "
             f"{here_layout[1]} and that state cannot be resharded (another data-parallel size "
             f"can). {fix}")
-    for end in ("first", "last"):  # the stages' layer counts shape the shards too
-        name = f"decoder_{end}_pipeline_num_layers"
+    # The stages' layer counts and the model chunks per rank shape the shards too.
+    for name, what in (("decoder_first_pipeline_num_layers", "layers on the first stage"),
+                       ("decoder_last_pipeline_num_layers", "layers on the last stage"),
+                       ("virtual_pipeline_model_parallel_size", "model chunks per pipeline rank")):
         if saved == DISTRIBUTED_OPTIMIZER and record.flags.get(name) != getattr(args, name):
             raise CheckpointError(
                 f"checkpoint {path} holds distributed-optimizer state sharded with "
-                f"--decoder-{end}-pipeline-num-layers {record.flags.get(name)}; this run has "
+                f"{record.flags.get(name)} {what} (None: the even split); this run has "
                 f"{getattr(args, name)} and that state cannot be resharded. {fix}")
 
 
@@ -238,10 +250,10 @@ def _sharding_metadata(content: dict | None, optimizer_state_format: str | None)
 
 def _sharded_state_dict(model, optimizer, metadata: dict, *, with_optimizer: bool, with_rng: bool,
                         is_loading: bool):
-    model_sd = _model_sharded_state_dict(model, metadata, is_loading=is_loading)
-    state = {"model": model_sd}
+    state = _model_sharded_state_dict(model, metadata, is_loading=is_loading)
     if with_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+        # The optimizer finds its parameters' sharded tensors in all chunks' states.
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
                                                           metadata=metadata)
     if with_rng:
         state["rng_state"] = _rng_sharded_object()
@@ -303,9 +315,10 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _refuse_non_finite_weights(model, iteration: int) -> None:
+def _refuse_non_finite_weights(model: list, iteration: int) -> None:
     # One reduction on the device, one host sync for all parameters.
-    finite = torch.stack([torch.isfinite(p).all() for p in model.module.parameters()]).all()
+    finite = torch.stack([torch.isfinite(p).all() for chunk in model
+                          for p in chunk.module.parameters()]).all()
     bad = (~finite).to(torch.float32).reshape(1)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(bad)
@@ -395,9 +408,10 @@ def _drop_unretained(save_dir: str, previous: int, iteration: int, retain_interv
           "and the latest)", flush=True)
 
 
-def model_shape_of(model) -> ModelShape:
-    """The shape of the model as megatron-core built it (T fixes no parameter)."""
-    module = model.module
+def model_shape_of(model: list) -> ModelShape:
+    """The shape of the model as megatron-core built it (T fixes no parameter); every chunk
+    carries the whole model's config."""
+    module = model[0].module
     config = module.config
     gated = config.gated_linear_unit
     squared = getattr(config.activation_func, "__name__", "") == "squared_relu"
@@ -611,8 +625,12 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
                                      strict=args.dist_ckpt_strictness)
     if isinstance(loaded, tuple):  # the return_* strictness modes add the key lists
         loaded = loaded[0]
-    missing, unexpected = model.module.load_state_dict(loaded["model"], strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]  # not read, see above
+    missing, unexpected = [], []
+    for key, chunk in zip(model_keys(model), model):
+        result = chunk.module.load_state_dict(loaded[key], strict=False)
+        missing += [f"{key}.{k}" if len(model) > 1 else k for k in result.missing_keys
+                    if not k.endswith("_extra_state")]  # not read, see above
+        unexpected += [f"{key}.{k}" if len(model) > 1 else k for k in result.unexpected_keys]
     if missing or unexpected:
         message = (f"checkpoint {path} does not match the model: missing {missing}, "
                    f"unexpected {unexpected}")

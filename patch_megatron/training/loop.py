@@ -86,18 +86,29 @@ class StepResult:
     num_zeros_in_grad: float | None = None  # with --log-num-zeros-in-grad
 
 
+def chunk_iterators(model: list, batches, num_microbatches: int):
+    """What the schedule reads a step's micro-batches from: the iterator itself, or, with the
+    interleaved schedule, one iterator per model chunk over the same micro-batches (each chunk
+    runs all of them, the first and last chunks reading their tokens and labels)."""
+    if len(model) == 1:
+        return batches
+    step = [next(batches) for _ in range(num_microbatches)]
+    return [iter(step) for _ in model]
+
+
 def train_step(model, optimizer, scheduler, data_iterator, num_microbatches, global_batch_size,
                args, iteration):
     """One step of ``num_microbatches`` micro-batches per data-parallel rank, which hold
-    ``global_batch_size`` samples together."""
+    ``global_batch_size`` samples together. ``model``: this rank's model chunks (a list)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    model.zero_grad_buffer()
+    for chunk in model:
+        chunk.zero_grad_buffer()
     optimizer.zero_grad()
     reports = get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=data_iterator,
-        model=[model],
+        data_iterator=chunk_iterators(model, data_iterator, num_microbatches),
+        model=model,
         num_microbatches=num_microbatches,
         seq_length=args.seq_length,  # T: what flows between pipeline stages
         micro_batch_size=args.micro_batch_size,
@@ -157,19 +168,21 @@ def non_finite_step(model, optimizer, check_gradients: bool = True) -> str | Non
     return None
 
 
-def _gradients_are_finite(model) -> bool:
+def _gradients_are_finite(model: list) -> bool:
     # megatron's DDP keeps its grad buffers in lists (a plain Module's .buffers is a method)
-    buffers = [b for name in ("buffers", "expert_parallel_buffers")
-               if isinstance(getattr(model, name, None), list) for b in getattr(model, name)]
+    buffers = [b for chunk in model for name in ("buffers", "expert_parallel_buffers")
+               if isinstance(getattr(chunk, name, None), list) for b in getattr(chunk, name)]
     if buffers:
         return bool(torch.stack([torch.isfinite(b.grad_data).all() for b in buffers]).all())
-    grads = [p.grad for p in model.parameters() if p.grad is not None]  # a stand-in model
+    grads = [p.grad for chunk in model for p in chunk.parameters()
+             if p.grad is not None]  # a stand-in model
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
 
-def weights_are_finite(model) -> bool:
+def weights_are_finite(model: list) -> bool:
     """Collective: True when every rank's weights are finite."""
-    local = torch.stack([torch.isfinite(p).all() for p in model.module.parameters()]).all()
+    local = torch.stack([torch.isfinite(p).all() for chunk in model
+                         for p in chunk.module.parameters()]).all()
     return not _any_rank(not bool(local.item()))
 
 
@@ -177,10 +190,17 @@ def weights_are_finite(model) -> bool:
 # Evaluation.
 
 @contextlib.contextmanager
-def token_level(model):
+def token_level(model: list):
     """Run the same weights with K=1: the patch embedding's mean over one token is the
     token's embedding, and with patch_size 1 the model uses megatron's own loss."""
-    module = model.module
+    with contextlib.ExitStack() as stack:
+        for chunk in model:
+            stack.enter_context(_chunk_at_token_level(chunk.module))
+        yield
+
+
+@contextlib.contextmanager
+def _chunk_at_token_level(module):
     embedding = getattr(module, "embedding", None) if module.pre_process else None
     saved = module.patch_size, getattr(embedding, "patch_size", None)
     module.patch_size = 1
@@ -198,13 +218,14 @@ def token_level(model):
 def eval_loss(model, batches, num_microbatches, args, eval_iters) -> float:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    model.eval()
+    for chunk in model:
+        chunk.eval()
     loss_sum = tokens = 0.0
     for _ in range(eval_iters):
         reports = get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=batches,
-            model=[model],
+            data_iterator=chunk_iterators(model, batches, num_microbatches),
+            model=model,
             num_microbatches=num_microbatches,
             seq_length=args.seq_length,
             micro_batch_size=args.micro_batch_size,
@@ -213,7 +234,8 @@ def eval_loss(model, batches, num_microbatches, args, eval_iters) -> float:
         loss, n = global_loss(reports)
         loss_sum += loss * n
         tokens += n
-    model.train()
+    for chunk in model:
+        chunk.train()
     return loss_sum / max(tokens, 1.0)
 
 
@@ -245,7 +267,7 @@ class Run:
 
     args: object
     plan: object  # arguments.StagePlan
-    model: object  # megatron DDP around this rank's PatchGPTModel
+    model: list  # this rank's model chunks: megatron DDP around each PatchGPTModel chunk
     optimizer: object
     scheduler: object
     data: object  # data.StageData
@@ -290,14 +312,16 @@ class ParamGather:
     step, and whatever reads the parameters between steps (evaluation, a save, the end-of-run
     check) finishes the gather first (``current``)."""
 
-    def __init__(self, model, enabled: bool):
+    def __init__(self, model: list, enabled: bool):
         self.model, self.enabled, self.hooked = model, enabled, False
         if enabled:
-            model.disable_forward_pre_hook(param_sync=False)
+            for chunk in model:
+                chunk.disable_forward_pre_hook(param_sync=False)
 
     def after_step(self, skipped: bool) -> None:
         if self.enabled and not self.hooked and not skipped:
-            self.model.enable_forward_pre_hook()
+            for chunk in self.model:
+                chunk.enable_forward_pre_hook()
             self.hooked = True
 
     @contextlib.contextmanager
@@ -305,11 +329,13 @@ class ParamGather:
         if not self.hooked:
             yield
             return
-        self.model.disable_forward_pre_hook(param_sync=True)
+        for chunk in self.model:
+            chunk.disable_forward_pre_hook(param_sync=True)
         try:
             yield
         finally:
-            self.model.enable_forward_pre_hook()
+            for chunk in self.model:
+                chunk.enable_forward_pre_hook()
 
 
 def train(run: Run, state: TrainState) -> str:
@@ -363,7 +389,7 @@ def _train_stage(run: Run, state: TrainState, collector) -> str:
         global_batch_size = batch.global_batch_size
         profiler.before_step(state.iteration)
         lr = run.scheduler.optimizer.param_groups[0]["lr"]
-        kept = est.set_step([run.model], state.iteration + 1) if est else flops.FULL_MODEL
+        kept = est.set_step(run.model, state.iteration + 1) if est else flops.FULL_MODEL
         this_step_flops = step_flops(plan, run.shape, kept, global_batch_size)
         step_started = time.monotonic()
         step = train_step(run.model, run.optimizer, run.scheduler, batches,

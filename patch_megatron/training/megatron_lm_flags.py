@@ -103,13 +103,6 @@ REFUSED = {
                                        "is " + _NOT_YET + "; give a --global-batch-size (and "
                                        "--rampup-batch-size START and INCREMENT) divisible by "
                                        "micro-batch-size x data-parallel size",
-    "--num-layers-per-virtual-pipeline-stage": "interleaved pipeline schedules are " + _NOT_YET
-                                               + "; drop it (the same model, a larger bubble)",
-    "--num-virtual-stages-per-pipeline-rank": "interleaved pipeline schedules are " + _NOT_YET
-                                              + "; drop it (the same model, a larger bubble)",
-    "--microbatch-group-size-per-virtual-pipeline-stage": "interleaved pipeline schedules are "
-                                                          + _NOT_YET,
-    "--overlap-p2p-communication-warmup-flush": "interleaved pipeline schedules are " + _NOT_YET,
     "--account-for-embedding-in-pipeline-split": "counting the embedding as a layer is "
                                                  + _NOT_YET + "; give the first stage fewer "
                                                  "layers with --decoder-first-pipeline-num-layers",

@@ -108,17 +108,17 @@ def max_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, 
     return dict(zip(values, reduced.tolist()))
 
 
-def params_norm(model) -> float:
-    """The L2 norm of the model's parameters, each counted once (Megatron-LM's --log-params-norm):
+def params_norm(model: list) -> float:
+    """The L2 norm of the model chunks' parameters, each counted once (Megatron-LM's --log-params-norm):
     tensor-parallel copies and the tied output layer's copy of the embedding are left out, and
     the squares are summed over the tensor- and pipeline-parallel ranks."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
     from megatron.core.transformer.module import param_is_not_shared
 
-    device = next(model.parameters()).device
-    total = torch.zeros(1, dtype=torch.float64, device=device)
-    for param in model.parameters():
+    parameters = [p for chunk in model for p in chunk.parameters()]
+    total = torch.zeros(1, dtype=torch.float64, device=parameters[0].device)
+    for param in parameters:
         if param_is_not_tensor_parallel_duplicate(param) and param_is_not_shared(param):
             total += param.detach().double().pow(2).sum()
     if torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized():

@@ -53,16 +53,17 @@ def check_writable(save: str) -> None:
                            "this run can write, or fix its permissions") from None
 
 
-def checkpoint_bytes(model, args) -> int:
+def checkpoint_bytes(model: list, args) -> int:
     """About one checkpoint's size: weights at their dtype, fp32 master copies, two Adam moments.
 
     Collective: every rank counts its parameters; data-parallel replicas hold the same ones.
     """
     from megatron.core import parallel_state
 
-    count = torch.tensor([float(sum(p.numel() for p in model.module.parameters()))])
+    parameters = [p for chunk in model for p in chunk.module.parameters()]
+    count = torch.tensor([float(sum(p.numel() for p in parameters))])
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        count = count.to(next(model.module.parameters()).device)
+        count = count.to(parameters[0].device)
         torch.distributed.all_reduce(count)
         count = count.cpu() / parallel_state.get_data_parallel_world_size()
     half = args.bf16 or args.fp16

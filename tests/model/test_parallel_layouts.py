@@ -1,5 +1,5 @@
-"""TP=2, PP=2 (even, and uneven: 1 + 2 of 3 layers), DP=2 and TP=2 with sequence
-parallelism against TP=1/PP=1/DP=1.
+"""TP=2, PP=2 (even; uneven: 1 + 3 of 4 layers; interleaved: 2 chunks of 1 layer per rank),
+DP=2 and TP=2 with sequence parallelism against TP=1/PP=1/DP=1.
 
 Each layout runs on two real gloo processes through megatron-core's own
 pipeline schedule, DDP and finalize_model_grads, for K=1 and K=4 and for both
@@ -12,12 +12,14 @@ import pytest
 import torch
 
 from distributed_harness import run_on_ranks
-from megatron_layout import global_name, tp_concat, tp_slice
+from megatron_layout import shifted_name, tp_concat, tp_slice
 from patch_megatron.llama_recipe import LLAMA_ARCHITECTURE
 
 SHAPE = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
              ffn_hidden_size=48, vocab_size=64, seq_length=6)
-UNEVEN_LAYERS = 3  # the uneven pipeline's model: 1 layer on the first stage, 2 on the last
+# The uneven and interleaved pipelines' model: 1 layer on the first stage and 3 on the last,
+# or layers 0 and 2 on the first rank's two chunks, 1 and 3 on the second's.
+DEEP_LAYERS = 4
 # Dropout off in both, so that layouts can be compared exactly.
 ARCHITECTURES = {"llama": LLAMA_ARCHITECTURE,
                  "gpt": dict(hidden_dropout=0.0, attention_dropout=0.0)}
@@ -25,8 +27,17 @@ CASES = [(arch, K) for arch in ARCHITECTURES for K in (1, 4)]
 BATCH = 4
 
 
-def _shape(first_stage_layers):
-    return SHAPE if first_stage_layers is None else dict(SHAPE, num_layers=UNEVEN_LAYERS)
+def _shape(deep):
+    return dict(SHAPE, num_layers=DEEP_LAYERS) if deep else SHAPE
+
+
+def _layer_offset(num_layers, pp, pp_rank, first_stage_layers, chunks, chunk):
+    """The model's index of a chunk's first layer (megatron-core's order, written out)."""
+    if first_stage_layers is not None:
+        rest = (num_layers - first_stage_layers) // (pp - 1)
+        return 0 if pp_rank == 0 else first_stage_layers + (pp_rank - 1) * rest
+    per_chunk = num_layers // (pp * chunks)
+    return (chunk * pp + pp_rank) * per_chunk
 
 
 def _data(K, seed):
@@ -37,7 +48,7 @@ def _data(K, seed):
     return window[:, :-K], window[:, K:], mask
 
 
-def _layout_worker(tp, pp, sp, first_stage_layers, full_weights):
+def _layout_worker(tp, pp, sp, first_stage_layers, chunks, full_weights):
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -47,41 +58,45 @@ def _layout_worker(tp, pp, sp, first_stage_layers, full_weights):
     from patch_megatron.model.config import PatchGPTConfig
     from patch_megatron.model.patch_gpt import build_model
 
-    parallel.initialize(parallel.ParallelConfig(tp, pp, sp, cpu=True), seed=7)
+    virtual = chunks if chunks > 1 else None
+    parallel.initialize(parallel.ParallelConfig(tp, pp, sp, cpu=True,
+                                                virtual_pipeline_model_parallel_size=virtual),
+                        seed=7)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     results = {}
-    shape = _shape(first_stage_layers)
+    deep = first_stage_layers is not None or virtual is not None
+    shape = _shape(deep)
     for arch, K in CASES:
         cfg = PatchGPTConfig(**shape, **ARCHITECTURES[arch], patch_size=K,
                              tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                              sequence_parallel=sp,
-                             num_layers_in_first_pipeline_stage=first_stage_layers)
-        model = build_model(cfg)
-        if first_stage_layers is None:
-            layers_per_stage = shape["num_layers"] // pp
-        else:
-            layers_per_stage = (shape["num_layers"] - first_stage_layers) // (pp - 1)
-
-        def global_name_of(name):
-            return global_name(name, pp_rank, layers_per_stage, first_stage_layers)
-
+                             num_layers_in_first_pipeline_stage=first_stage_layers,
+                             virtual_pipeline_model_parallel_size=virtual,
+                             overlap_p2p_comm=virtual is not None)
         gated = arch == "llama"
-        weights = full_weights[first_stage_layers is not None][arch, K]
-        local = {
-            name: tp_slice(name, weights[global_name_of(name)], tp, tp_rank, gated)
-            for name in model.state_dict() if not name.endswith("_extra_state")
-        }
-        model.load_state_dict(local, strict=False)
-        config = model.config
-        config.calculate_per_token_loss = True
-        ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-        config.no_sync_func = ddp.no_sync
+        weights = full_weights[deep][arch, K]
+        ddps, names = [], []
+        for chunk in range(chunks):
+            model = build_model(cfg, vp_stage=chunk if virtual else None)
+            offset = _layer_offset(shape["num_layers"], pp, pp_rank, first_stage_layers, chunks,
+                                   chunk)
+            names.append(lambda name, offset=offset: shifted_name(name, offset))
+            local = {
+                name: tp_slice(name, weights[names[-1](name)], tp, tp_rank, gated)
+                for name in model.state_dict() if not name.endswith("_extra_state")
+            }
+            model.load_state_dict(local, strict=False)
+            model.config.calculate_per_token_loss = True
+            ddps.append(DistributedDataParallel(
+                model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model))
+        config = ddps[0].config
+        config.no_sync_func = [ddp.no_sync for ddp in ddps] if virtual else ddps[0].no_sync
         config.finalize_model_grads_func = finalize_model_grads
 
         tokens, labels, mask = (t.chunk(dp)[dp_rank] for t in _data(K, seed=K))
-        micro_batches = iter([dict(tokens=tokens[i:i + 1], labels=labels[i:i + 1], mask=mask[i:i + 1])
-                              for i in range(tokens.shape[0])])
+        micro_batches = [dict(tokens=tokens[i:i + 1], labels=labels[i:i + 1], mask=mask[i:i + 1])
+                         for i in range(tokens.shape[0])]
 
         def forward_step(data_iterator, chunk):
             batch = next(data_iterator)
@@ -94,13 +109,16 @@ def _layout_worker(tp, pp, sp, first_stage_layers, full_weights):
 
             return output, loss_func
 
-        ddp.zero_grad_buffer()
+        for ddp in ddps:
+            ddp.zero_grad_buffer()
         losses = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=micro_batches, model=[ddp],
-            num_microbatches=tokens.shape[0], seq_length=SHAPE["seq_length"], micro_batch_size=1,
-            forward_only=False,
+            forward_step_func=forward_step,
+            data_iterator=[iter(micro_batches) for _ in ddps] if virtual else iter(micro_batches),
+            model=ddps, num_microbatches=tokens.shape[0], seq_length=SHAPE["seq_length"],
+            micro_batch_size=1, forward_only=False,
         )
-        grads = {global_name_of(n): p.main_grad.clone() for n, p in model.named_parameters()}
+        grads = {name_of(n): p.main_grad.clone()
+                 for ddp, name_of in zip(ddps, names) for n, p in ddp.module.named_parameters()}
         loss_and_count = torch.stack([d["loss"] for d in losses]).sum(0) if losses else None
         results[arch, K] = dict(grads=grads, loss_and_count=loss_and_count)
     layers = sorted({int(n.split(".")[2]) for n in grads if n.startswith("decoder.layers.")})
@@ -148,11 +166,11 @@ def _dp_replicas_agree(rank_results, case):
 @pytest.fixture(scope="module")
 def single_process_reference():
     """Weights and the TP=1/PP=1/DP=1 loss and gradients of the same models in this process,
-    by whether the model is the uneven pipeline's."""
+    by whether the model is the deep one (the uneven and interleaved pipelines')."""
     from patch_megatron.parallel import initialize_world_of_one
 
     initialize_world_of_one(1234)
-    return {uneven: _single_process(_shape(1 if uneven else None)) for uneven in (False, True)}
+    return {deep: _single_process(_shape(deep)) for deep in (False, True)}
 
 
 def _single_process(shape):
@@ -173,9 +191,11 @@ def _single_process(shape):
     return out
 
 
-# (TP, PP, sequence parallel, layers on the first pipeline stage)
-LAYOUTS = {"TP2": (2, 1, False, None), "PP2": (1, 2, False, None), "DP2": (1, 1, False, None),
-           "TP2-SP": (2, 1, True, None), "PP2-uneven": (1, 2, False, 1)}
+# (TP, PP, sequence parallel, layers on the first pipeline stage, model chunks per rank)
+LAYOUTS = {"TP2": (2, 1, False, None, 1), "PP2": (1, 2, False, None, 1),
+           "DP2": (1, 1, False, None, 1), "TP2-SP": (2, 1, True, None, 1),
+           "PP2-uneven": (1, 2, False, 1, 1), "PP2-interleaved": (1, 2, False, None, 2)}
+HELD_LAYERS = {"PP2-uneven": {0: [0], 1: [1, 2, 3]}, "PP2-interleaved": {0: [0, 2], 1: [1, 3]}}
 
 
 @pytest.fixture(scope="module")
@@ -190,10 +210,10 @@ def two_process_results(single_process_reference):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(layout, two_process_results, single_process_reference):
     ranks = two_process_results[layout]
-    uneven = LAYOUTS[layout][3] is not None
-    if uneven:  # the first stage built one layer, the last two
-        assert {r["pp_rank"]: r["layers"] for r in ranks} == {0: [0], 1: [1, 2]}
-    for case, ref in single_process_reference[uneven].items():
+    deep = layout in HELD_LAYERS
+    if deep:  # each pipeline rank built the layers it should
+        assert {r["pp_rank"]: r["layers"] for r in ranks} == HELD_LAYERS[layout]
+    for case, ref in single_process_reference[deep].items():
         loss, grads = _assemble(ranks, case)
         torch.testing.assert_close(torch.tensor(loss), ref["loss"], rtol=1e-5, atol=1e-6)
         assert grads.keys() == ref["grads"].keys()

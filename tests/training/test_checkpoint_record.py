@@ -141,7 +141,7 @@ def test_a_qk_layernorm_model_is_rebuilt_from_its_record():
     model = build_model(config)
     record = CheckpointRecord(iteration=1, patch_size=1, tensor_model_parallel_size=1,
                               pipeline_model_parallel_size=1, flags={"seq_length": 8},
-                              model_shape=model_shape_of(SimpleNamespace(module=model)))
+                              model_shape=model_shape_of([SimpleNamespace(module=model)]))
     rebuilt_config = from_record(read_record(to_common(record), "x"), "x").model_config()
     assert rebuilt_config.qk_layernorm and rebuilt_config.rotary_interleaved
     rebuilt = build_model(rebuilt_config)

@@ -118,7 +118,7 @@ def test_params_norm_counts_each_parameter_once(model_world):
                                        vocab_size=64, seq_length=8,
                                        untie_embeddings_and_output_weights=False))
     expected = torch.sqrt(sum(p.detach().double().pow(2).sum() for p in model.parameters()))
-    assert abs(params_norm(model) - float(expected)) < 1e-9
+    assert abs(params_norm([model]) - float(expected)) < 1e-9
 
 
 @pytest.fixture

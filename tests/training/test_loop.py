@@ -41,7 +41,7 @@ def fake_run(train_iters, *, eval_interval=2, eval_iters=1, save_interval=None, 
                      data_start_token=0, rampup_batch_size=rampup)
     scheduler = types.SimpleNamespace(optimizer=types.SimpleNamespace(param_groups=[{"lr": 1e-3}]))
     run = loop.Run(
-        args=args, plan=plan, model=types.SimpleNamespace(module=torch.nn.Linear(2, 2)),
+        args=args, plan=plan, model=[types.SimpleNamespace(module=torch.nn.Linear(2, 2))],
         optimizer=None, scheduler=scheduler,
         data=types.SimpleNamespace(train=[], valid=[] if valid else None, valid_tokens=None),
         make_batches=lambda dataset, consumed=0: iter(()), num_microbatches=1,
@@ -421,13 +421,13 @@ def _model_with_grads(value):
 ])
 def test_a_step_with_non_finite_gradients_or_learning_rate_is_named(grad, lr, problem):
     optimizer = types.SimpleNamespace(param_groups=[{"lr": lr}])
-    assert loop.non_finite_step(_model_with_grads(grad), optimizer) == problem
+    assert loop.non_finite_step([_model_with_grads(grad)], optimizer) == problem
 
 
 def test_a_run_ending_with_non_finite_weights_fails_and_does_not_save(stand_ins):
     run, events = fake_run(3, save_interval=2)
     with torch.no_grad():
-        run.model.module.weight[0, 0] = float("nan")
+        run.model[0].module.weight[0, 0] = float("nan")
     with pytest.raises(loop.NonFiniteLossError, match="iteration 3: the weights hold NaN/Inf at "
                        "the end of training \\(the last good checkpoint in ckpt stays latest\\)"):
         loop.train(run, loop.TrainState())

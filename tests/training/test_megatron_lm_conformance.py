@@ -40,10 +40,11 @@ def built():
         check_world_size(args, 1)
         # NullTokenizer: --vocab-size ids plus its end-of-document id, as Megatron-LM counts.
         config = build.model_config(args, args.vocab_size + 1)
-        ddp = build.build_ddp_model(args, config)
-        optimizer = build.build_optimizer(args, ddp)
+        chunks = build.build_ddp_model(args, config)
+        assert len(chunks) == 1
+        optimizer = build.build_optimizer(args, chunks)
         scheduler = build.build_scheduler(args, args.stage, optimizer)
-        out[name] = (args, ddp, scheduler, optimizer)
+        out[name] = (args, chunks[0], scheduler, optimizer)
     return out
 
 
