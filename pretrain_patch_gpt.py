@@ -79,13 +79,15 @@ def main(argv=None) -> int:
         print_arguments(args)
 
     ramped = plan.rampup_batch_size is not None  # a step is then not a fixed number of samples
+    chunks = args.virtual_pipeline_model_parallel_size
+    interleaved = f" ({chunks} model chunks per pipeline rank, interleaved)" if chunks else ""
     print_rank0(f"> {plan.name} stage: K={plan.patch_size}, T={plan.seq_length} positions, "
                 f"{plan.tokens_per_sample} tokens/sample, global batch {plan.global_batch_size} "
                 f"samples = {plan.tokens_per_step} tokens{' after the ramp' if ramped else ''}, "
                 f"{plan.train_iters} iterations, warmup "
                 f"{f'{plan.lr_warmup_samples} samples' if ramped else plan.lr_warmup_iters}; "
                 f"world {world_size} = TP {args.tensor_model_parallel_size} x PP "
-                f"{args.pipeline_model_parallel_size} x DP {dp_size}; "
+                f"{args.pipeline_model_parallel_size} x DP {dp_size}{interleaved}; "
                 f"{'CPU (gloo)' if on_cpu else 'GPU (NCCL)'}")
     if ramped:
         from patch_megatron.training import batch_rampup

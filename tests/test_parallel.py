@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.distributed_harness import free_port, run_on_ranks
+from tests.distributed_harness import free_port
 
 TIMEOUT_MINUTES = 0.05  # 3 s: megatron's own default for its groups is 30 minutes
 
@@ -69,34 +69,31 @@ def test_a_frozen_tensor_parallel_peer_times_out_after_the_given_timeout():
             process.join(timeout=10)
 
 
-def _stages_and_replicas():
-    import torch
+def test_the_rank_order_reaches_megatron_core(monkeypatch):
+    # What the two orders mean to megatron-core, for 4 ranks = PP 2 x DP 2: by default
+    # consecutive ranks are data-parallel replicas of one stage; with --use-tp-pp-dp-mapping
+    # they are one pipeline's stages.
     from megatron.core import parallel_state
+    from megatron.core.parallel_state import RankGenerator
 
     from patch_megatron import parallel
 
-    layouts = {}
-    for order in (parallel.DATA_BEFORE_PIPELINE, parallel.PIPELINE_BEFORE_DATA):
-        parallel.initialize(parallel.ParallelConfig(pipeline_model_parallel_size=2, cpu=True,
-                                                    rank_order=order), seed=1)
-        layouts[order] = (parallel_state.get_pipeline_model_parallel_rank(),
-                          parallel_state.get_data_parallel_rank())
-        parallel_state.destroy_model_parallel()  # the world stays for the next order
-    rank = torch.distributed.get_rank()
-    parallel.destroy()
-    return rank, layouts
+    def groups(order, kind):
+        return RankGenerator(tp=1, ep=1, dp=2, pp=2, cp=1, order=order).get_ranks(kind)
 
-
-def test_the_rank_order_numbers_replicas_or_stages_first():
-    # 4 ranks = PP 2 x DP 2, as (stage, replica). Megatron-LM's default: consecutive ranks are
-    # data-parallel replicas of one stage; --use-tp-pp-dp-mapping: they are one pipeline's stages.
-    from patch_megatron import parallel
-
-    ranks = dict(run_on_ranks(_stages_and_replicas, 4))
-    by_order = {order: {rank: layouts[order] for rank, layouts in ranks.items()}
-                for order in (parallel.DATA_BEFORE_PIPELINE, parallel.PIPELINE_BEFORE_DATA)}
-    assert by_order[parallel.DATA_BEFORE_PIPELINE] == {0: (0, 0), 1: (0, 1), 2: (1, 0), 3: (1, 1)}
-    assert by_order[parallel.PIPELINE_BEFORE_DATA] == {0: (0, 0), 1: (1, 0), 2: (0, 1), 3: (1, 1)}
+    assert groups(parallel.DATA_BEFORE_PIPELINE, "dp") == [[0, 1], [2, 3]]
+    assert groups(parallel.PIPELINE_BEFORE_DATA, "pp") == [[0, 1], [2, 3]]
+    # And what parallel.initialize hands megatron-core's group builder (in this process's
+    # world of one, the builder replaced by a recorder).
+    parallel.initialize_world_of_one()
+    given = {}
+    monkeypatch.setattr(parallel_state, "model_parallel_is_initialized", lambda: False)
+    monkeypatch.setattr(parallel_state, "initialize_model_parallel", lambda **kw: given.update(kw))
+    monkeypatch.setattr(parallel, "set_seed", lambda seed: None)
+    parallel.initialize(parallel.ParallelConfig(cpu=True, rank_order=parallel.PIPELINE_BEFORE_DATA,
+                                                virtual_pipeline_model_parallel_size=3), seed=1)
+    assert given["order"] == parallel.PIPELINE_BEFORE_DATA
+    assert given["virtual_pipeline_model_parallel_size"] == 3
 
 if __name__ == "__main__":
     pytest.main([__file__])

@@ -180,7 +180,7 @@ class ModelShape:
                    "--decoder-last-pipeline-num-layers": "the last stage"}[f]: n
                   for f, n in given.items()}
         if middle_stages:
-            stages["each middle stage"] = middle_layers // middle_stages
+            stages["each other stage"] = middle_layers // middle_stages
         self._check_virtual_stages(stages, virtual_stages)
 
     @staticmethod

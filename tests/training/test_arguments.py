@@ -88,6 +88,19 @@ BAD = [
     ("--train-iters 5 --pipeline-model-parallel-size 2 --decoder-first-pipeline-num-layers 0",
      "must be >= 1"),
     ("--train-iters 5 --swiglu --squared-relu", "pick one"),
+    ("--train-iters 5 --num-layers 4 --pipeline-model-parallel-size 2 "
+     "--num-layers-per-virtual-pipeline-stage 1 --num-virtual-stages-per-pipeline-rank 2",
+     "give one of"),
+    ("--train-iters 5 --num-layers 6 --pipeline-model-parallel-size 2 "
+     "--num-layers-per-virtual-pipeline-stage 2", "must divide the 3 layers"),
+    ("--train-iters 5 --num-layers 4 --pipeline-model-parallel-size 2 "
+     "--num-layers-per-virtual-pipeline-stage 1 --no-overlap-p2p-communication",
+     "--pipeline-model-parallel-size > 2"),
+    ("--train-iters 5 --num-layers 6 --pipeline-model-parallel-size 2 "
+     "--num-virtual-stages-per-pipeline-rank 2 --decoder-first-pipeline-num-layers 1",
+     "the first stage holds 1"),
+    ("--train-iters 5 --microbatch-group-size-per-virtual-pipeline-stage 2",
+     "tune the interleaved schedule"),
     ("--train-iters 5 --position-embedding-type relative", "invalid choice"),
     ("--train-iters 5 --position-embedding-type learned_absolute --no-position-embedding",
      "--position-embedding-type none"),
@@ -136,6 +149,12 @@ def test_world_size_checks():
     args = parse("--train-iters 5 --global-batch-size 6")
     with pytest.raises(ArgumentError, match="micro-batch-size x data-parallel size"):
         check_world_size(args, world_size=2)
+    # The interleaved schedule's micro-batch groups: PP 2 needs at least 2 per step.
+    interleaved = ("--train-iters 5 --num-layers 4 --pipeline-model-parallel-size 2 "
+                   "--num-layers-per-virtual-pipeline-stage 1 --global-batch-size {}")
+    with pytest.raises(ArgumentError, match="runs a step of 1 micro-batches per data-parallel"):
+        check_world_size(parse(interleaved.format(2)), world_size=2)
+    assert check_world_size(parse(interleaved.format(4)), world_size=2) == 1
 
 
 def test_transformer_impl_is_checked_on_the_machine_that_runs_it():
