@@ -75,9 +75,10 @@ NO_OP = {
     "--timing-log-level": _NOT_LOGGED,
     "--timing-log-option": _NOT_LOGGED,
     "--log-throughput": "tokens/s, TFLOP/s and MFU are always in the log line here",
-    "--ddp-average-in-collective": "where the data-parallel mean is taken: here gradients are "
-                                   "summed and divided once by the global batch's scored tokens, "
-                                   "the same mean (every token is scored)",
+    "--ddp-average-in-collective": "where the data-parallel mean is taken (in the collective, "
+                                   "or by scaling before it), the same mean either way; here "
+                                   "gradients are summed and divided once by the global "
+                                   "batch's scored tokens",
     "--defer-embedding-wgrad-compute": "when the output layer's weight gradients are computed "
                                        "(during the pipeline flush, with fused weight-gradient "
                                        "accumulation, which does not run here): the same "
