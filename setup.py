@@ -25,6 +25,9 @@ setup(
         "matplotlib>=3.6",
     ],
     extras_require={
-        "test": ["pytest>=7.4"],
+        # preprocess_data.py --split-sentences: NLTK's Punkt, pickle-free from 3.9.1 (3.9.0
+        # fails on import without its WordNet data).
+        "split-sentences": ["nltk>=3.9.1"],
+        "test": ["pytest>=7.4", "nltk>=3.9.1"],
     },
 )

@@ -1,5 +1,5 @@
 """Shared fixtures: a one-process megatron world, a real builtin corpus, a tiny SentencePiece
-model, tool loaders."""
+model, an English Punkt sentence model, tool loaders."""
 
 import os
 
@@ -63,3 +63,21 @@ def builtin_data_prefix(builtin_corpus, sentencepiece_model, tmp_path_factory):
         tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=sentencepiece_model,
         append_eod=True, workers=0, log_interval=10**9), progress_stream=open(os.devnull, "w"))
     return summary.outputs[0]
+
+
+@pytest.fixture(scope="session")
+def punkt_data(tmp_path_factory):
+    """An NLTK data folder holding ``tokenizers/punkt_tab/english/``: a Punkt model trained
+    (Punkt learns unsupervised) on the language reference behind ``help()``; nltk's own
+    models cannot be downloaded here. It is also put first on nltk's data path."""
+    import nltk
+    from nltk.tokenize.punkt import PunktTrainer, save_punkt_params
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("nltk_data")
+    (root / "tokenizers" / "punkt_tab").mkdir(parents=True)
+    nltk.data.path.insert(0, str(root))  # nltk writes only inside its data path
+    trainer = PunktTrainer()
+    trainer.train("\n\n".join(topics.values())[:300_000], finalize=True)
+    save_punkt_params(trainer.get_params(), dir=str(root / "tokenizers" / "punkt_tab" / "english"))
+    return str(root)

@@ -5,8 +5,9 @@ Example:
         --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model sp.model \\
         --workers 2 --append-eod
 
-Writes PREFIX_{key}_document.bin/.idx for each --json-keys key, byte-identical to
-Megatron-LM's tools/preprocess_data.py for the same input and flags. Inputs:
+Writes PREFIX_{key}_document.bin/.idx (PREFIX_{key}_sentence with --split-sentences) for each
+--json-keys key, byte-identical to Megatron-LM's tools/preprocess_data.py for the same input
+and flags (--keep-newlines aside: see patch_megatron/data/sentence_splitting.py). Inputs:
 .jsonl, .jsonl.gz, .json, .txt (one document per blank-line-separated block),
 directories and globs; several may be given. A malformed JSON line, a missing
 key, invalid UTF-8 or an empty document stops the run with its file and line;
@@ -39,15 +40,18 @@ def get_args(argv=None):
     group.add_argument("--append-eod", action="store_true",
                        help="append the tokenizer's EOD id to every document")
     group.add_argument("--split-sentences", action="store_true",
-                       help="refused: NLTK sentence splitting is not implemented here; give "
-                            "presplit documents (a JSON list of sentences per key) instead")
+                       help="cut each document into sentences with NLTK's Punkt model (pip "
+                            "install nltk; python -m nltk.downloader punkt_tab) and write one "
+                            "sequence per sentence")
     group.add_argument("--keep-newlines", action="store_true",
-                       help="refused with --split-sentences (see there)")
+                       help="with --split-sentences: keep the whitespace between sentences, at "
+                            "the end of each")
     group.add_argument("--lang", default="english",
-                       help="refused with --split-sentences (see there)")
+                       help="with --split-sentences: the Punkt model's language")
     group = parser.add_argument_group(title="output data")
     group.add_argument("--output-prefix", required=True,
-                       help="writes OUTPUT_PREFIX_{key}_document.bin/.idx")
+                       help="writes OUTPUT_PREFIX_{key}_document.bin/.idx (_sentence with "
+                            "--split-sentences)")
     group = parser.add_argument_group(title="runtime")
     group.add_argument("--workers", type=int, required=True,
                        help="tokenizer worker processes (0: tokenize in the main process)")
@@ -59,10 +63,9 @@ def get_args(argv=None):
     group.add_argument("--keep-sequential-samples", action="store_true",
                        help="accepted without effect: the output always keeps the input's order")
     args = parser.parse_args(argv)
-    if args.split_sentences or args.keep_newlines or args.lang != "english":
-        parser.error("--split-sentences/--keep-newlines/--lang (NLTK sentence splitting) are not "
-                     "implemented in patch-megatron yet; split the documents beforehand and give "
-                     "each one's sentences as a JSON list (one sequence per sentence is written)")
+    if not args.split_sentences and (args.keep_newlines or args.lang != "english"):
+        parser.error("--keep-newlines and --lang choose how --split-sentences splits: add "
+                     "--split-sentences, or drop them")
     if args.partitions < 1:
         parser.error("--partitions must be >= 1")
     return args
@@ -79,7 +82,8 @@ def main(argv=None) -> int:
         vocab_size=args.vocab_size, vocab_file=args.vocab_file, merge_file=args.merge_file,
         json_keys=args.json_keys, append_eod=args.append_eod,
         workers=args.workers, log_interval=args.log_interval,
-        skip_bad_lines=args.skip_bad_lines)
+        skip_bad_lines=args.skip_bad_lines, split_sentences=args.split_sentences,
+        lang=args.lang, keep_newlines=args.keep_newlines)
     try:
         summary = preprocess(config)
     except BadRecordError as err:

@@ -4,7 +4,8 @@ Tokenization follows Megatron-LM's ``tools/preprocess_data.py``: every
 ``--json-keys`` field is one document; a string is tokenized whole, a list of
 strings is tokenized sentence by sentence (empty sentences dropped, one index
 sequence per sentence); ``--append-eod`` adds the tokenizer's EOD to the last
-sequence. Unlike Megatron-LM, a document with no tokens is an error (or, with
+sequence. With ``--split-sentences`` a string is first cut into sentences
+(``sentence_splitting``) and then tokenized as such a list. Unlike Megatron-LM, a document with no tokens is an error (or, with
 ``--skip-bad-lines``, skipped) instead of being written as an empty document.
 """
 
@@ -15,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy
 
 from patch_megatron.data.input_documents import BadRecordError, RawRecord, parse_record
+from patch_megatron.data.sentence_splitting import load_splitter
 from patch_megatron.data.tokenizers import build_tokenizer
 
 
@@ -28,6 +30,10 @@ class EncoderSettings:
     token_dtype: type
     vocab_file: Optional[str] = None  # GPT2BPETokenizer
     merge_file: Optional[str] = None
+    split_sentences: bool = False  # NLTK's Punkt, for --lang; --keep-newlines keeps whitespace
+    lang: str = "english"
+    keep_newlines: bool = False
+    nltk_data: Optional[str] = None  # the launching process's NLTK_DATA
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,10 @@ class DocumentEncoder:
                                          settings.merge_file)
         self.eod = self.tokenizer.eod
         self._batch_encode = _sentencepiece_batch_encoder(self.tokenizer)
+        self._split = None
+        if settings.split_sentences:
+            self._split = load_splitter(settings.lang, settings.keep_newlines,
+                                        settings.nltk_data)
 
     def encode(self, task: EncodeTask) -> EncodedBatch:
         keys = self.settings.json_keys
@@ -109,7 +119,9 @@ class DocumentEncoder:
         for index, value in enumerate(values):
             if value is None:
                 continue
-            for sentence in ([value] if isinstance(value, str) else value):
+            if isinstance(value, str):
+                value = self._split(value) if self._split else [value]
+            for sentence in value:
                 texts.append(sentence)
                 owners.append(index)
         encoded = self._batch_encode(texts)

@@ -1,8 +1,8 @@
 """Raw text to megatron-core ``.bin/.idx`` files, Megatron-LM compatible.
 
 Same input, SentencePiece model and flags give the same bytes as Megatron-LM's
-``tools/preprocess_data.py`` (core_v0.16.1): one ``PREFIX_{key}_document`` pair per
-JSON key, written by megatron-core's ``IndexedDatasetBuilder`` with the dtype
+``tools/preprocess_data.py`` (core_v0.16.1): one ``PREFIX_{key}_document`` pair
+(``_sentence`` with --split-sentences) per JSON key, written by megatron-core's ``IndexedDatasetBuilder`` with the dtype
 ``DType.optimal_dtype(vocab_size)`` (uint16 below 65500 ids, else int32), one
 document (one sequence, or one per sentence for pre-split lists) per record,
 EOD appended with ``append_eod``.
@@ -31,6 +31,7 @@ from patch_megatron.data.document_encoding import (
 from patch_megatron.data.input_documents import (
     BadRecordError, expand_inputs, input_format, iter_raw_records)
 from patch_megatron.data.progress import ProgressBar
+from patch_megatron.data.sentence_splitting import load_splitter
 from patch_megatron.data.tokenizers import build_tokenizer
 
 # Records per task: large enough that pickling and IPC are cheap per document,
@@ -54,6 +55,9 @@ class PreprocessConfig:
     workers: int = 1  # 0: encode in this process
     log_interval: int = 1000
     skip_bad_lines: bool = False
+    split_sentences: bool = False  # --split-sentences (NLTK's Punkt model of --lang)
+    lang: str = "english"
+    keep_newlines: bool = False
 
 
 @dataclass
@@ -79,9 +83,10 @@ class PreprocessSummary:
         return "\n".join(lines)
 
 
-def output_prefix_for_key(output_prefix: str, key: str) -> str:
-    """Megatron-LM's naming: ``{prefix}_{key}_document``."""
-    return f"{output_prefix}_{key}_document"
+def output_prefix_for_key(output_prefix: str, key: str, split_sentences: bool = False) -> str:
+    """Megatron-LM's naming: ``{prefix}_{key}_document``, or ``{prefix}_{key}_sentence``
+    with --split-sentences."""
+    return f"{output_prefix}_{key}_{'sentence' if split_sentences else 'document'}"
 
 
 def preprocess(config: PreprocessConfig, progress_stream=None) -> PreprocessSummary:
@@ -99,10 +104,14 @@ def preprocess(config: PreprocessConfig, progress_stream=None) -> PreprocessSumm
     settings = EncoderSettings(
         config.tokenizer_type, config.tokenizer_model, config.vocab_size,
         tuple(config.json_keys), config.append_eod,
-        DType.optimal_dtype(tokenizer.vocab_size), config.vocab_file, config.merge_file)
+        DType.optimal_dtype(tokenizer.vocab_size), config.vocab_file, config.merge_file,
+        config.split_sentences, config.lang, config.keep_newlines, os.environ.get("NLTK_DATA"))
+    if config.split_sentences:  # NLTK and its model, checked here once rather than per worker
+        load_splitter(config.lang, config.keep_newlines, settings.nltk_data)
     summary = PreprocessSummary(tokens={key: 0 for key in config.json_keys})
     started = time.time()
-    outputs = {key: AtomicIndexedOutput(output_prefix_for_key(config.output_prefix, key),
+    outputs = {key: AtomicIndexedOutput(output_prefix_for_key(config.output_prefix, key,
+                                                              config.split_sentences),
                                         settings.token_dtype) for key in config.json_keys}
     progress = ProgressBar(config.log_interval, sum(os.path.getsize(p) for p in files),
                            progress_stream)

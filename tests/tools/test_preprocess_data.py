@@ -272,8 +272,7 @@ def test_gpt2_bpe_vocab_and_merge_files(tmp_path, tool_loader, capsys):
     assert numpy.fromfile(tmp_path / "g_text_document.bin", dtype=numpy.uint16).tolist() == expected
 
 
-def test_megatron_lm_partition_flags_keep_the_output_and_sentence_splitting_is_refused(
-        tmp_path, tool_loader, capsys):
+def test_megatron_lm_partition_flags_keep_the_output(tmp_path, tool_loader, capsys):
     source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in ("1 2 3", "4 5", "6")])
     common = ["--input", source, "--tokenizer-type", "NullTokenizer", "--vocab-size", 10,
               "--workers", 0]
@@ -286,6 +285,52 @@ def test_megatron_lm_partition_flags_keep_the_output_and_sentence_splitting_is_r
         assert (tmp_path / f"a_text_document{suffix}").read_bytes() == \
             (tmp_path / f"b_text_document{suffix}").read_bytes()
     with pytest.raises(SystemExit):
-        run(tool_loader, capsys, *common, "--output-prefix", tmp_path / "c", "--split-sentences")
-    assert "give each one's sentences as a JSON list" in capsys.readouterr().err
+        run(tool_loader, capsys, *common, "--output-prefix", tmp_path / "c", "--keep-newlines")
+    assert "add --split-sentences" in capsys.readouterr().err
     assert not (tmp_path / "c_text_document.bin").exists()
+
+
+SENTENCES = ["The cat sat on the mat. It was happy, e.g. very glad.\n\nDr. Smith came at 5 "
+             "p.m. today!  Was it late?", "One sentence only", "Yes. No. Maybe so."]
+
+
+@pytest.mark.parametrize("keep_newlines", [False, True])
+def test_split_sentences_writes_one_sequence_per_punkt_sentence(
+        tmp_path, tool_loader, capsys, sentencepiece_model, punkt_data, monkeypatch,
+        keep_newlines):
+    # As Megatron-LM's preprocess_data.py: NLTK_DATA's Punkt model cuts each document, each
+    # sentence is tokenized alone and is one sequence; the EOD ends the document's last one.
+    # One worker process: the model is found there too.
+    from nltk.tokenize.punkt import PunktTokenizer
+
+    monkeypatch.setenv("NLTK_DATA", punkt_data)
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in SENTENCES])
+    flags = ["--keep-newlines"] if keep_newlines else []
+    code, out, err = run(tool_loader, capsys, "--input", source, "--output-prefix",
+                         tmp_path / "out", "--tokenizer-type", "GPTSentencePieceTokenizer",
+                         "--tokenizer-model", sentencepiece_model, "--workers", 1,
+                         "--append-eod", "--split-sentences", *flags)
+    assert code == 0, err
+    sp = sentencepiece.SentencePieceProcessor(model_file=sentencepiece_model)
+    punkt = PunktTokenizer("english")
+    docs = []
+    for text in SENTENCES:
+        if keep_newlines:  # each sentence runs to the next one's start
+            starts = [start for start, _ in punkt.span_tokenize(text)]
+            sentences = [text[a:b] for a, b in zip([0, *starts[1:]], [*starts[1:], len(text)])]
+            assert "".join(sentences) == text
+        else:
+            sentences = punkt.tokenize(text)
+        ids = [sp.encode_as_ids(sentence) for sentence in sentences]
+        ids[-1] = ids[-1] + [sp.eos_id()]
+        docs.append(ids)
+    assert len(docs[0]) > 2 and [len(d) for d in docs[1:]] == [1, 3]
+    lengths = [len(ids) for d in docs for ids in d]
+    ends = [0]
+    for d in docs:
+        ends.append(ends[-1] + len(d))
+    # Megatron-LM names sentence-split output PREFIX_{key}_sentence.
+    assert (tmp_path / "out_text_sentence.idx").read_bytes() == \
+        expected_idx(lengths, ends, dtype_code=8, itemsize=2)
+    expected_bin = b"".join(struct.pack("<H", i) for d in docs for ids in d for i in ids)
+    assert (tmp_path / "out_text_sentence.bin").read_bytes() == expected_bin
