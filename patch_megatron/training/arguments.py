@@ -549,11 +549,14 @@ def _check_model(a) -> None:
         model_shape(a).check_parallel(a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
                                       a.decoder_first_pipeline_num_layers,
                                       a.decoder_last_pipeline_num_layers)
+        # The chunks per rank follow from a split known to be valid; then each stage's layers
+        # must divide into them.
         a.virtual_pipeline_model_parallel_size = _virtual_pipeline_size(a)
-        model_shape(a).check_parallel(a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
-                                      a.decoder_first_pipeline_num_layers,
-                                      a.decoder_last_pipeline_num_layers,
-                                      a.virtual_pipeline_model_parallel_size)
+        if a.virtual_pipeline_model_parallel_size is not None:
+            model_shape(a).check_parallel(
+                a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
+                a.decoder_first_pipeline_num_layers, a.decoder_last_pipeline_num_layers,
+                a.virtual_pipeline_model_parallel_size)
     except ValueError as error:
         raise ArgumentError(str(error)) from None
     tp = a.tensor_model_parallel_size

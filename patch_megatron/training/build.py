@@ -68,16 +68,16 @@ def build_ddp_model(args, config: PatchGPTConfig) -> list:
         average_in_collective=False,
     )
     chunks = []
+    interleaved = config.virtual_pipeline_model_parallel_size is not None
     for vp_stage in range(config.virtual_pipeline_model_parallel_size or 1):
         model = build_model(config, layer_spec=layer_spec,
-                            vp_stage=None if config.virtual_pipeline_model_parallel_size is None
-                            else vp_stage)
+                            vp_stage=vp_stage if interleaved else None)
         # The loss is reduced per token over the whole global batch (sum of token losses /
         # token count), whatever the micro-batching and data-parallel layout:
         # finalize_model_grads divides.
         model.config.calculate_per_token_loss = True
-        # As in Megatron-LM: later chunks' gradients reduce in one bucket each, so that the
-        # overlapped reductions of the chunks do not interleave.
+        # As in Megatron-LM: the chunks after the first reduce without bucketing; their
+        # reductions overlap compute anyway.
         chunks.append(DistributedDataParallel(config=model.config, ddp_config=ddp_config,
                                               module=model, disable_bucketing=vp_stage > 0))
     return chunks
