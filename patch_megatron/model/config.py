@@ -47,6 +47,9 @@ class PatchGPTConfig(ModelShape):
     # Uneven pipelines: the first and last stages' layer counts (None: an even share).
     num_layers_in_first_pipeline_stage: int | None = None
     num_layers_in_last_pipeline_stage: int | None = None
+    # Or an even split that counts the embedding (the loss) as a layer of the first (last) stage.
+    account_for_embedding_in_pipeline_split: bool = False
+    account_for_loss_in_pipeline_split: bool = False
     # The interleaved schedule: model chunks per pipeline rank (None: one), the micro-batches
     # each chunk runs in a row (None: PP), and whether stage-to-stage transfers overlap compute.
     virtual_pipeline_model_parallel_size: int | None = None
@@ -89,7 +92,9 @@ class PatchGPTConfig(ModelShape):
         self.check_parallel(tp, self.pipeline_model_parallel_size,
                             self.num_layers_in_first_pipeline_stage,
                             self.num_layers_in_last_pipeline_stage,
-                            self.virtual_pipeline_model_parallel_size)
+                            self.virtual_pipeline_model_parallel_size,
+                            embedding_in_split=self.account_for_embedding_in_pipeline_split,
+                            loss_in_split=self.account_for_loss_in_pipeline_split)
         checks = [
             (self.patch_size >= 1, f"--patch-size must be >= 1, got {self.patch_size}"),
             (not self.sequence_parallel or tp > 1,
@@ -153,6 +158,8 @@ class PatchGPTConfig(ModelShape):
             pipeline_model_parallel_size=self.pipeline_model_parallel_size,
             num_layers_in_first_pipeline_stage=self.num_layers_in_first_pipeline_stage,
             num_layers_in_last_pipeline_stage=self.num_layers_in_last_pipeline_stage,
+            account_for_embedding_in_pipeline_split=self.account_for_embedding_in_pipeline_split,
+            account_for_loss_in_pipeline_split=self.account_for_loss_in_pipeline_split,
             virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
             microbatch_group_size_per_vp_stage=self.microbatch_group_size_per_vp_stage,
             overlap_p2p_comm=self.overlap_p2p_comm,

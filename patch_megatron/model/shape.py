@@ -124,13 +124,16 @@ class ModelShape:
     def check_parallel(self, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
                        first_stage_layers: int | None = None,
                        last_stage_layers: int | None = None,
-                       virtual_stages: int | None = None) -> None:
+                       virtual_stages: int | None = None, *,
+                       embedding_in_split: bool = False, loss_in_split: bool = False) -> None:
         """That megatron-core can split this shape over TP x PP ranks, else why not.
 
         ``first_stage_layers``/``last_stage_layers`` (--decoder-first/last-pipeline-num-layers)
         fix the end stages' layer counts; the stages between split the rest evenly. With
         ``virtual_stages`` model chunks per pipeline rank (the interleaved schedule) each
-        stage's layers split evenly over its chunks.
+        stage's layers split evenly over its chunks. ``embedding_in_split``/``loss_in_split``
+        (--account-for-embedding/loss-in-pipeline-split) count the embedding and the loss as
+        one layer each in the even split: the first (last) chunk builds one layer fewer.
         """
         tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
         if tp < 1 or pp < 1:
@@ -152,6 +155,10 @@ class ModelShape:
              f"--tensor-model-parallel-size {tp}: pad it (--make-vocab-size-divisible-by)"),
         ]
         _raise_first(checks)
+        if embedding_in_split or loss_in_split:
+            self._check_counted_split(pp, first_stage_layers, last_stage_layers, virtual_stages,
+                                      embedding_in_split, loss_in_split)
+            return
         if first_stage_layers is None and last_stage_layers is None:
             _raise_first([(self.num_layers % pp == 0,
                            f"--num-layers {self.num_layers} cannot be split evenly over "
@@ -182,6 +189,25 @@ class ModelShape:
         if middle_stages:
             stages["each other stage"] = middle_layers // middle_stages
         self._check_virtual_stages(stages, virtual_stages)
+
+    def _check_counted_split(self, pp, first_stage_layers, last_stage_layers, virtual_stages,
+                             embedding_in_split, loss_in_split) -> None:
+        counted = [flag for flag, on in (("--account-for-embedding-in-pipeline-split",
+                                          embedding_in_split),
+                                         ("--account-for-loss-in-pipeline-split", loss_in_split))
+                   if on]
+        units = self.num_layers + len(counted)
+        _raise_first([
+            (first_stage_layers is None and last_stage_layers is None,
+             f"{' and '.join(counted)} cannot be combined with --decoder-first/last-pipeline-"
+             "num-layers (as in Megatron-LM): give one way of balancing the stages"),
+            (units % pp == 0,
+             f"--num-layers {self.num_layers} plus the {len(counted)} counted with "
+             f"{' and '.join(counted)} makes {units}, which cannot be split evenly over "
+             f"--pipeline-model-parallel-size {pp}"),
+        ])
+        self._check_virtual_stages({"each pipeline stage (counting the embedding or loss)":
+                                    units // pp}, virtual_stages)
 
     @staticmethod
     def _check_virtual_stages(stage_layers: dict[str, int], virtual_stages: int | None) -> None:

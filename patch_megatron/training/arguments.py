@@ -243,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "the stages between split the rest evenly")
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
                    help="layers on the last pipeline stage (which also computes the loss)")
+    g.add_argument("--account-for-embedding-in-pipeline-split", action="store_true",
+                   help="count the embedding as a layer in the even split over pipeline stages "
+                        "(the first stage builds one layer fewer)")
+    g.add_argument("--account-for-loss-in-pipeline-split", action="store_true",
+                   help="count the loss as a layer in the even split over pipeline stages (the "
+                        "last stage builds one layer fewer)")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="interleaved pipeline schedule: layers per model chunk (each pipeline "
                         "rank holds several chunks, spread over the pipeline)")
@@ -546,9 +552,11 @@ def _check_model(a) -> None:
         _require(a.num_query_groups is not None,
                  "--group-query-attention needs --num-query-groups")
     try:  # the shape's own checks, before the tokenizer gives the vocabulary
+        counted = dict(embedding_in_split=a.account_for_embedding_in_pipeline_split,
+                       loss_in_split=a.account_for_loss_in_pipeline_split)
         model_shape(a).check_parallel(a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
                                       a.decoder_first_pipeline_num_layers,
-                                      a.decoder_last_pipeline_num_layers)
+                                      a.decoder_last_pipeline_num_layers, **counted)
         # The chunks per rank follow from a split known to be valid; then each stage's layers
         # must divide into them.
         a.virtual_pipeline_model_parallel_size = _virtual_pipeline_size(a)
@@ -556,7 +564,7 @@ def _check_model(a) -> None:
             model_shape(a).check_parallel(
                 a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
                 a.decoder_first_pipeline_num_layers, a.decoder_last_pipeline_num_layers,
-                a.virtual_pipeline_model_parallel_size)
+                a.virtual_pipeline_model_parallel_size, **counted)
     except ValueError as error:
         raise ArgumentError(str(error)) from None
     tp = a.tensor_model_parallel_size
@@ -624,7 +632,9 @@ def _virtual_pipeline_size(a) -> int | None:
                  and a.decoder_last_pipeline_num_layers is None,
                  "with uneven pipeline stages give the chunks per rank with "
                  "--num-virtual-stages-per-pipeline-rank (as Megatron-LM requires)")
-        per_rank = a.num_layers // pp
+        # As in Megatron-LM, an embedding or loss counted in the split counts here too.
+        per_rank = (a.num_layers + a.account_for_embedding_in_pipeline_split
+                    + a.account_for_loss_in_pipeline_split) // pp
         _require(per_chunk >= 1 and per_rank % per_chunk == 0,
                  f"--num-layers-per-virtual-pipeline-stage {per_chunk} must divide the {per_rank} "
                  f"layers of each of the {pp} pipeline stages")
@@ -877,6 +887,8 @@ def _check_est(a) -> None:
                      "--num-layers-per-virtual-pipeline-stage/--num-virtual-stages-per-pipeline-rank")
             uneven = [f"--decoder-{end}-pipeline-num-layers" for end in ("first", "last")
                       if getattr(a, f"decoder_{end}_pipeline_num_layers") is not None]
+            uneven += [f"--account-for-{part}-in-pipeline-split" for part in ("embedding", "loss")
+                       if getattr(a, f"account_for_{part}_in_pipeline_split")]
             _require(not uneven, f"--est drops the same number of layers on every pipeline "
                      f"stage, which {' and '.join(uneven)} make unequal: split --num-layers "
                      "evenly over the stages")

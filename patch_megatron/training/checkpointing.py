@@ -227,13 +227,19 @@ def _check_optimizer_state_loads(record: CheckpointRecord, args, path: str) -> N
             f"{here_layout[1]} and that state cannot be resharded (another data-parallel size "
             f"can). {fix}")
     # The stages' layer counts and the model chunks per rank shape the shards too.
-    for name, what in (("decoder_first_pipeline_num_layers", "layers on the first stage"),
-                       ("decoder_last_pipeline_num_layers", "layers on the last stage"),
-                       ("virtual_pipeline_model_parallel_size", "model chunks per pipeline rank")):
-        if saved == DISTRIBUTED_OPTIMIZER and record.flags.get(name) != getattr(args, name):
+    for name, what, default in (
+            ("decoder_first_pipeline_num_layers", "layers on the first stage (None: the even "
+             "split)", None),
+            ("decoder_last_pipeline_num_layers", "layers on the last stage (None: the even "
+             "split)", None),
+            ("account_for_embedding_in_pipeline_split", "as the embedding counted in the split",
+             False),
+            ("account_for_loss_in_pipeline_split", "as the loss counted in the split", False),
+            ("virtual_pipeline_model_parallel_size", "model chunks per pipeline rank", None)):
+        if saved == DISTRIBUTED_OPTIMIZER and record.flags.get(name, default) != getattr(args, name):
             raise CheckpointError(
                 f"checkpoint {path} holds distributed-optimizer state sharded with "
-                f"{record.flags.get(name)} {what} (None: the even split); this run has "
+                f"{record.flags.get(name, default)} {what}; this run has "
                 f"{getattr(args, name)} and that state cannot be resharded. {fix}")
 
 

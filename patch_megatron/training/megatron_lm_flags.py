@@ -104,12 +104,6 @@ REFUSED = {
                                        "is " + _NOT_YET + "; give a --global-batch-size (and "
                                        "--rampup-batch-size START and INCREMENT) divisible by "
                                        "micro-batch-size x data-parallel size",
-    "--account-for-embedding-in-pipeline-split": "counting the embedding as a layer is "
-                                                 + _NOT_YET + "; give the first stage fewer "
-                                                 "layers with --decoder-first-pipeline-num-layers",
-    "--account-for-loss-in-pipeline-split": "counting the loss as a layer is " + _NOT_YET
-                                            + "; give the last stage fewer layers with "
-                                            "--decoder-last-pipeline-num-layers",
     "--overlap-param-gather-with-optimizer-step": "overlapping the parameter all-gather is "
                                                   + _NOT_YET,
     "--use-checkpoint-args": "model flags are not read from the checkpoint; give them on the "

@@ -1,5 +1,6 @@
-"""TP=2, PP=2 (even; uneven: 1 + 3 of 4 layers; interleaved: 2 chunks of 1 layer per rank),
-DP=2 and TP=2 with sequence parallelism against TP=1/PP=1/DP=1.
+"""TP=2, PP=2 (even; uneven: 1 + 3 of 4 layers; interleaved: 2 chunks of 1 layer per rank;
+interleaved with the embedding and the loss counted as layers: 3 chunks per rank, the first
+and the last empty), DP=2 and TP=2 with sequence parallelism against TP=1/PP=1/DP=1.
 
 Each layout runs on two real gloo processes through megatron-core's own
 pipeline schedule, DDP and finalize_model_grads, for K=1 and K=4 and for both
@@ -31,13 +32,16 @@ def _shape(deep):
     return dict(SHAPE, num_layers=DEEP_LAYERS) if deep else SHAPE
 
 
-def _layer_offset(num_layers, pp, pp_rank, first_stage_layers, chunks, chunk):
+def _layer_offset(num_layers, pp, pp_rank, first_stage_layers, chunks, chunk, counted):
     """The model's index of a chunk's first layer (megatron-core's order, written out)."""
     if first_stage_layers is not None:
         rest = (num_layers - first_stage_layers) // (pp - 1)
         return 0 if pp_rank == 0 else first_stage_layers + (pp_rank - 1) * rest
-    per_chunk = num_layers // (pp * chunks)
-    return (chunk * pp + pp_rank) * per_chunk
+    # The split's units in model order: [embedding,] layers [, loss]; chunk c of rank r is
+    # virtual stage c*pp + r and holds the next per_chunk units.
+    per_chunk = (num_layers + 2 * counted) // (pp * chunks)
+    first_unit = (chunk * pp + pp_rank) * per_chunk
+    return max(first_unit - counted, 0)
 
 
 def _data(K, seed):
@@ -48,7 +52,7 @@ def _data(K, seed):
     return window[:, :-K], window[:, K:], mask
 
 
-def _layout_worker(tp, pp, sp, first_stage_layers, chunks, full_weights):
+def _layout_worker(tp, pp, sp, first_stage_layers, chunks, counted, full_weights):
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -65,7 +69,7 @@ def _layout_worker(tp, pp, sp, first_stage_layers, chunks, full_weights):
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     results = {}
-    deep = first_stage_layers is not None or virtual is not None
+    deep = first_stage_layers is not None or virtual is not None or counted
     shape = _shape(deep)
     for arch, K in CASES:
         cfg = PatchGPTConfig(**shape, **ARCHITECTURES[arch], patch_size=K,
@@ -73,6 +77,8 @@ def _layout_worker(tp, pp, sp, first_stage_layers, chunks, full_weights):
                              sequence_parallel=sp,
                              num_layers_in_first_pipeline_stage=first_stage_layers,
                              virtual_pipeline_model_parallel_size=virtual,
+                             account_for_embedding_in_pipeline_split=counted,
+                             account_for_loss_in_pipeline_split=counted,
                              overlap_p2p_comm=virtual is not None)
         gated = arch == "llama"
         weights = full_weights[deep][arch, K]
@@ -80,7 +86,7 @@ def _layout_worker(tp, pp, sp, first_stage_layers, chunks, full_weights):
         for chunk in range(chunks):
             model = build_model(cfg, vp_stage=chunk if virtual else None)
             offset = _layer_offset(shape["num_layers"], pp, pp_rank, first_stage_layers, chunks,
-                                   chunk)
+                                   chunk, counted)
             names.append(lambda name, offset=offset: shifted_name(name, offset))
             local = {
                 name: tp_slice(name, weights[names[-1](name)], tp, tp_rank, gated)
@@ -191,11 +197,17 @@ def _single_process(shape):
     return out
 
 
-# (TP, PP, sequence parallel, layers on the first pipeline stage, model chunks per rank)
-LAYOUTS = {"TP2": (2, 1, False, None, 1), "PP2": (1, 2, False, None, 1),
-           "DP2": (1, 1, False, None, 1), "TP2-SP": (2, 1, True, None, 1),
-           "PP2-uneven": (1, 2, False, 1, 1), "PP2-interleaved": (1, 2, False, None, 2)}
-HELD_LAYERS = {"PP2-uneven": {0: [0], 1: [1, 2, 3]}, "PP2-interleaved": {0: [0, 2], 1: [1, 3]}}
+# (TP, PP, sequence parallel, layers on the first pipeline stage, model chunks per rank,
+#  embedding and loss counted as layers in the split)
+LAYOUTS = {"TP2": (2, 1, False, None, 1, False), "PP2": (1, 2, False, None, 1, False),
+           "DP2": (1, 1, False, None, 1, False), "TP2-SP": (2, 1, True, None, 1, False),
+           "PP2-uneven": (1, 2, False, 1, 1, False),
+           "PP2-interleaved": (1, 2, False, None, 2, False),
+           "PP2-interleaved-counted": (1, 2, False, None, 3, True)}
+# Counted: units [embedding, 0, 1, 2, 3, loss], one per chunk: rank 0 holds the embedding, 1
+# and 3; rank 1 holds 0, 2 and the loss.
+HELD_LAYERS = {"PP2-uneven": {0: [0], 1: [1, 2, 3]}, "PP2-interleaved": {0: [0, 2], 1: [1, 3]},
+               "PP2-interleaved-counted": {0: [1, 3], 1: [0, 2]}}
 
 
 @pytest.fixture(scope="module")

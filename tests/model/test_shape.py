@@ -56,6 +56,21 @@ def test_parallel_checks():
         SMALL.check_parallel(1, 4)
 
 
+def test_counting_the_embedding_and_loss_in_the_pipeline_split():
+    both = dict(embedding_in_split=True, loss_in_split=True)
+    SMALL.check_parallel(1, 2, **both)  # 2 layers + 2 counted over 2 stages
+    SMALL.check_parallel(1, 3, embedding_in_split=True)
+    SMALL.check_parallel(1, 2, None, None, 2, **both)  # a chunk each for 4 units
+    with pytest.raises(ValueError, match="plus the 1 counted .* makes 3, which cannot be split "
+                                         "evenly over --pipeline-model-parallel-size 2"):
+        SMALL.check_parallel(1, 2, loss_in_split=True)
+    with pytest.raises(ValueError, match="cannot be combined with --decoder-first/last"):
+        SMALL.check_parallel(1, 2, 1, None, **both)
+    with pytest.raises(ValueError, match="into 3 model chunks, but each pipeline stage "
+                                         r"\(counting the embedding or loss\) holds 2"):
+        SMALL.check_parallel(1, 2, None, None, 3, **both)
+
+
 def test_padded_vocab_size():
     assert padded_vocab_size(32000) == 32000
     assert padded_vocab_size(50257) == 50304
