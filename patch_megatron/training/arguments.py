@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mock-data", action="store_true",
                    help="synthetic learnable sequences instead of --data-path (tests, smoke runs)")
 
-    g = parser.add_argument_group("checkpoints (torch_dist, Megatron-LM layout)")
+    g = parser.add_argument_group("checkpoints (Megatron-LM layout)")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
@@ -328,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "them; without it such a run is refused before training")
     g.add_argument("--ckpt-format", default="torch_dist",
                    choices=["torch_dist", "torch", "torch_dcp", "fsdp_dtensor"],
-                   help="torch_dist only (Megatron-LM's default); the others are refused")
+                   help="what saves write: torch_dist (Megatron-LM's default, loads at any "
+                        "TP/PP) or torch (its legacy format: a file per TP x PP rank, loads at "
+                        "the same TP/PP only); loading reads either")
     g.add_argument("--dist-ckpt-strictness", default="assume_ok_unexpected",
                    choices=["assume_ok_unexpected", "log_unexpected", "log_all",
                             "raise_unexpected", "raise_all", "return_unexpected", "return_all",
@@ -834,10 +836,10 @@ def parse_args(argv=None):
     if no_op:
         warnings.warn("accepted without effect (see --help): " + " ".join(no_op))
     megatron_lm_flags.strip(args)
-    _require(args.ckpt_format == "torch_dist",
-             f"--ckpt-format {args.ckpt_format}: this project reads and writes torch_dist "
-             "(Megatron-LM's default); drop the flag or convert the checkpoint with Megatron-LM's "
-             "tools/checkpoint first")
+    _require(args.ckpt_format in ("torch_dist", "torch"),
+             f"--ckpt-format {args.ckpt_format}: Megatron-LM writes it only with its FSDP "
+             "implementations, which this project does not have; use torch_dist (the default) or "
+             "torch")
     _require(args.context_parallel_size == 1,
              "--context-parallel-size > 1 is not implemented in patch-megatron yet (megatron-core "
              "runs it only through Transformer Engine's attention); use tensor or pipeline "

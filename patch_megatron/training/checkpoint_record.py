@@ -201,7 +201,7 @@ def content_metadata(record: CheckpointRecord) -> dict:
     return metadata
 
 
-def megatron_args(record: CheckpointRecord) -> argparse.Namespace:
+def megatron_args(record: CheckpointRecord, ckpt_format: str = "torch_dist") -> argparse.Namespace:
     """``args`` as Megatron-LM's loader reads it: our flags plus its bookkeeping attributes."""
     flags = dict(record.flags)
     shape = record.model_shape
@@ -232,7 +232,7 @@ def megatron_args(record: CheckpointRecord) -> argparse.Namespace:
         consumed_valid_samples=0,  # validation re-reads the same first batches each time
         no_save_optim=record.optimizer_format is None,
         no_save_rng=not record.has_rng,
-        ckpt_format="torch_dist",
+        ckpt_format=ckpt_format,
         ckpt_fully_parallel_save=False,
         use_distributed_optimizer=record.optimizer_format == DISTRIBUTED_OPTIMIZER,
     )
@@ -243,10 +243,11 @@ def megatron_args(record: CheckpointRecord) -> argparse.Namespace:
     return argparse.Namespace(**flags)
 
 
-def to_common(record: CheckpointRecord) -> dict:
-    """``common.pt``'s entries for ``record`` (the sharded tensors are added by the caller)."""
+def to_common(record: CheckpointRecord, ckpt_format: str = "torch_dist") -> dict:
+    """``common.pt``'s entries for ``record`` (the sharded tensors are added by the caller);
+    in the legacy ``torch`` format, every rank file's non-tensor entries."""
     common = {
-        "args": megatron_args(record),
+        "args": megatron_args(record, ckpt_format),
         "checkpoint_version": MEGATRON_CHECKPOINT_VERSION,
         "iteration": record.iteration,
         "num_floating_point_operations_so_far": float(record.flops_so_far),

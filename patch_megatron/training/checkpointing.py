@@ -1,6 +1,13 @@
-"""Checkpoints in Megatron-LM's layout and format, written with megatron-core's dist_checkpointing.
+"""Checkpoints in Megatron-LM's layout and formats, written with megatron-core's dist_checkpointing.
 
 Layout: ``SAVE/iter_0000100/`` (torch_dist) and ``SAVE/latest_checkpointed_iteration.txt``.
+``--ckpt-format torch`` writes Megatron-LM's legacy format instead: in each
+iteration directory one ``mp_rank_TT[_PPP]/model_optim_rng.pt`` per tensor x
+pipeline rank (the same entries as torch_dist's ``common.pt``, with the rank's
+model and optimizer state dicts and RNG states), and the distributed
+optimizer's ``distrib_optim.pt`` beside it. It loads only at the TP x PP that
+wrote it, as in Megatron-LM. Loading reads either format, whatever
+``--ckpt-format`` says (Megatron-LM detects it the same way).
 A checkpoint holds the model and optimizer (sharded, so it loads at another
 TP/PP), the LR schedule, the RNG states, the data position (consumed
 samples), the flags and the patch size. Its entries are those Megatron-LM's
@@ -55,6 +62,9 @@ from patch_megatron.training.checkpoint_record import (
 logger = logging.getLogger(__name__)
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 INCOMPLETE_SUFFIX = ".incomplete"
+# Megatron-LM's legacy ("torch") format: a file per tensor x pipeline rank.
+TORCH_FORMAT_FILE = safe_load.TORCH_FORMAT_FILE
+DISTRIBUTED_OPTIMIZER_FILE = "distrib_optim.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -160,6 +170,68 @@ def _rng_sharded_object():
     (pp, tp), (pp_rank, tp_rank), dp_rank = _layout()
     return ShardedObject("rng_state", [_rng_state()], (pp, tp), (pp_rank, tp_rank),
                          replica_id=dp_rank)
+
+
+# ---------------------------------------------------------------------------
+# The legacy torch format's files.
+
+def rank_directory(path: str, tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    """A rank's folder in a torch-format checkpoint, as Megatron-LM names it."""
+    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return os.path.join(path, name)
+
+
+def is_torch_format(path: str) -> bool:
+    """Whether an iteration directory holds the legacy torch format (Megatron-LM's test)."""
+    return any(n.startswith("mp_rank_0") for n in os.listdir(path))
+
+
+def _torch_format_layout(path: str) -> tuple[int, int] | None:
+    """(TP, PP) of the rank folders in a torch-format checkpoint; None if they are irregular."""
+    ranks = set()
+    for name in os.listdir(path):
+        parts = name.split("_")[2:]
+        if name.startswith("mp_rank_") and 1 <= len(parts) <= 2 and all(p.isdigit() for p in parts):
+            ranks.add((int(parts[0]), int(parts[1]) if len(parts) == 2 else None))
+    tps = {tp for tp, _ in ranks}
+    pps = {pp for _, pp in ranks}
+    pp_size = 1 if pps == {None} else len(pps)
+    if None in pps and pp_size != 1 or len(ranks) != len(tps) * pp_size:
+        return None
+    return len(tps), pp_size
+
+
+def _save_torch_format(partial_dir, model, optimizer, record, args) -> None:
+    (pp, _), (pp_rank, tp_rank), dp_rank = _layout()
+    directory = rank_directory(partial_dir, tp_rank, pp_rank, pp)
+    if dp_rank == 0:
+        os.makedirs(directory)
+    _barrier()
+    if args.use_distributed_optimizer:
+        # Collective over the data-parallel group; data-parallel rank 0 writes the file.
+        optimizer.save_parameter_state(os.path.join(directory, DISTRIBUTED_OPTIMIZER_FILE))
+    if dp_rank == 0:
+        state = to_common(record, "torch")
+        for key, chunk in zip(model_keys(model), model):
+            state[key] = chunk.module.state_dict_for_save_checkpoint()
+        state["optimizer"] = optimizer.state_dict()
+        state["rng_state"] = [_rng_state()]
+        torch.save(state, os.path.join(directory, TORCH_FORMAT_FILE))
+
+
+def _torch_format_file(load_dir: str, path: str, iteration: int) -> str:
+    """This rank's file of a torch-format checkpoint; refused unless TP x PP are the saved ones."""
+    (pp, tp), (pp_rank, tp_rank), _ = _layout()
+    saved = _torch_format_layout(path)
+    if saved != (tp, pp):
+        found = ("its rank folders are irregular" if saved is None
+                 else f"it was saved at TP {saved[0]} x PP {saved[1]}")
+        raise CheckpointError(
+            f"checkpoint {path} is in Megatron-LM's legacy torch format, which loads only at the "
+            f"tensor x pipeline parallel sizes that wrote it: {found}, this run is TP {tp} x PP "
+            f"{pp}. Resume it at its TP x PP (a run without --ckpt-format torch then saves "
+            "torch_dist, which loads at any)")
+    return os.path.join(rank_directory(path, tp_rank, pp_rank, pp), TORCH_FORMAT_FILE)
 
 
 # ---------------------------------------------------------------------------
@@ -367,13 +439,16 @@ def save_checkpoint(save_dir, model, optimizer, scheduler, state, args, plan) ->
         os.makedirs(partial_dir)
     _barrier()
     record = record_of_run(model, scheduler, state, args, plan)
-    content = content_metadata(record)
-    sharded = _sharded_state_dict(model, optimizer, _sharding_metadata(content, None),
-                                  with_optimizer=True, with_rng=True, is_loading=False)
-    sharded.update(to_common(record))
-    strategy = get_default_save_sharded_strategy("torch_dist")
-    dist_checkpointing.save(sharded, partial_dir, sharded_strategy=strategy,
-                            content_metadata=content)
+    if args.ckpt_format == "torch":
+        _save_torch_format(partial_dir, model, optimizer, record, args)
+    else:
+        content = content_metadata(record)
+        sharded = _sharded_state_dict(model, optimizer, _sharding_metadata(content, None),
+                                      with_optimizer=True, with_rng=True, is_loading=False)
+        sharded.update(to_common(record))
+        strategy = get_default_save_sharded_strategy("torch_dist")
+        dist_checkpointing.save(sharded, partial_dir, sharded_strategy=strategy,
+                                content_metadata=content)
     _barrier()
     if rank == 0:
         previous = _previous_latest(save_dir) if args.save_retain_interval else None
@@ -488,8 +563,9 @@ def _resume_hint(load_dir: str):
     return lambda good: f"resume from it by writing {good} into {latest}"
 
 
-def _verified_common(load_dir: str, path: str, iteration: int) -> dict:
-    """``common.pt`` of a checkpoint whose files match their checksums and are safe to unpickle.
+def _verified_common(load_dir: str, path: str, iteration: int, rank_file: str | None = None) -> dict:
+    """``common.pt`` of a checkpoint whose files match their checksums and are safe to unpickle
+    (of the torch format: this rank's ``rank_file``, whole).
 
     Every rank checks what it will unpickle itself, and hashes its share of
     the files. If any rank finds a problem, rank 0 names the first one while
@@ -498,7 +574,8 @@ def _verified_common(load_dir: str, path: str, iteration: int) -> dict:
     rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
                    if torch.distributed.is_initialized() else (0, 1))
     try:
-        common, why = safe_load.check_checkpoint(path), None
+        common, why = (safe_load.check_checkpoint(path) if rank_file is None
+                       else safe_load.read_state_file(rank_file)), None
     except safe_load.UnsafeCheckpointError as error:
         common, why = None, str(error)
     why = why or safe_load.first_damaged_file(path, part=rank, parts=world)
@@ -583,6 +660,28 @@ def _load_scheduler(scheduler, saved: dict, path: str) -> None:
             "(as in Megatron-LM)") from None
 
 
+def _load_parameter_state(optimizer, directory: str) -> None:
+    """The distributed optimizer's ``distrib_optim.pt``, checked safe on the rank that reads it
+    (data-parallel rank 0, which scatters it)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    source = os.path.join(directory, DISTRIBUTED_OPTIMIZER_FILE)
+    if _layout()[2] == 0:
+        safe_load.read_state_file(source)
+    # The file holds each parameter's master copy and moments; torch Adam's state (what runs
+    # without apex or TE) also holds a step counter, which megatron-core's loader would look
+    # up in the file. Set aside here, it is set to the loaded step after (_restore_adam_steps).
+    steps = [(state, state.pop("step"))
+             for inner in getattr(optimizer, "chained_optimizers", [optimizer])
+             if isinstance(inner, distrib_optimizer.DistributedOptimizer)
+             for state in inner.optimizer.state.values() if "step" in state]
+    try:
+        optimizer.load_parameter_state(source)
+    finally:
+        for state, step in steps:
+            state["step"] = step
+
+
 def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) -> str | None:
     """Load the latest checkpoint under ``load_dir`` into the run; returns what was loaded.
 
@@ -604,7 +703,8 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
     if not os.path.isdir(path):
         raise CheckpointError(f"{LATEST_FILE} names iteration {iteration} but {path} is missing; "
                               + _pick_iteration_hint(load_dir))
-    common = _verified_common(load_dir, path, iteration)
+    rank_file = _torch_format_file(load_dir, path, iteration) if is_torch_format(path) else None
+    common = _verified_common(load_dir, path, iteration, rank_file)
     try:
         record = read_record(common, path)
     except RecordError as error:
@@ -622,15 +722,20 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
     if with_optimizer:
         _check_optimizer_state_loads(record, args, path)
         _allocate_adam_state(optimizer)
-    metadata = _sharding_metadata(common.get("content_metadata"),
-                                  record.optimizer_format if with_optimizer else None)
-    sharded = _sharded_state_dict(model, optimizer, metadata, with_optimizer=with_optimizer,
-                                  with_rng=with_rng, is_loading=True)
-    # common.pt again, with weights_only=True (megatron-core's own reader takes torch's default).
-    loaded = dist_checkpointing.load(sharded, path, common_strategy=safe_load.safe_common_strategy(),
-                                     strict=args.dist_ckpt_strictness)
-    if isinstance(loaded, tuple):  # the return_* strictness modes add the key lists
-        loaded = loaded[0]
+    if rank_file is not None:
+        loaded = common  # the rank's whole state, read and checked above
+    else:
+        metadata = _sharding_metadata(common.get("content_metadata"),
+                                      record.optimizer_format if with_optimizer else None)
+        sharded = _sharded_state_dict(model, optimizer, metadata, with_optimizer=with_optimizer,
+                                      with_rng=with_rng, is_loading=True)
+        # common.pt again, with weights_only=True (megatron-core's own reader takes torch's
+        # default).
+        loaded = dist_checkpointing.load(sharded, path,
+                                         common_strategy=safe_load.safe_common_strategy(),
+                                         strict=args.dist_ckpt_strictness)
+        if isinstance(loaded, tuple):  # the return_* strictness modes add the key lists
+            loaded = loaded[0]
     missing, unexpected = [], []
     for key, chunk in zip(model_keys(model), model):
         result = chunk.module.load_state_dict(loaded[key], strict=False)
@@ -648,6 +753,8 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
     if with_optimizer:
         with torch.no_grad():  # fp32 runs: the distributed optimizer copies into the parameters
             optimizer.load_state_dict(loaded["optimizer"])
+            if rank_file is not None and args.use_distributed_optimizer:
+                _load_parameter_state(optimizer, os.path.dirname(rank_file))
         _restore_adam_steps(optimizer)
     else:
         # bf16/fp16: the optimizer's fp32 master weights were copied from the random

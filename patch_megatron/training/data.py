@@ -191,9 +191,12 @@ class MicroBatches:
         if num_workers > 0:
             workers = dict(multiprocessing_context=_worker_context(), persistent_workers=True,
                            worker_init_fn=_ignore_sigterm if exit_signal_handler else None)
+        # Its own generator: each iterator draws the workers' base seed from it, not from
+        # torch's default generator, which dropout draws from on CPU (a resumed run builds its
+        # iterators after the RNG states are restored, and would then drop out differently).
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-            pin_memory=pin_memory, **workers)
+            pin_memory=pin_memory, generator=torch.Generator(), **workers)
         self._batches = iter(self.loader)
 
     def __iter__(self):

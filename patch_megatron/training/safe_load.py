@@ -43,6 +43,7 @@ import torch
 CHECKSUM_FILE = "checksums.json"
 METADATA_FILE = ".metadata"
 COMMON_FILE = "common.pt"
+TORCH_FORMAT_FILE = "model_optim_rng.pt"  # a rank's file in Megatron-LM's legacy torch format
 _CHUNK = 4 << 20
 
 # Everything torch.distributed.checkpoint's Metadata pickle refers to (found by
@@ -136,6 +137,12 @@ def read_common(path: str) -> dict:
     if not os.path.isfile(source):
         raise UnsafeCheckpointError(f"{path} has no {COMMON_FILE}: it is incomplete or not a "
                                     "torch_dist checkpoint written by pretrain_patch_gpt.py")
+    return read_state_file(source)
+
+
+def read_state_file(source: str) -> dict:
+    """A pickled state dict (``common.pt``, or a rank's file of the legacy ``torch`` format)
+    with ``torch.load(weights_only=True)``, whatever torch's default."""
     # megatron-core registers what Megatron-LM's common.pt holds (argparse.Namespace, its enums,
     # numpy arrays) as safe for weights_only loading when it is imported.
     import megatron.core  # noqa: F401
@@ -197,7 +204,21 @@ def check_byte_items(path: str, metadata) -> None:
 
 
 def check_checkpoint(path: str) -> dict:
-    """Everything megatron-core and torch will unpickle, checked; returns ``common.pt``'s dict."""
+    """Everything megatron-core and torch will unpickle, checked; returns ``common.pt``'s dict
+    (of the legacy torch format: the first rank file's, every rank's file read)."""
+    rank_dirs = sorted(n for n in os.listdir(path) if n.startswith("mp_rank_"))
+    if rank_dirs:
+        first = None
+        for directory in rank_dirs:
+            source = os.path.join(path, directory, TORCH_FORMAT_FILE)
+            if not os.path.isfile(source):
+                raise UnsafeCheckpointError(f"{source} is missing: the checkpoint is incomplete")
+            state = read_state_file(source)
+            first = state if first is None else first
+            optimizer_state = os.path.join(path, directory, "distrib_optim.pt")
+            if os.path.exists(optimizer_state):
+                read_state_file(optimizer_state)
+        return first
     common = read_common(path)
     check_byte_items(path, read_metadata(path))
     return common
@@ -233,8 +254,24 @@ def _sha256(file_path: str) -> str:
 
 
 def _files_of(path: str) -> list[str]:
-    return sorted(n for n in os.listdir(path)
-                  if n != CHECKSUM_FILE and os.path.isfile(os.path.join(path, n)))
+    """The checkpoint's files, relative to it: torch_dist's lie at the top, the legacy torch
+    format's one level down (``mp_rank_00/model_optim_rng.pt``)."""
+    names = []
+    for top in os.listdir(path):
+        if os.path.isfile(os.path.join(path, top)):
+            if top != CHECKSUM_FILE:
+                names.append(top)
+        elif os.path.isdir(os.path.join(path, top)):
+            names += [f"{top}/{n}" for n in os.listdir(os.path.join(path, top))
+                      if os.path.isfile(os.path.join(path, top, n))]
+    return sorted(names)
+
+
+def _inside(name: str) -> bool:
+    """A manifest name that stays inside the checkpoint: a file, or a file one folder down."""
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(p not in ("", ".", "..") and os.path.basename(p) == p
+                                        for p in parts)
 
 
 def _hash_all(path: str, names: list[str]) -> dict:
@@ -277,7 +314,7 @@ def first_damaged_file(path: str, part: int = 0, parts: int = 1) -> str | None:
         return f"{manifest_path} (not a readable checksum manifest)"
     names = sorted(expected)[part::parts]
     for name in names:
-        if os.path.basename(name) != name:
+        if not _inside(name):
             return f"{manifest_path} (names a file outside the checkpoint: {name!r})"
         file_path = os.path.join(path, name)
         if not os.path.isfile(file_path):
