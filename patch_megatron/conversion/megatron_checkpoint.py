@@ -111,9 +111,20 @@ def open_checkpoint(load_dir: str, iteration: int | None = None) -> Checkpoint:
     common, why = ckpt.inspect_checkpoint(path)
     if why:
         raise refuse(why)
-    missing = [f for f in _REQUIRED_FILES if not os.path.isfile(os.path.join(path, f))]
-    if missing:
-        raise refuse(f"it is incomplete: {', '.join(missing)} missing")
+    if ckpt.is_torch_format(path):
+        layout = ckpt.torch_format_layout(path)
+        if layout != (1, 1):
+            raise ConversionError(
+                f"checkpoint {path} is in Megatron-LM's legacy torch format, "
+                + (f"saved at TP {layout[0]} x PP {layout[1]}" if layout else "with irregular "
+                   "rank folders")
+                + ": the converters read that format only at TP 1 x PP 1. Re-save it as "
+                "torch_dist first: run pretrain_patch_gpt.py with its flags, --load it and "
+                "--save elsewhere without --ckpt-format torch, then convert that")
+    else:
+        missing = [f for f in _REQUIRED_FILES if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            raise refuse(f"it is incomplete: {', '.join(missing)} missing")
     try:
         record = read_record(common, path)
     except RecordError as error:
@@ -166,7 +177,14 @@ def load_full_weights(checkpoint: Checkpoint) -> dict:
 
     from patch_megatron.training import safe_load
 
+    from patch_megatron.training import checkpointing as ckpt
+
     model = _model_at_tp1(checkpoint.description)
+    if ckpt.is_torch_format(checkpoint.path):  # TP 1 x PP 1 (open_checkpoint): one rank file
+        rank_file = os.path.join(ckpt.rank_directory(checkpoint.path, 0, 0, 1),
+                                 ckpt.TORCH_FORMAT_FILE)
+        _load_into(model, safe_load.read_state_file(rank_file)["model"])
+        return _weights_of(model)
     try:
         loaded = dist_checkpointing.load({"model": _sharded_tensors(model)}, checkpoint.path,
                                          common_strategy=safe_load.safe_common_strategy())

@@ -363,6 +363,11 @@ def _read_megatron_lm(common: dict, path: str) -> CheckpointRecord:
     metadata = common.get("content_metadata") or {}
     if getattr(args, "no_save_optim", False):
         optimizer_format = None
+    elif getattr(args, "use_distributed_optimizer", False) and getattr(args, "ckpt_format",
+                                                                        None) == "torch":
+        # The legacy format's distrib_optim.pt: gathered per TP x PP rank, so like
+        # dp_reshardable it loads at another data-parallel size but not another TP/PP.
+        optimizer_format = DISTRIBUTED_OPTIMIZER
     elif getattr(args, "use_distributed_optimizer", False):
         # Before megatron-core 0.13 no content metadata was written; Megatron-LM then assumes:
         optimizer_format = metadata.get("distrib_optim_sharding_type") or (

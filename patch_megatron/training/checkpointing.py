@@ -186,7 +186,7 @@ def is_torch_format(path: str) -> bool:
     return any(n.startswith("mp_rank_0") for n in os.listdir(path))
 
 
-def _torch_format_layout(path: str) -> tuple[int, int] | None:
+def torch_format_layout(path: str) -> tuple[int, int] | None:
     """(TP, PP) of the rank folders in a torch-format checkpoint; None if they are irregular."""
     ranks = set()
     for name in os.listdir(path):
@@ -222,7 +222,7 @@ def _save_torch_format(partial_dir, model, optimizer, record, args) -> None:
 def _torch_format_file(load_dir: str, path: str, iteration: int) -> str:
     """This rank's file of a torch-format checkpoint; refused unless TP x PP are the saved ones."""
     (pp, tp), (pp_rank, tp_rank), _ = _layout()
-    saved = _torch_format_layout(path)
+    saved = torch_format_layout(path)
     if saved != (tp, pp):
         found = ("its rank folders are irregular" if saved is None
                  else f"it was saved at TP {saved[0]} x PP {saved[1]}")
@@ -419,7 +419,7 @@ def record_of_run(model, scheduler, state, args, plan) -> CheckpointRecord:
         nan_iters=state.nan_iters,
         optimizer_format=optimizer_format(args),
         scheduler=scheduler.state_dict(),  # in samples, as Megatron-LM's
-        flops_so_far=getattr(state, "flops_so_far", 0.0),
+        flops_so_far=state.flops_so_far,
     )
 
 
@@ -772,8 +772,7 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
         state.consumed_samples = record.consumed_train_samples
         state.skipped_iters = record.skipped_iters
         state.nan_iters = record.nan_iters
-        if hasattr(state, "flops_so_far"):
-            state.flops_so_far = record.flops_so_far
+        state.flops_so_far = record.flops_so_far
     notes = [] if record.source == "patch-megatron" else [describe(record)]
     if weights_only:
         notes.append("weights only (converted checkpoint)" if record.weights_only and not args.finetune

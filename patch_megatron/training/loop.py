@@ -30,6 +30,7 @@ class TrainState:
     consumed_samples: int = 0  # samples of this stage's train set read
     skipped_iters: int = 0
     nan_iters: int = 0
+    flops_so_far: float = 0.0  # the stage's model FLOPs (Megatron-LM's num_floating_point_operations_so_far)
 
 
 # ---------------------------------------------------------------------------
@@ -402,6 +403,7 @@ def _train_stage(run: Run, state: TrainState, collector) -> str:
         interval_samples += global_batch_size
         state.iteration += 1
         state.consumed_samples += global_batch_size
+        state.flops_so_far += this_step_flops
         meter.add()
         profiler.after_step(state.iteration)
         gather.after_step(step.skipped)

@@ -259,6 +259,10 @@ def test_converters_read_megatron_lm_checkpoints(tmp_path_factory, world_of_one)
                 assert torch.equal(ours, sharded[name][layer]), (name, layer)
         else:
             assert torch.equal(weights[name], sharded[name]), name
+    # The same run saved in Megatron-LM's legacy format: the same weights.
+    legacy = load_full_weights(open_checkpoint(os.path.join(FIXTURES, "llama_torch")))
+    assert legacy.keys() == weights.keys()
+    assert all(torch.equal(legacy[name], weights[name]) for name in weights)
     out = str(tmp_path_factory.mktemp("hf") / "hf")
     code, err = run_tool("convert_to_hf", ["--load", os.path.join(FIXTURES, "llama_plain"),
                                            "--output", out])

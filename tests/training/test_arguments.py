@@ -118,7 +118,7 @@ BAD = [
     ("--train-iters 5 --finetune", "needs --load"),
     ("--train-iters 5 --split 100,0,0", "validation part"),
     ("--train-iters 5 --split abc", "validation part"),
-    ("--train-iters 5 --ckpt-format torch", "reads and writes torch_dist"),
+    ("--train-iters 5 --ckpt-format torch_dcp", "only with its FSDP implementations"),
 ]
 
 

@@ -6,6 +6,7 @@ there). Our first schema is pinned by tests/fixtures/patch_megatron_v1.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -151,11 +152,18 @@ def test_a_qk_layernorm_model_is_rebuilt_from_its_record():
     assert "decoder.layers.0.self_attention.k_layernorm.bias" in shapes
 
 
+# Megatron-LM's fixtures of one LLaMA run and the flags that say how it was saved.
+MLM_CHECKPOINTS = {"llama_plain": [], "llama_distopt": ["--use-distributed-optimizer"],
+                   "llama_torch": ["--ckpt-format", "torch"],
+                   "llama_distopt_torch": ["--use-distributed-optimizer", "--ckpt-format", "torch"]}
+LEGACY_AND_DIST = [("llama_torch", "llama_plain"), ("llama_distopt_torch", "llama_distopt")]
+
+
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory):
-    """Our checkpoints of the fixtures' run, plain and distributed optimizer."""
+    """Our checkpoints of the fixtures' run, plain and distributed optimizer, in both formats."""
     out = {}
-    for name, extra in (("llama_plain", []), ("llama_distopt", ["--use-distributed-optimizer"])):
+    for name, extra in MLM_CHECKPOINTS.items():
         save = str(tmp_path_factory.mktemp(name) / "save")
         result = pretrain(*MLM_FLAGS, *extra, "--train-iters", "2", "--save", save,
                           "--save-interval", "2")
@@ -189,21 +197,88 @@ def test_our_checkpoint_has_every_entry_megatron_lm_asks_for(ours, name):
     assert mine["opt_param_scheduler"] == theirs["opt_param_scheduler"]
 
 
-@pytest.mark.parametrize("name, extra", [("llama_plain", []),
-                                         ("llama_distopt", ["--use-distributed-optimizer"])])
-def test_megatron_lm_checkpoint_resumes_here(tmp_path, name, extra):
+@pytest.mark.parametrize("legacy, dist", LEGACY_AND_DIST)
+def test_our_legacy_format_holds_what_megatron_lms_does(ours, legacy, dist):
+    """--ckpt-format torch: the rank file's entries, model keys and shapes, optimizer state
+    layout and (distributed optimizer) distrib_optim.pt are Megatron-LM's."""
+    def rank_files(iteration_dir):
+        folder = os.path.join(iteration_dir, "mp_rank_00")
+        return {n: safe_load.read_state_file(os.path.join(folder, n)) for n in os.listdir(folder)}
+
+    theirs = rank_files(os.path.join(MLM, legacy, "iter_0000002"))
+    mine = rank_files(ours[legacy])
+    assert mine.keys() == theirs.keys()
+    mine_state, theirs_state = mine["model_optim_rng.pt"], theirs["model_optim_rng.pt"]
+    assert set(theirs_state) <= set(mine_state), set(theirs_state) - set(mine_state)
+    assert mine_state["args"].ckpt_format == "torch"
+
+    def shapes(state):
+        return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+    assert shapes(mine_state["model"]) == shapes(theirs_state["model"])
+
+    def layout(value):  # nested keys and tensor shapes, values aside
+        if isinstance(value, dict):
+            return {k: layout(v) for k, v in value.items() if k != "params"}
+        if isinstance(value, (list, tuple)):
+            return [layout(v) for v in value]
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+
+    assert layout(mine_state["optimizer"]) == layout(theirs_state["optimizer"])
+    if "distrib_optim.pt" in theirs:
+        assert layout(mine["distrib_optim.pt"]) == layout(theirs["distrib_optim.pt"])
+    # The torch_dist record of the same run says the same.
+    assert mine_state["opt_param_scheduler"] == safe_load.read_common(ours[dist])["opt_param_scheduler"]
+    # The FLOPs so far: Megatron-LM core_v0.16.1 counts half the causal attention matmuls,
+    # this project all (patch_megatron/flops.py): 2·s·a·d more per token and layer, x3 for
+    # the backward, over 2 steps of 4 samples of 16 tokens through 2 layers.
+    s, a, d = 16, 4, 8
+    extra = 2 * (4 * 16) * 2 * 3 * (2 * s * a * d)
+    assert (mine_state["num_floating_point_operations_so_far"]
+            == theirs_state["num_floating_point_operations_so_far"] + extra)
+
+
+@pytest.fixture(scope="module")
+def resumed_from_megatron_lm(tmp_path_factory):
+    """Each Megatron-LM fixture resumed here for a third step, keeping its schedule."""
+    runs = {}
+    for name, extra in MLM_CHECKPOINTS.items():
+        load = str(tmp_path_factory.mktemp(name) / "load")
+        shutil.copytree(os.path.join(MLM, name), load)
+        runs[name] = load, pretrain(*MLM_FLAGS, *extra, "--train-iters", "3", "--load", load,
+                                    "--use-checkpoint-opt_param-scheduler")
+    return runs
+
+
+def test_a_megatron_lm_checkpoints_schedule_is_kept_only_when_asked_for(tmp_path):
     load = str(tmp_path / "load")
-    shutil.copytree(os.path.join(MLM, name), load)
+    shutil.copytree(os.path.join(MLM, "llama_plain"), load)
     # One step longer than the saved run: as in Megatron-LM, the schedules then differ (decay
     # over 12 samples, not 8) and the checkpoint's is kept only when asked for.
-    differs = pretrain(*MLM_FLAGS, *extra, "--train-iters", "3", "--load", load)
+    differs = pretrain(*MLM_FLAGS, "--train-iters", "3", "--load", load)
     assert differs.returncode == 3 and "--use-checkpoint-opt_param-scheduler" in differs.stderr
-    result = pretrain(*MLM_FLAGS, *extra, "--train-iters", "3", "--load", load,
-                      "--use-checkpoint-opt_param-scheduler")
+
+
+@pytest.mark.parametrize("name", list(MLM_CHECKPOINTS))
+def test_megatron_lm_checkpoint_resumes_here(resumed_from_megatron_lm, name):
+    load, result = resumed_from_megatron_lm[name]
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"loaded {load}/iter_0000002 (iteration 2); a Megatron-LM checkpoint" in result.stdout
     assert "RNG state not restored" not in result.stdout and "Adam starts afresh" not in result.stdout
     assert "iteration        3/       3 | consumed samples:           12 |" in result.stdout
+
+
+@pytest.mark.parametrize("legacy, dist", LEGACY_AND_DIST)
+def test_megatron_lm_legacy_checkpoint_continues_as_its_torch_dist_twin(resumed_from_megatron_lm,
+                                                                         legacy, dist):
+    """Megatron-LM saved the same run in both formats: resumed here, both take the same step."""
+    def third_step(name):  # learning rate, loss and gradient norm, as logged
+        stdout = resumed_from_megatron_lm[name][1].stdout
+        line = next(l for l in stdout.splitlines() if "iteration        3/" in l)
+        return re.findall(r"(learning rate|loss|grad norm): ([0-9.E+-]+)", line)
+
+    assert [name for name, _ in third_step(dist)] == ["learning rate", "loss", "grad norm"]
+    assert third_step(legacy) == third_step(dist)
 
 
 # gpt_plain: Megatron-LM's default GPT, from the same flags without the LLaMA ones.

@@ -304,6 +304,67 @@ def test_pretrain_load_refuses_hostile_and_damaged_checkpoints(saved, tmp_path):
     assert "pick a --make-vocab-size-divisible-by" not in err
 
 
+def test_the_legacy_torch_format_is_read_as_safely(tmp_path):
+    """--ckpt-format torch: a rank file with a planted pickle (and a matching manifest) is
+    refused without running it, a truncated one is named with the iteration that verifies,
+    and another TP x PP is refused with the fix."""
+    save = str(tmp_path / "legacy")
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "pretrain_patch_gpt.py"),
+                             *FLAGS, "--train-iters", "4", "--save-interval", "2", "--save", save,
+                             "--ckpt-format", "torch"],
+                            capture_output=True, text=True, env=environment(), timeout=240,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank_file = os.path.join("iter_0000004", "mp_rank_00", checkpointing.TORCH_FORMAT_FILE)
+    assert safe_load.check_checkpoint(checkpointing.iteration_dir(save, 4))["iteration"] == 4
+    marker = tmp_path / "ran"
+    cases = {name: (copy(save, tmp_path / name), extra) for name, extra in (
+        ("planted", []), ("truncated", []), ("intact", []))}
+    planted = os.path.join(cases["planted"][0], rank_file)
+    state = torch.load(planted, weights_only=True)
+    state["iteration"] = Planted(4, marker)
+    torch.save(state, planted)
+    safe_load.write_checksums(os.path.dirname(os.path.dirname(planted)))
+    truncated = os.path.join(cases["truncated"][0], rank_file)
+    os.truncate(truncated, os.path.getsize(truncated) // 2)
+
+    code = LOADS.format(repo=REPO_ROOT, flags=FLAGS, cases=cases)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=environment(), timeout=300, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not marker.exists()
+    assert results["intact"][0] == 0, results["intact"][1]
+    rc, err = results["planted"]
+    assert rc == 3 and "holds objects other than tensors and plain data" in err, err
+    assert "iteration 2 (" in err and "verifies" in err
+    rc, err = results["truncated"]
+    assert rc == 3 and f"{rank_file} (size" in err and "truncated" in err, err
+
+
+def test_the_legacy_torch_format_loads_only_at_its_tensor_and_pipeline_sizes(tmp_path,
+                                                                              monkeypatch):
+    def folders(*names):
+        path = tmp_path / "-".join(names)
+        for name in names:
+            (path / name).mkdir(parents=True)
+        return str(path)
+
+    tp2 = folders("mp_rank_00", "mp_rank_01")
+    pp2 = folders("mp_rank_00_000", "mp_rank_00_001")
+    assert checkpointing.torch_format_layout(tp2) == (2, 1)
+    assert checkpointing.torch_format_layout(pp2) == (1, 2)
+    assert checkpointing.torch_format_layout(folders("mp_rank_00", "mp_rank_00_001")) is None
+    # This rank: TP rank 1 of 2, one pipeline stage, data-parallel rank 0.
+    monkeypatch.setattr(checkpointing, "_layout", lambda: ((1, 2), (0, 1), 0))
+    assert checkpointing._torch_format_file(str(tmp_path), tp2, 4) == os.path.join(
+        tp2, "mp_rank_01", checkpointing.TORCH_FORMAT_FILE)
+    with pytest.raises(checkpointing.CheckpointError,
+                       match=r"loads only at the tensor x pipeline parallel sizes that wrote it: "
+                             r"it was saved at TP 1 x PP 2, this run is TP 2 x PP 1"):
+        checkpointing._torch_format_file(str(tmp_path), pp2, 4)
+
+
 def test_two_ranks_share_the_hashing_and_rank_0_names_the_damage(saved, tmp_path):
     """Each rank hashes half the files; the damage rank 1 finds is named by rank 0."""
     import socket
