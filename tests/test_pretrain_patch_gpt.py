@@ -149,9 +149,9 @@ def test_patch_stage_trains_logs_evaluates_and_saves(reference):
 
 
 @pytest.mark.parametrize("layout", [
-    ["--pipeline-model-parallel-size", "2"],
+    ["--pipeline-model-parallel-size", "2", "--ckpt-format", "torch"],
     ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-], ids=["PP=2", "TP=2+SP"])
+], ids=["PP=2+legacy-format", "TP=2+SP"])
 def test_two_process_layouts_continue_a_single_process_checkpoint(reference, layout, tmp_path):
     """Same weights, data and optimizer state in, same losses out, under gloo with 2 ranks."""
     ref_dir, _, ref_losses = reference
@@ -162,12 +162,19 @@ def test_two_process_layouts_continue_a_single_process_checkpoint(reference, lay
     assert "loaded" in result.stdout and "parallel layout differs" in result.stdout
     got = losses(result.stdout)
     assert_same_to_rounding(got, {i: ref_losses[i] for i in range(5, 9)})
+    reloaded = checkpoint_at(save, 6, str(tmp_path / "at_6"))
     if layout[0] == "--tensor-model-parallel-size":
         # ... and the TP=2 checkpoint loads back into one process.
-        reloaded = checkpoint_at(save, 6, str(tmp_path / "tp2_at_6"))
         back = run(["--load", reloaded])
-        assert back.returncode == 0, back.stderr[-3000:]
-        assert_same_to_rounding(losses(back.stdout), {i: ref_losses[i] for i in (7, 8)})
+    else:
+        # ... and the PP=2 checkpoint, in Megatron-LM's legacy format (a file per pipeline
+        # rank), resumes at PP=2, RNG states included.
+        assert sorted(os.listdir(os.path.join(reloaded, "iter_0000006"))) == [
+            "checksums.json", "mp_rank_00_000", "mp_rank_00_001"]
+        back = run(["--load", reloaded] + layout, nproc=2)
+        assert "RNG state not restored" not in back.stdout
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert_same_to_rounding(losses(back.stdout), {i: ref_losses[i] for i in (7, 8)})
 
 
 def test_data_parallel_with_overlapped_sharded_reduction_matches_one_process(reference):
