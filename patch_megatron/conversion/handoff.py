@@ -91,8 +91,15 @@ def convert_patch_to_token(options: HandoffOptions) -> tuple[str, dict]:
             weights = vocab.repad(weights, true_vocab, padded)
             description = description.with_vocab(padded, true_vocab)
     try:
+        # The stage split as the patch stage's flags gave it (the token stage takes the same).
         replace(description.model_config(patch_size=1), tensor_model_parallel_size=tp,
-                pipeline_model_parallel_size=pp).validate()
+                pipeline_model_parallel_size=pp,
+                num_layers_in_first_pipeline_stage=args.get("decoder_first_pipeline_num_layers"),
+                num_layers_in_last_pipeline_stage=args.get("decoder_last_pipeline_num_layers"),
+                account_for_embedding_in_pipeline_split=bool(
+                    args.get("account_for_embedding_in_pipeline_split")),
+                account_for_loss_in_pipeline_split=bool(
+                    args.get("account_for_loss_in_pipeline_split"))).validate()
     except ValueError as error:
         raise ConversionError(f"the model cannot be laid out at TP={tp}, PP={pp}: {error}") from None
 

@@ -146,3 +146,26 @@ def test_plain_load_starts_the_token_stage(two_stage_run, vocab_size, tmp_path):
                         "--load", two_stage_run["handoff"]], nproc=1)
     consumed, lr, _ = train_lines(log)[1]
     assert consumed == 8 and lr == pytest.approx(5e-4)
+
+
+def test_the_target_layout_is_checked_with_the_runs_own_stage_split(two_stage_run, tmp_path):
+    """2 layers over 3 pipeline stages split only with the embedding counted as a layer
+    (--account-for-embedding-in-pipeline-split): the handoff takes the patch run's flag."""
+    from patch_megatron.training import safe_load
+
+    def convert(name):
+        return run_tool("convert_patch_to_token", ["--load", str(tmp_path / name), "--save",
+                                                   str(tmp_path / f"{name}_out"),
+                                                   "--target-pipeline-parallel-size", "3"])
+
+    for name, counted in (("even", False), ("counted", True)):
+        shutil.copytree(two_stage_run["patch"], tmp_path / name)
+        path = str(tmp_path / name / "iter_0000003")
+        common = safe_load.read_common(path)
+        common["args"].account_for_embedding_in_pipeline_split = counted
+        torch.save(common, os.path.join(path, safe_load.COMMON_FILE))
+        safe_load.write_checksums(path)
+    code, err = convert("even")
+    assert code == 2 and "cannot be laid out at TP=2, PP=3" in err and "split evenly" in err
+    code, err = convert("counted")
+    assert code == 0, err
