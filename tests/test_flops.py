@@ -47,8 +47,9 @@ def test_gelu_mlp_has_one_input_projection():
 
 
 def test_matches_megatron_lm_closed_form():
-    # Megatron-LM's num_floating_point_operations for a dense SwiGLU GQA model,
-    # written out independently: 12·b·s·L·h² · [(1 + g/a + s/h)·(a·d/h)
+    # Megatron-LM's num_floating_point_operations for a dense SwiGLU GQA model as it was
+    # before it halved the causal attention matmuls (core_v0.16.1 has s/(2h) for s/h, see
+    # patch_megatron/flops.py), written out independently: 12·b·s·L·h² · [(1 + g/a + s/h)·(a·d/h)
     #   + (f/h)·3/2 + V/(2·L·h)].
     shape = llama_shape(num_layers=24, hidden_size=2048, ffn_hidden_size=5504,
                         num_attention_heads=16, num_query_groups=4, vocab_size=32000)
