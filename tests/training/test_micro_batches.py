@@ -65,3 +65,16 @@ def test_batch_loaders_keep_one_loader_per_dataset_and_start():
     assert first_tokens(loaders(train, 20)) == [[20, 21], [22, 23]]
     loaders.close()
     assert loaders.made == {}
+
+
+def test_reading_leaves_torchs_default_generator_alone():
+    """A run resumed from a checkpoint builds its readers after restoring the RNG states; on
+    CPU dropout draws from torch's default generator, so reading must not draw from it."""
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    batches = MicroBatches(dataset(), 2, 0, 1)
+    next(batches)
+    batches.restart()
+    next(batches)
+    assert torch.equal(torch.rand(4), expected)
