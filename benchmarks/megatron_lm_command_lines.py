@@ -4,7 +4,9 @@
 
 MLM is a folder holding Megatron-LM's ``examples`` and
 ``tests/functional_tests/test_cases/gpt`` at the release matching the pinned
-megatron-core (``git archive core_v0.16.1 examples tests/functional_tests``).
+megatron-core (``git archive core_v0.16.1 examples tests/functional_tests``). Those that
+parse are then checked as ``--check-only`` would check them for the processes they launch
+on (the batch against the data-parallel size, the interleaved schedule's micro-batches).
 Each dense GPT/LLaMA configuration (mixture-of-experts, multi-latent attention,
 RL, FSDP, hybrid and inference cases left out) is parsed as Megatron-LM's
 ``pretrain_gpt.py`` would get it, with the patch flags ``--patch-size 4
@@ -25,7 +27,16 @@ import warnings
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from patch_megatron.training.arguments import ArgumentError, parse_args  # noqa: E402
+from patch_megatron.training import arguments  # noqa: E402
+from patch_megatron.training.arguments import ArgumentError, check_world_size, parse_args  # noqa: E402
+
+# The launch-time checks run as on a GPU node that has the optional packages (Transformer
+# Engine, wandb) the configurations ask for: this machine's own packages are not the question.
+arguments._check_installed = lambda args: None
+# Megatron-LM's functional tests run on one 8-GPU node unless their configuration says how many
+# GPUs (GPUS); a larger model-parallel group gets one data-parallel replica.
+GPUS_PER_NODE = 8
+GPUS: dict[str, int] = {}
 
 LEFT_OUT = ("moe", "mla", "_ep", "fsdp", "gdn", "modelopt", "mamba", "hybrid", "inference", "rl",
             "grpo", "distill", "export", "experts", "fp8", "fp4", "multi_dist_optimizer")
@@ -61,7 +72,12 @@ def functional_tests(root: str) -> dict[str, list[str]]:
         if any(part in name for part in LEFT_OUT):
             continue
         argv = []
-        for flag, value in (yaml.safe_load(open(path)).get("MODEL_ARGS") or {}).items():
+        config = yaml.safe_load(open(path))
+        # A configuration may name its node's GPU count (its MODEL_ENV_VARS).
+        gpus = ((config.get("MODEL_ENV_VARS") or {}).get("MODEL_ARGS") or {}).get("GPUS_PER_NODE")
+        if gpus:
+            GPUS[name] = int(gpus)
+        for flag, value in (config.get("MODEL_ARGS") or {}).items():
             if value is True:
                 argv.append(flag)
             elif value is not False and value is not None:
@@ -105,7 +121,7 @@ def main() -> None:
     for script in ("examples/gpt3/train_gpt3_175b_distributed.sh",
                    "examples/llama/train_llama3_8b_h100_fp8.sh"):
         lines[script] = example(os.path.join(options.megatron_lm, script))
-    parsed, stops = [], collections.Counter()
+    parsed, stops, launchable = [], collections.Counter(), collections.Counter()
     for name, argv in lines.items():
         if "--vocab-file" in argv and "--tokenizer-type" not in argv:
             # The functional-test configurations leave the tokenizer type to their launcher;
@@ -114,13 +130,25 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                parse_args(argv + PATCH_FLAGS)
+                args = parse_args(argv + PATCH_FLAGS)
                 parsed.append(name)
             except ArgumentError as error:
                 stops[str(error).split(" (")[0][:140]] += 1
+                continue
+            model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+            try:
+                check_world_size(args, max(GPUS.get(name, GPUS_PER_NODE), model_parallel))
+                launchable["ok"] += 1
+            except ArgumentError as error:
+                launchable[str(error)[:140]] += 1
     print(f"{len(parsed)} of {len(lines)} Megatron-LM GPT command lines parse "
           f"(with {' '.join(PATCH_FLAGS)})")
     for reason, count in stops.most_common():
+        print(f"{count:4d}  {reason}")
+    print(f"{launchable.pop('ok', 0)} of those {len(parsed)} also pass the launch-time checks "
+          f"for the processes they run on ({GPUS_PER_NODE} unless the configuration says, or one "
+          "data-parallel replica of a larger model)")
+    for reason, count in launchable.most_common():
         print(f"{count:4d}  {reason}")
 
 
