@@ -120,6 +120,15 @@ REFUSED = {
                               "does not run here (the errors would change the run)",
     "--error-injection-type": "injected errors exercise Megatron-LM's rerun state machine, which "
                               "does not run here",
+    "--check-for-spiky-loss": "spiky-loss validation is part of Megatron-LM's rerun state "
+                              "machine, which does not run here",
+    "--check-for-large-grads": "large-gradient validation is part of Megatron-LM's rerun state "
+                               "machine, which does not run here",
+    "--result-rejected-tracker-filename": "it records the rerun state machine's rejected "
+                                          "results, and that machine does not run here",
+    "--no-check-for-nan-in-loss-and-grad": "NaN/Inf losses, gradients and learning rates are "
+                                           "always checked here; --nan-action skip drops such "
+                                           "steps instead of stopping",
     "--fim-data": "fill-in-the-middle samples are " + _NOT_YET + "; the data is read as it is",
     "--eod-mask-loss": "masking the loss at end-of-document tokens is " + _NOT_YET,
     "--reset-position-ids": "per-document positions are " + _NOT_YET,
