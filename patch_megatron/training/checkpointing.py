@@ -64,7 +64,7 @@ LATEST_FILE = "latest_checkpointed_iteration.txt"
 INCOMPLETE_SUFFIX = ".incomplete"
 # Megatron-LM's legacy ("torch") format: a file per tensor x pipeline rank.
 TORCH_FORMAT_FILE = safe_load.TORCH_FORMAT_FILE
-DISTRIBUTED_OPTIMIZER_FILE = "distrib_optim.pt"
+DISTRIBUTED_OPTIMIZER_FILE = safe_load.DISTRIBUTED_OPTIMIZER_FILE
 
 
 class CheckpointError(RuntimeError):
@@ -565,7 +565,7 @@ def _resume_hint(load_dir: str):
 
 def _verified_common(load_dir: str, path: str, iteration: int, rank_file: str | None = None) -> dict:
     """``common.pt`` of a checkpoint whose files match their checksums and are safe to unpickle
-    (of the torch format: this rank's ``rank_file``, whole).
+    (of the torch format: this rank's ``rank_file``, whole, its folder's other file checked).
 
     Every rank checks what it will unpickle itself, and hashes its share of
     the files. If any rank finds a problem, rank 0 names the first one while
@@ -575,7 +575,7 @@ def _verified_common(load_dir: str, path: str, iteration: int, rank_file: str | 
                    if torch.distributed.is_initialized() else (0, 1))
     try:
         common, why = (safe_load.check_checkpoint(path) if rank_file is None
-                       else safe_load.read_state_file(rank_file)), None
+                       else safe_load.read_rank_folder(os.path.dirname(rank_file))), None
     except safe_load.UnsafeCheckpointError as error:
         common, why = None, str(error)
     why = why or safe_load.first_damaged_file(path, part=rank, parts=world)
@@ -661,13 +661,11 @@ def _load_scheduler(scheduler, saved: dict, path: str) -> None:
 
 
 def _load_parameter_state(optimizer, directory: str) -> None:
-    """The distributed optimizer's ``distrib_optim.pt``, checked safe on the rank that reads it
-    (data-parallel rank 0, which scatters it)."""
+    """The distributed optimizer's ``distrib_optim.pt`` (checked safe with the rank's folder,
+    ``_verified_common``), read by data-parallel rank 0 and scattered."""
     from megatron.core.optimizer import distrib_optimizer
 
     source = os.path.join(directory, DISTRIBUTED_OPTIMIZER_FILE)
-    if _layout()[2] == 0:
-        safe_load.read_state_file(source)
     # The file holds each parameter's master copy and moments; torch Adam's state (what runs
     # without apex or TE) also holds a step counter, which megatron-core's loader would look
     # up in the file. Set aside here, it is set to the loaded step after (_restore_adam_steps).

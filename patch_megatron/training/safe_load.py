@@ -43,7 +43,9 @@ import torch
 CHECKSUM_FILE = "checksums.json"
 METADATA_FILE = ".metadata"
 COMMON_FILE = "common.pt"
-TORCH_FORMAT_FILE = "model_optim_rng.pt"  # a rank's file in Megatron-LM's legacy torch format
+# A rank's files in Megatron-LM's legacy torch format.
+TORCH_FORMAT_FILE = "model_optim_rng.pt"
+DISTRIBUTED_OPTIMIZER_FILE = "distrib_optim.pt"
 _CHUNK = 4 << 20
 
 # Everything torch.distributed.checkpoint's Metadata pickle refers to (found by
@@ -208,20 +210,24 @@ def check_checkpoint(path: str) -> dict:
     (of the legacy torch format: the first rank file's, every rank's file read)."""
     rank_dirs = sorted(n for n in os.listdir(path) if n.startswith("mp_rank_"))
     if rank_dirs:
-        first = None
-        for directory in rank_dirs:
-            source = os.path.join(path, directory, TORCH_FORMAT_FILE)
-            if not os.path.isfile(source):
-                raise UnsafeCheckpointError(f"{source} is missing: the checkpoint is incomplete")
-            state = read_state_file(source)
-            first = state if first is None else first
-            optimizer_state = os.path.join(path, directory, "distrib_optim.pt")
-            if os.path.exists(optimizer_state):
-                read_state_file(optimizer_state)
-        return first
+        states = [read_rank_folder(os.path.join(path, d)) for d in rank_dirs]
+        return states[0]
     common = read_common(path)
     check_byte_items(path, read_metadata(path))
     return common
+
+
+def read_rank_folder(folder: str) -> dict:
+    """A rank's folder of the legacy torch format, every file checked: its
+    ``model_optim_rng.pt`` (returned) and the distributed optimizer's ``distrib_optim.pt``."""
+    source = os.path.join(folder, TORCH_FORMAT_FILE)
+    if not os.path.isfile(source):
+        raise UnsafeCheckpointError(f"{source} is missing: the checkpoint is incomplete")
+    state = read_state_file(source)
+    optimizer_state = os.path.join(folder, DISTRIBUTED_OPTIMIZER_FILE)
+    if os.path.exists(optimizer_state):
+        read_state_file(optimizer_state)
+    return state
 
 
 def _common_strategy_class():

@@ -305,26 +305,29 @@ def test_pretrain_load_refuses_hostile_and_damaged_checkpoints(saved, tmp_path):
 
 
 def test_the_legacy_torch_format_is_read_as_safely(tmp_path):
-    """--ckpt-format torch: a rank file with a planted pickle (and a matching manifest) is
-    refused without running it, a truncated one is named with the iteration that verifies,
-    and another TP x PP is refused with the fix."""
+    """--ckpt-format torch (distributed optimizer: two files per rank): a planted pickle in
+    either file (with a matching manifest) is refused without running it, a truncated file
+    is named with the iteration that verifies."""
     save = str(tmp_path / "legacy")
+    distributed = ["--use-distributed-optimizer"]
     result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "pretrain_patch_gpt.py"),
-                             *FLAGS, "--train-iters", "4", "--save-interval", "2", "--save", save,
-                             "--ckpt-format", "torch"],
+                             *FLAGS, *distributed, "--train-iters", "4", "--save-interval", "2",
+                             "--save", save, "--ckpt-format", "torch"],
                             capture_output=True, text=True, env=environment(), timeout=240,
                             cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     rank_file = os.path.join("iter_0000004", "mp_rank_00", checkpointing.TORCH_FORMAT_FILE)
     assert safe_load.check_checkpoint(checkpointing.iteration_dir(save, 4))["iteration"] == 4
     marker = tmp_path / "ran"
-    cases = {name: (copy(save, tmp_path / name), extra) for name, extra in (
-        ("planted", []), ("truncated", []), ("intact", []))}
-    planted = os.path.join(cases["planted"][0], rank_file)
-    state = torch.load(planted, weights_only=True)
-    state["iteration"] = Planted(4, marker)
-    torch.save(state, planted)
-    safe_load.write_checksums(os.path.dirname(os.path.dirname(planted)))
+    cases = {name: (copy(save, tmp_path / name), distributed)
+             for name in ("planted", "planted_in_optimizer", "truncated", "intact")}
+    for name, file_name in (("planted", checkpointing.TORCH_FORMAT_FILE),
+                            ("planted_in_optimizer", checkpointing.DISTRIBUTED_OPTIMIZER_FILE)):
+        planted = os.path.join(cases[name][0], os.path.dirname(rank_file), file_name)
+        state = torch.load(planted, weights_only=True)
+        state["planted"] = Planted(4, marker)
+        torch.save(state, planted)
+        safe_load.write_checksums(os.path.dirname(os.path.dirname(planted)))
     truncated = os.path.join(cases["truncated"][0], rank_file)
     os.truncate(truncated, os.path.getsize(truncated) // 2)
 
@@ -335,9 +338,11 @@ def test_the_legacy_torch_format_is_read_as_safely(tmp_path):
     results = json.loads(result.stdout.strip().splitlines()[-1])
     assert not marker.exists()
     assert results["intact"][0] == 0, results["intact"][1]
-    rc, err = results["planted"]
-    assert rc == 3 and "holds objects other than tensors and plain data" in err, err
-    assert "iteration 2 (" in err and "verifies" in err
+    for name, file_name in (("planted", checkpointing.TORCH_FORMAT_FILE),
+                            ("planted_in_optimizer", checkpointing.DISTRIBUTED_OPTIMIZER_FILE)):
+        rc, err = results[name]
+        assert rc == 3 and f"{file_name} holds objects other than tensors and plain data" in err, err
+        assert "iteration 2 (" in err and "verifies" in err
     rc, err = results["truncated"]
     assert rc == 3 and f"{rank_file} (size" in err and "truncated" in err, err
 
