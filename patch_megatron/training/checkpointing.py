@@ -219,7 +219,7 @@ def _save_torch_format(partial_dir, model, optimizer, record, args) -> None:
         torch.save(state, os.path.join(directory, TORCH_FORMAT_FILE))
 
 
-def _torch_format_file(load_dir: str, path: str, iteration: int) -> str:
+def _torch_format_file(path: str) -> str:
     """This rank's file of a torch-format checkpoint; refused unless TP x PP are the saved ones."""
     (pp, tp), (pp_rank, tp_rank), _ = _layout()
     saved = torch_format_layout(path)
@@ -701,7 +701,7 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
     if not os.path.isdir(path):
         raise CheckpointError(f"{LATEST_FILE} names iteration {iteration} but {path} is missing; "
                               + _pick_iteration_hint(load_dir))
-    rank_file = _torch_format_file(load_dir, path, iteration) if is_torch_format(path) else None
+    rank_file = _torch_format_file(path) if is_torch_format(path) else None
     common = _verified_common(load_dir, path, iteration, rank_file)
     try:
         record = read_record(common, path)

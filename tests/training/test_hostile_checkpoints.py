@@ -252,6 +252,19 @@ LOADS = textwrap.dedent("""
 """)
 
 
+def load_each(cases, cwd):
+    """pretrain_patch_gpt.py's load of each case, in one process: {name: (exit code, stderr)};
+    none may end in a traceback."""
+    code = LOADS.format(repo=REPO_ROOT, flags=FLAGS, cases=cases)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=environment(), timeout=300, cwd=str(cwd))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, (rc, err) in results.items():
+        assert "Traceback" not in err, (name, err)
+    return results
+
+
 def test_pretrain_load_refuses_hostile_and_damaged_checkpoints(saved, tmp_path):
     marker = tmp_path / "ran"
     cases = {}
@@ -274,14 +287,8 @@ def test_pretrain_load_refuses_hostile_and_damaged_checkpoints(saved, tmp_path):
     os.remove(os.path.join(case("old_without_manifest"), safe_load.CHECKSUM_FILE))
     case("other_vocabulary", ["--vocab-size", "200"])
 
-    code = LOADS.format(repo=REPO_ROOT, flags=FLAGS, cases=cases)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=environment(), timeout=300, cwd=str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(result.stdout.strip().splitlines()[-1])
+    results = load_each(cases, tmp_path)
     assert not marker.exists()
-    for name, (rc, err) in results.items():
-        assert "Traceback" not in err, (name, err)
 
     def refused(name):
         rc, err = results[name]
@@ -331,11 +338,7 @@ def test_the_legacy_torch_format_is_read_as_safely(tmp_path):
     truncated = os.path.join(cases["truncated"][0], rank_file)
     os.truncate(truncated, os.path.getsize(truncated) // 2)
 
-    code = LOADS.format(repo=REPO_ROOT, flags=FLAGS, cases=cases)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=environment(), timeout=300, cwd=str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(result.stdout.strip().splitlines()[-1])
+    results = load_each(cases, tmp_path)
     assert not marker.exists()
     assert results["intact"][0] == 0, results["intact"][1]
     for name, file_name in (("planted", checkpointing.TORCH_FORMAT_FILE),
@@ -362,12 +365,12 @@ def test_the_legacy_torch_format_loads_only_at_its_tensor_and_pipeline_sizes(tmp
     assert checkpointing.torch_format_layout(folders("mp_rank_00", "mp_rank_00_001")) is None
     # This rank: TP rank 1 of 2, one pipeline stage, data-parallel rank 0.
     monkeypatch.setattr(checkpointing, "_layout", lambda: ((1, 2), (0, 1), 0))
-    assert checkpointing._torch_format_file(str(tmp_path), tp2, 4) == os.path.join(
+    assert checkpointing._torch_format_file(tp2) == os.path.join(
         tp2, "mp_rank_01", checkpointing.TORCH_FORMAT_FILE)
     with pytest.raises(checkpointing.CheckpointError,
                        match=r"loads only at the tensor x pipeline parallel sizes that wrote it: "
                              r"it was saved at TP 1 x PP 2, this run is TP 2 x PP 1"):
-        checkpointing._torch_format_file(str(tmp_path), pp2, 4)
+        checkpointing._torch_format_file(pp2)
 
 
 def test_two_ranks_share_the_hashing_and_rank_0_names_the_damage(saved, tmp_path):
