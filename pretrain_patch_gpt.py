@@ -104,7 +104,7 @@ def _train(args, plan, dp_size, rank, world_size, on_cpu, print_rank0) -> int:
     from megatron.core import parallel_state
 
     from patch_megatron.model import spec
-    from patch_megatron.training import build, checkpointing, data, loop, metrics, save_dir
+    from patch_megatron.training import build, checkpointing, data, loop, metrics, rerun, save_dir
     from patch_megatron.training.arguments import ArgumentError
 
     try:
@@ -112,6 +112,7 @@ def _train(args, plan, dp_size, rank, world_size, on_cpu, print_rank0) -> int:
     except ArgumentError as error:
         print(f"pretrain_patch_gpt.py: error: {error}", file=sys.stderr)
         return 2
+    rerun.initialize(args)  # before the model: megatron-core's DDP validates gradients with it
     config = build.model_config(args, stage_data.vocab_size)
     model = build.build_ddp_model(args, config)
     optimizer = build.build_optimizer(args, model)
@@ -152,7 +153,8 @@ def _train_loop(args, plan, dp_size, rank, world_size, on_cpu, print_rank0, conf
     from megatron.core import parallel_state
 
     from patch_megatron import parallel
-    from patch_megatron.training import batch_rampup, checkpointing, data, loop, metrics, save_dir
+    from patch_megatron.training import (batch_rampup, checkpointing, data, loop, metrics, rerun,
+                                         save_dir)
 
     dp_rank = parallel_state.get_data_parallel_rank()
 
@@ -199,6 +201,9 @@ def _train_loop(args, plan, dp_size, rank, world_size, on_cpu, print_rank0, conf
         except loop.NonFiniteLossError as error:
             print(f"pretrain_patch_gpt.py: error: {error}", file=sys.stderr)
             return 4
+        except rerun.RerunExit as error:  # Megatron-LM's exit codes 16 and 17
+            print(f"pretrain_patch_gpt.py: {error}", file=sys.stderr)
+            return error.code
         except checkpointing.CheckpointError as error:  # e.g. refusing to save NaN/Inf weights
             print(f"pretrain_patch_gpt.py: error: {error}", file=sys.stderr)
             return 3

@@ -369,17 +369,28 @@ def test_sigterm_with_exit_signal_handler_saves_and_exits_zero(tmp_path):
     assert latest(save) == stopped
 
 
-def test_nan_loss_stops_without_saving_or_is_skipped(tmp_path):
+def test_nan_loss_stops_is_rerun_or_is_skipped(tmp_path):
     # lr 1e30 (from iteration 2, after one warmup step) blows the weights up within a few steps:
     # first the gradients turn NaN/Inf (the loss still finite), then the loss.
     diverge = ["--lr", "1e30", "--clip-grad", "0", "--eval-iters", "0", "--train-iters", "6"]
     non_finite = r"the (?:training loss is nan|gradients hold NaN/Inf)"
-    stop = run(diverge)
+    # Without the rerun machine, the loop's own checks stop the run.
+    stop = run(diverge + ["--rerun-mode", "disabled"])
     assert stop.returncode == 4, stop.stderr[-2000:]
     nan_at = int(re.search(rf"error: iteration (\d+): {non_finite}; stopping without saving",
                            stop.stderr).group(1))
     assert 2 < nan_at <= 6
     assert set(losses(stop.stdout)) == set(range(1, nan_at))  # it stopped right there
+    # Megatron-LM's default (--rerun-mode validate_results): the machine reruns the step, the
+    # NaN/Inf repeats, and the weights before the step are saved for a rerun on another GPU.
+    validated_save = str(tmp_path / "validated")
+    validated = run(diverge + ["--save", validated_save])
+    assert validated.returncode == 16, validated.stderr[-2000:]
+    assert re.search(rf"iteration #{nan_at}: First rerun: unexpected result is reproducible "
+                     r"within the tolerance \((\S+) = \1\)", validated.stderr)
+    assert latest(validated_save) == nan_at - 1
+    weights = checkpoint_tensors(os.path.join(validated_save, f"iter_{nan_at - 1:07d}"))
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
     # Skipping: no step with a NaN/Inf loss or gradient is applied, so the weights stay finite
     # and the run ends well, its last checkpoint finite too.
     skipped_save = str(tmp_path / "skipped")
@@ -391,7 +402,7 @@ def test_nan_loss_stops_without_saving_or_is_skipped(tmp_path):
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
     # Saving every step: the first step whose weights are not finite is never written.
     save = str(tmp_path / "ckpt")
-    guarded = run(diverge + ["--save", save, "--save-interval", "1"])
+    guarded = run(diverge + ["--save", save, "--save-interval", "1", "--rerun-mode", "disabled"])
     assert guarded.returncode in (3, 4), guarded.stderr[-2000:]
     bad_at = int(re.search(rf"error: iteration (\d+): the (?:weights hold NaN/Inf|training loss "
                            rf"is nan|gradients hold NaN/Inf)", guarded.stderr).group(1))

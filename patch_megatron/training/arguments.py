@@ -215,7 +215,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--nan-action", choices=["stop", "skip"], default="stop",
-                   help="non-finite loss: stop with an error (no save), or skip the update")
+                   help="a NaN/Inf loss or gradient: stop (with --rerun-mode validate_results as "
+                        "in Megatron-LM: the step is rerun, then a checkpoint of the weights "
+                        "before it is saved and the run exits 16 or 17; with --rerun-mode "
+                        "disabled, or at the first step, an error, nothing saved), or skip the "
+                        "update and go on")
+
+    g = parser.add_argument_group(
+        "rerun engine (megatron-core's RerunStateMachine)",
+        "Each micro-batch's loss (and, with --nan-action stop, each gradient bucket) is "
+        "validated; a rejected result reruns the step in place to tell a transient fault from a "
+        "reproducible one, as in Megatron-LM.")
+    g.add_argument("--rerun-mode", default="validate_results",
+                   choices=["disabled", "validate_results", "report_stats"],
+                   help="validate_results: rerun a step whose result is rejected; report_stats: "
+                        "rerun every step and log how far the reruns' results differ")
+    g.add_argument("--error-injection-rate", type=int, default=0,
+                   help="inject a rejected result once every this many validations (0: never)")
+    g.add_argument("--error-injection-type", default="transient_error",
+                   choices=["correct_result", "transient_error", "persistent_error"])
+    g.add_argument("--check-for-spiky-loss", action="store_true",
+                   help="reject (non-fatally) a loss over 10 times the largest seen so far")
+    g.add_argument("--check-for-large-grads", action="store_true",
+                   help="reject (non-fatally) a gradient bucket norm over 10 times the largest "
+                        "seen so far")
+    g.add_argument("--result-rejected-tracker-filename", default=None,
+                   help="append every rejected result to this file")
 
     g = parser.add_argument_group("precision")
     g.add_argument("--bf16", action="store_true")
@@ -840,6 +865,13 @@ def parse_args(argv=None):
              f"--ckpt-format {args.ckpt_format}: Megatron-LM writes it only with its FSDP "
              "implementations, which this project does not have; use torch_dist (the default) or "
              "torch")
+    _require(args.rerun_mode != "report_stats",
+             "--rerun-mode report_stats: megatron-core 0.16.1's rerun state machine cannot report "
+             "its statistics (Megatron-LM core_v0.16.1 does not start with it either); use "
+             "validate_results (the default) or disabled")
+    _require(args.error_injection_rate >= 0,
+             f"--error-injection-rate {args.error_injection_rate}: give 0 (no injection) or N > 0 "
+             "(one rejected result every N validations)")
     _require(args.context_parallel_size == 1,
              "--context-parallel-size > 1 is not implemented in patch-megatron yet (megatron-core "
              "runs it only through Transformer Engine's attention); use tensor or pipeline "

@@ -6,6 +6,7 @@ import torch
 
 from patch_megatron.model.config import PatchGPTConfig
 from patch_megatron.model.patch_gpt import build_model
+from patch_megatron.training import rerun
 from patch_megatron.training.arguments import model_shape
 
 
@@ -66,8 +67,8 @@ def build_ddp_model(args, config: PatchGPTConfig) -> list:
         overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather,
         use_distributed_optimizer=args.use_distributed_optimizer,
-        check_for_nan_in_grad=False,  # the loop checks the loss and names the iteration
         average_in_collective=False,
+        **rerun.grad_checks(args),  # the rerun machine validates each gradient bucket
     )
     chunks = []
     interleaved = config.virtual_pipeline_model_parallel_size is not None

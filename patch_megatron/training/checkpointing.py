@@ -45,7 +45,7 @@ import torch
 
 from patch_megatron.model.shape import ModelShape
 from patch_megatron import parallel
-from patch_megatron.training import safe_load
+from patch_megatron.training import rerun, safe_load
 from patch_megatron.training.checkpoint_record import (
     DISTRIBUTED_OPTIMIZER,
     LOCAL_OPTIMIZER,
@@ -440,12 +440,20 @@ def save_checkpoint(save_dir, model, optimizer, scheduler, state, args, plan) ->
     _barrier()
     record = record_of_run(model, scheduler, state, args, plan)
     if args.ckpt_format == "torch":
+        if rerun.common_state() is not None and rank == 0:
+            logger.warning("the rerun state machine's state is saved in torch_dist checkpoints "
+                           "only (as in Megatron-LM): a resume from %s runs on normally",
+                           partial_dir)
         _save_torch_format(partial_dir, model, optimizer, record, args)
     else:
         content = content_metadata(record)
         sharded = _sharded_state_dict(model, optimizer, _sharding_metadata(content, None),
                                       with_optimizer=True, with_rng=True, is_loading=False)
         sharded.update(to_common(record))
+        rerun_common = rerun.common_state()
+        if rerun_common is not None:  # the rerun machine asked for this checkpoint: its state
+            sharded[rerun.COMMON_KEY] = {**rerun_common, "sharded": rerun.sharded_object(
+                torch.distributed.get_world_size(), rank, rerun.rank_state())}
         strategy = get_default_save_sharded_strategy("torch_dist")
         dist_checkpointing.save(sharded, partial_dir, sharded_strategy=strategy,
                                 content_metadata=content)
@@ -680,6 +688,31 @@ def _load_parameter_state(optimizer, directory: str) -> None:
             state["step"] = step
 
 
+def _rerun_state_to_load(common: dict, record: CheckpointRecord, weights_only: bool,
+                         path: str) -> dict | None:
+    """The rerun machine's state a checkpoint holds for this run to take, or None.
+
+    Megatron-LM's own rerun checkpoints name the machine's states by its classes, which a
+    checkpoint read without running code cannot hold; they resume without the rerun."""
+    saved = common.get(rerun.COMMON_KEY)
+    if weights_only or not isinstance(saved, dict) or not isinstance(saved.get("state"), str):
+        return None
+    if rerun.machine().mode.value == "disabled":
+        logger.warning("%s holds a step for the rerun state machine to run again; "
+                       "--rerun-mode disabled goes on without it", path)
+        return None
+    saved_world = ((record.data_parallel_size or 1) * record.tensor_model_parallel_size
+                   * record.pipeline_model_parallel_size)
+    world = torch.distributed.get_world_size()
+    if saved_world != world:
+        raise CheckpointError(
+            f"{path} was saved by the rerun state machine to rerun iteration "
+            f"{record.iteration + 1} on {saved_world} processes, and this run has {world}: "
+            f"resume it on {saved_world} processes, or pass --rerun-mode disabled to go on "
+            "without the rerun")
+    return saved
+
+
 def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) -> str | None:
     """Load the latest checkpoint under ``load_dir`` into the run; returns what was loaded.
 
@@ -703,6 +736,7 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
                               + _pick_iteration_hint(load_dir))
     rank_file = _torch_format_file(path) if is_torch_format(path) else None
     common = _verified_common(load_dir, path, iteration, rank_file)
+    rerun_common = None
     try:
         record = read_record(common, path)
     except RecordError as error:
@@ -727,6 +761,10 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
                                       record.optimizer_format if with_optimizer else None)
         sharded = _sharded_state_dict(model, optimizer, metadata, with_optimizer=with_optimizer,
                                       with_rng=with_rng, is_loading=True)
+        rerun_common = _rerun_state_to_load(common, record, weights_only, path)
+        if rerun_common is not None:
+            sharded[rerun.COMMON_KEY] = {"sharded": rerun.sharded_object(
+                torch.distributed.get_world_size(), torch.distributed.get_rank(), None)}
         # common.pt again, with weights_only=True (megatron-core's own reader takes torch's
         # default).
         loaded = dist_checkpointing.load(sharded, path,
@@ -763,6 +801,8 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
         # One entry, or one per data-parallel rank (Megatron-LM's --data-parallel-random-init).
         dp_rank = _layout()[2]
         _set_rng_state(states[dp_rank] if len(states) > 1 else states[0])
+    if rank_file is None and rerun_common is not None:
+        rerun.load(rerun_common, loaded[rerun.COMMON_KEY]["sharded"])
     if not weights_only:
         if record.scheduler is not None:
             _load_scheduler(scheduler, record.scheduler, path)
@@ -772,6 +812,8 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
         state.nan_iters = record.nan_iters
         state.flops_so_far = record.flops_so_far
     notes = [] if record.source == "patch-megatron" else [describe(record)]
+    if rerun_common is not None:
+        notes.append(f"the rerun state machine reruns iteration {record.iteration + 1}")
     if weights_only:
         notes.append("weights only (converted checkpoint)" if record.weights_only and not args.finetune
                      else "weights only (--finetune)")

@@ -17,6 +17,7 @@ import torch
 
 from patch_megatron import parallel
 from patch_megatron.stage import Stage
+from patch_megatron.training import rerun
 
 
 class NonFiniteLossError(RuntimeError):
@@ -36,16 +37,20 @@ class TrainState:
 # ---------------------------------------------------------------------------
 # One micro-batch, as megatron's schedules want it.
 
-def loss_func(loss_mask, per_token_losses):
-    """Megatron's per-token reduction: (sum of masked losses, number of tokens, report)."""
+def loss_func(loss_mask, per_token_losses, checks=None):
+    """Megatron's per-token reduction: (sum of masked losses, number of tokens, report).
+
+    ``checks`` (training steps only): the rerun machine's validations of the loss."""
     mask = loss_mask.reshape(-1).float()
     loss_sum = torch.sum(per_token_losses.reshape(-1).float() * mask)
     num_tokens = mask.count_nonzero().to(torch.int)
+    if checks is not None:
+        rerun.validate_loss(loss_sum, checks)
     report = torch.stack([loss_sum.detach(), num_tokens.float()])
     return loss_sum, num_tokens, {"loss": report}
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, checks=None):
     batch = next(data_iterator)
     device = parallel.device()
     tokens = batch["tokens"].to(device, non_blocking=True)
@@ -54,7 +59,7 @@ def forward_step(data_iterator, model):
     # Positions are 0..T-1 (RoPE from the decoder input, learned ones set by the model); the
     # causal mask is built inside.
     per_token_losses = model(tokens, None, None, labels=labels)
-    return per_token_losses, partial(loss_func, loss_mask)
+    return per_token_losses, partial(loss_func, loss_mask, checks=checks)
 
 
 def global_loss(loss_reports) -> tuple[float, float]:
@@ -85,6 +90,8 @@ class StepResult:
     skipped: bool
     reason: str | None = None  # why a finite-loss step was skipped (non-finite grads or lr)
     num_zeros_in_grad: float | None = None  # with --log-num-zeros-in-grad
+    # The rerun machine ends the run instead of this step: (save a checkpoint?, exit code).
+    rerun_exit: tuple[bool, int] | None = None
 
 
 def chunk_iterators(model: list, batches, num_microbatches: int):
@@ -103,19 +110,27 @@ def train_step(model, optimizer, scheduler, data_iterator, num_microbatches, glo
     ``global_batch_size`` samples together. ``model``: this rank's model chunks (a list)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    for chunk in model:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=chunk_iterators(model, data_iterator, num_microbatches),
-        model=model,
-        num_microbatches=num_microbatches,
-        seq_length=args.seq_length,  # T: what flows between pipeline stages
-        micro_batch_size=args.micro_batch_size,
-        forward_only=False,
-    )
+    machine = rerun.machine()
+    checks = rerun.LossChecks.of(args)
+    # The machine runs the forward and backward once, or again on the same micro-batches (the
+    # replayable ``data_iterator`` rewound, the RNG states restored) when a result is rejected.
+    while machine.should_run_forward_backward(data_iterator):
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = get_forward_backward_func()(
+            forward_step_func=partial(forward_step, checks=checks),
+            data_iterator=chunk_iterators(model, data_iterator, num_microbatches),
+            model=model,
+            num_microbatches=num_microbatches,
+            seq_length=args.seq_length,  # T: what flows between pipeline stages
+            micro_batch_size=args.micro_batch_size,
+            forward_only=False,
+        )
+    should_save, should_exit, exit_code = machine.should_checkpoint_and_exit()
     loss, _ = global_loss(reports)
+    if should_exit:
+        return StepResult(loss, None, skipped=True, rerun_exit=(should_save, exit_code))
     if not math.isfinite(loss):
         message = f"iteration {iteration}: the training loss is {loss}"
         if args.nan_action == "stop":
@@ -358,7 +373,9 @@ def _train_stage(run: Run, state: TrainState, collector) -> str:
 
     args, plan = run.args, run.plan
     device = parallel.device()
-    batches = run.make_batches(run.data.train, state.consumed_samples)
+    # Replayable: a rerun of the step reads its micro-batches again.
+    batches = rerun.replayable(run.make_batches(run.data.train, state.consumed_samples))
+    rerun.machine().current_iteration = state.iteration  # as Megatron-LM sets it
     exits = ExitConditions(args)
     meter = IntervalMeter()
     last_saved = state.iteration  # a loaded checkpoint is already on disk
@@ -395,6 +412,12 @@ def _train_stage(run: Run, state: TrainState, collector) -> str:
         step_started = time.monotonic()
         step = train_step(run.model, run.optimizer, run.scheduler, batches,
                           batch.num_microbatches, global_batch_size, args, state.iteration + 1)
+        if step.rerun_exit is not None:  # as in Megatron-LM: this step is not counted
+            should_save, code = step.rerun_exit
+            if should_save and args.save:
+                with gather.current():
+                    run.save(state)
+            raise rerun.RerunExit(code, should_save and bool(args.save), state.iteration + 1)
         if est:
             est.record(this_step_flops, step_flops(plan, run.shape, flops.FULL_MODEL,
                                                    global_batch_size),

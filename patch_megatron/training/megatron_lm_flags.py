@@ -50,8 +50,6 @@ NO_OP = {
                                            "(Megatron-LM's default): it resumes at any "
                                            "data-parallel size, and a resume at another TP/PP is "
                                            "refused with the fix",
-    "--rerun-mode": "re-running steps to validate results is not performed here; training is "
-                    "unchanged",
     "--tiktoken-pattern": "only TikTokenizer reads it, and --tokenizer-type does not offer "
                           "TikTokenizer here (use HuggingFaceTokenizer)",
     "--auto-detect-ckpt-format": "checkpoints here are torch_dist, which the loader reads",
@@ -116,16 +114,6 @@ REFUSED = {
     "--num-experts": "mixture-of-experts layers are " + _NOT_YET + "; this project trains dense "
                      "GPT/LLaMA models",
     "--multi-latent-attention": "multi-latent attention is " + _NOT_YET,
-    "--error-injection-rate": "injected errors exercise Megatron-LM's rerun state machine, which "
-                              "does not run here (the errors would change the run)",
-    "--error-injection-type": "injected errors exercise Megatron-LM's rerun state machine, which "
-                              "does not run here",
-    "--check-for-spiky-loss": "spiky-loss validation is part of Megatron-LM's rerun state "
-                              "machine, which does not run here",
-    "--check-for-large-grads": "large-gradient validation is part of Megatron-LM's rerun state "
-                               "machine, which does not run here",
-    "--result-rejected-tracker-filename": "it records the rerun state machine's rejected "
-                                          "results, and that machine does not run here",
     "--no-check-for-nan-in-loss-and-grad": "NaN/Inf losses, gradients and learning rates are "
                                            "always checked here; --nan-action skip drops such "
                                            "steps instead of stopping",
