@@ -850,6 +850,13 @@ def _check_io_and_logging(a) -> None:
                  "--use-pytorch-profiler writes its trace into --tensorboard-dir: give one")
     _require(a.exit_duration_in_mins is None or a.exit_duration_in_mins > 0,
              "--exit-duration-in-mins must be > 0")
+    tracker = a.result_rejected_tracker_filename
+    if tracker is not None:  # megatron-core's machine appends to it; it fails late otherwise
+        folder = os.path.dirname(os.path.abspath(tracker))
+        _require(not os.path.isdir(tracker) and os.path.isdir(folder)
+                 and os.access(tracker if os.path.exists(tracker) else folder, os.W_OK),
+                 f"--result-rejected-tracker-filename {tracker}: not a file this run can append "
+                 "to (a directory, a missing folder, or not writable); name a writable file")
 
 
 def parse_args(argv=None):

@@ -236,3 +236,18 @@ def test_wandb_without_the_package_is_refused_before_training(monkeypatch):
                         lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ArgumentError, match="Weights & Biases is not installed here; pip install wandb"):
         check_world_size(args, world_size=1)
+
+
+def test_rerun_engine_flags_take_megatron_lms_defaults_and_bad_ones_are_named(tmp_path):
+    args = parse("--train-iters 5")
+    assert (args.rerun_mode, args.error_injection_rate, args.error_injection_type) == (
+        "validate_results", 0, "transient_error")
+    assert not args.check_for_spiky_loss and not args.check_for_large_grads
+    for flags, message in [
+            ("--rerun-mode report_stats", "megatron-core 0.16.1's rerun state machine cannot"),
+            ("--error-injection-rate -1", "--error-injection-rate -1: give 0"),
+            (f"--result-rejected-tracker-filename {tmp_path}", "not a file this run can append"),
+            (f"--result-rejected-tracker-filename {tmp_path}/absent/log.txt", "name a writable")]:
+        with pytest.raises(ArgumentError, match=message):
+            parse("--train-iters 5", flags)
+    assert parse("--train-iters 5", f"--result-rejected-tracker-filename {tmp_path}/log.txt")
