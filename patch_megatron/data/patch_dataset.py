@@ -25,6 +25,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
+from patch_megatron.data.fim import FIMConfig, rearrange, sample_generator
 from patch_megatron.data.stream_split import TOKEN, StreamWindow, stage_documents
 
 EVAL_STAGE = "eval"
@@ -52,6 +53,8 @@ class PatchGPTDatasetConfig(GPTDatasetConfig):
     stream_seed: int = 0
     stream_windows: Optional[Dict[str, List[int]]] = None
     """Per prefix, [patch stream tokens, token stream tokens]; None: no λ split."""
+    fim: Optional[FIMConfig] = None
+    """Fill-in-the-middle samples (``--fim-data``, patch_megatron.data.fim); None: as read."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,6 +101,13 @@ class PatchGPTDataset(GPTDataset):
         return stage_documents(indexed_indices, lengths,
                                StreamWindow(patch_tokens, token_tokens), config.stage,
                                config.stream_seed)
+
+    def _query_document_sample_shuffle_indices(self, idx: int):
+        window, documents = super()._query_document_sample_shuffle_indices(idx)
+        if self.config.fim is not None:
+            rng = sample_generator(self.config.random_seed, self.unique_description_hash, idx)
+            window = rearrange(window, self.config.fim, self.config.tokenizer, rng)
+        return window, documents
 
     def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
         sample = super().__getitem__(idx)

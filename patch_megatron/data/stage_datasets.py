@@ -14,6 +14,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
     convert_split_vector_to_split_matrix, parse_and_normalize_split)
 from megatron.core.datasets.utils import get_blend_from_list
 
+from patch_megatron.data.fim import FIMConfig
 from patch_megatron.data.index_cache import (
     DEFAULT_CACHE_FOLDER, check_index_cache, record_fingerprints)
 from patch_megatron.data.index_validation import DatasetFileError, inspect_prefix
@@ -47,6 +48,7 @@ def build_stage_datasets(
     valid_samples: Optional[int] = None, test_samples: Optional[int] = None, *,
     tokenizer: Any, eval_patch_size: int = 1, eod_mask_loss: bool = False,
     check_token_ids: bool = True, is_built_on_rank: Optional[Callable[[], bool]] = None,
+    fim: Optional[FIMConfig] = None,
 ) -> StageDatasets:
     """Build one stage's datasets with megatron-core's BlendedMegatronDatasetBuilder.
 
@@ -72,6 +74,8 @@ def build_stage_datasets(
         eod_mask_loss: zero the loss where the label is EOD (megatron's flag).
         check_token_ids: scan the ``.bin`` files for ids >= the vocabulary.
         is_built_on_rank: megatron-core's callable; default: every rank builds.
+        fim: fill-in-the-middle samples in every split, as Megatron-LM's --fim-data
+            (``patch_megatron.data.fim``); None: samples as read.
 
     Returns:
         StageDatasets; ``train`` is indexed from 0 in stream order, so a resumed
@@ -116,7 +120,7 @@ def build_stage_datasets(
         tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
         eod_mask_loss=eod_mask_loss, create_attention_mask=False,
         model_positions=seq_length, patch_size=sample_patch, eval_patch_size=eval_patch_size,
-        stage=stage, stream_seed=seed, stream_windows=windows,
+        stage=stage, stream_seed=seed, stream_windows=windows, fim=fim,
         mid_level_dataset_surplus=_BLEND_SURPLUS)
     _check_index_cache_on_rank_0(prefixes, data_cache_path)
     try:

@@ -76,6 +76,14 @@ class GPT2BPETokenizer:
         self.eod = vocab["<|endoftext|>"]
         self.vocab_size = len(vocab)
 
+    @property
+    def vocab(self) -> dict:
+        return self._tokenizer.get_vocab()
+
+    @property
+    def unk(self) -> int:
+        return self.eod  # GPT-2's unknown token is <|endoftext|>, as in Megatron-LM's
+
     def tokenize(self, text: str) -> list[int]:
         return self._tokenizer.encode(text).ids
 

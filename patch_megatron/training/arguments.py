@@ -339,6 +339,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "reads them); the same samples in the same order")
     g.add_argument("--mock-data", action="store_true",
                    help="synthetic learnable sequences instead of --data-path (tests, smoke runs)")
+    g.add_argument("--fim-data", action="store_true",
+                   help="fill-in-the-middle samples, as Megatron-LM's (patch_megatron/data/fim.py)")
+    g.add_argument("--fim-rate", type=float, default=0.5,
+                   help="--fim-data: the chance that a segment is rearranged")
+    g.add_argument("--fim-spm-rate", type=float, default=0.5,
+                   help="--fim-data: the chance that a rearranged segment is SPM rather than PSM")
+    g.add_argument("--fim-split-sample", default=None,
+                   help="--fim-data: a token at which segments are cut into fragments, each "
+                        "rearranged on its own")
+    g.add_argument("--fim-fragment-rate", type=float, default=None,
+                   help="--fim-split-sample: the chance that a fragment is rearranged")
+    g.add_argument("--fim-no-prefix", default=None,
+                   help="--fim-data: leave alone the pieces whose text starts with this")
+    for name, token in (("prefix", "<fim_prefix>"), ("middle", "<fim_middle>"),
+                        ("suffix", "<fim_suffix>"), ("pad", "<fim_pad>"),
+                        ("eod", "<|endoftext|>")):
+        g.add_argument(f"--fim-{name}-token", default=token)
 
     g = parser.add_argument_group("checkpoints (Megatron-LM layout)")
     g.add_argument("--save", default=None)
@@ -787,6 +804,23 @@ def _check_optimizer(a) -> None:
              "--loss-scale-window >= 1 and --hysteresis >= 1")
 
 
+def _check_fim(a) -> None:
+    if not a.fim_data:
+        return
+    _require(not a.mock_data, "--fim-data rearranges the text of --data-path's documents, and "
+             "--mock-data has none (Megatron-LM refuses the two together too): give --data-path")
+    _require(a.tokenizer_type != "NullTokenizer",
+             "--fim-data cuts the samples' text, and NullTokenizer's ids have no text: use a "
+             "tokenizer with the FIM tokens in its vocabulary")
+    for flag, rate in (("--fim-rate", a.fim_rate), ("--fim-spm-rate", a.fim_spm_rate),
+                       ("--fim-fragment-rate", a.fim_fragment_rate)):
+        _require(rate is None or 0.0 <= rate <= 1.0,
+                 f"{flag} {rate} is a probability: give a number in [0, 1]")
+    _require(a.fim_split_sample is None or a.fim_fragment_rate is not None,
+             "--fim-split-sample cuts segments into fragments, each rearranged with probability "
+             "--fim-fragment-rate: give it")
+
+
 def _check_data(a) -> None:
     _require(bool(a.data_path) != a.mock_data,
              "give exactly one data source: --data-path PREFIX (or W1 P1 W2 P2 ...) or --mock-data")
@@ -895,6 +929,7 @@ def parse_args(argv=None):
     _check_rampup_flags(args)
     _check_optimizer(args)
     _check_data(args)
+    _check_fim(args)
     _check_io_and_logging(args)
     _check_est(args)
     if args.max_position_embeddings is None:

@@ -111,14 +111,20 @@ def _build_corpus_data(args, plan, train_samples, eval_samples, want_token_valid
     from patch_megatron.data.index_validation import DatasetFileError
     from patch_megatron.data.patch_dataset import DatasetTooSmallError
 
+    from patch_megatron.data.fim import fim_config
+
     tokenizer = _tokenizer(args)
+    try:
+        fim = fim_config(args, tokenizer)  # --fim-data: its tokens in this tokenizer
+    except ValueError as error:
+        raise ArgumentError(f"--fim-data: {error}") from None
 
     def build(train, evals, eval_patch_size):
         return build_stage_datasets(
             args.data_path, args.split, plan.seq_length, plan.patch_size, plan.name,
             args.patch_data_fraction, args.train_tokens, args.seed, args.data_cache_path,
             train_samples=train, valid_samples=evals, test_samples=evals,
-            tokenizer=tokenizer, eval_patch_size=eval_patch_size,
+            tokenizer=tokenizer, eval_patch_size=eval_patch_size, fim=fim,
         )
 
     try:

@@ -87,10 +87,6 @@ NO_OP = {
                    "training is unchanged",
     "--cp-comm-type": _ONLY_WITH_CP,
     "--hierarchical-context-parallel-sizes": _ONLY_WITH_CP,
-    **{flag: "read only with --fim-data, which is refused here" for flag in (
-        "--fim-rate", "--fim-spm-rate", "--fim-split-sample", "--fim-fragment-rate",
-        "--fim-no-prefix", "--fim-prefix-token", "--fim-middle-token", "--fim-suffix-token",
-        "--fim-pad-token", "--fim-eod-token")},
     "--expert-tensor-parallel-size": "sizes the expert layers' groups; this project's dense "
                                      "models have none (--num-experts is refused)",
 }
@@ -117,7 +113,6 @@ REFUSED = {
     "--no-check-for-nan-in-loss-and-grad": "NaN/Inf losses, gradients and learning rates are "
                                            "always checked here; --nan-action skip drops such "
                                            "steps instead of stopping",
-    "--fim-data": "fill-in-the-middle samples are " + _NOT_YET + "; the data is read as it is",
     "--eod-mask-loss": "masking the loss at end-of-document tokens is " + _NOT_YET,
     "--reset-position-ids": "per-document positions are " + _NOT_YET,
     "--reset-attention-mask": "per-document attention masks are " + _NOT_YET,

@@ -251,3 +251,21 @@ def test_rerun_engine_flags_take_megatron_lms_defaults_and_bad_ones_are_named(tm
         with pytest.raises(ArgumentError, match=message):
             parse("--train-iters 5", flags)
     assert parse("--train-iters 5", f"--result-rejected-tracker-filename {tmp_path}/log.txt")
+
+
+REAL_DATA = [f for f in BASE if f != "--mock-data"] + ["--data-path", "corpus", "--tokenizer-type",
+                                                     "GPTSentencePieceTokenizer",
+                                                     "--tokenizer-model", "sp.model"]
+
+
+@pytest.mark.parametrize("flags, base, message", [
+    ("--fim-data", BASE, "--mock-data has none"),
+    ("--fim-data --fim-rate 1.5", REAL_DATA, "--fim-rate 1.5 is a probability"),
+    ("--fim-data --fim-split-sample |", REAL_DATA, "--fim-fragment-rate: give it"),
+    ("--fim-data --tokenizer-type NullTokenizer", REAL_DATA, "NullTokenizer's ids have no text"),
+])
+def test_fim_flags_are_checked_before_training(flags, base, message):
+    with pytest.raises(ArgumentError, match=message):
+        parse("--train-iters 5", flags, base=base)
+    assert parse("--train-iters 5 --fim-data --fim-split-sample | --fim-fragment-rate 0.5",
+                 base=REAL_DATA).fim_data
