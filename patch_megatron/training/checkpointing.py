@@ -692,8 +692,8 @@ def _rerun_state_to_load(common: dict, record: CheckpointRecord, weights_only: b
                          path: str) -> dict | None:
     """The rerun machine's state a checkpoint holds for this run to take, or None.
 
-    Megatron-LM's own rerun checkpoints name the machine's states by its classes, which a
-    checkpoint read without running code cannot hold; they resume without the rerun."""
+    Only this project's entry (plain values, ``rerun.common_state``) is taken; a checkpoint
+    without one resumes as any other."""
     saved = common.get(rerun.COMMON_KEY)
     if weights_only or not isinstance(saved, dict) or not isinstance(saved.get("state"), str):
         return None
@@ -701,6 +701,12 @@ def _rerun_state_to_load(common: dict, record: CheckpointRecord, weights_only: b
         logger.warning("%s holds a step for the rerun state machine to run again; "
                        "--rerun-mode disabled goes on without it", path)
         return None
+    if (saved.get("state") != "WILL_RERUN_FROM_CHECKPOINT"
+            or saved.get("mode") != "validate_results"
+            or not isinstance(saved.get("current_iteration"), int)):
+        raise CheckpointError(f"{path}: its rerun state machine entry {saved!r} is not one this "
+                              "project writes (the checkpoint is damaged); pass --rerun-mode "
+                              "disabled to resume it without the rerun")
     saved_world = ((record.data_parallel_size or 1) * record.tensor_model_parallel_size
                    * record.pipeline_model_parallel_size)
     world = torch.distributed.get_world_size()
@@ -802,7 +808,13 @@ def load_checkpoint(load_dir, model, optimizer, scheduler, state, args, plan) ->
         dp_rank = _layout()[2]
         _set_rng_state(states[dp_rank] if len(states) > 1 else states[0])
     if rank_file is None and rerun_common is not None:
-        rerun.load(rerun_common, loaded[rerun.COMMON_KEY]["sharded"])
+        try:
+            rerun.load(rerun_common, loaded[rerun.COMMON_KEY]["sharded"])
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise CheckpointError(f"{path}: this rank's rerun state machine entry cannot be read "
+                                  f"({type(error).__name__}: {error}; the checkpoint is damaged); "
+                                  "pass --rerun-mode disabled to resume it without the rerun"
+                                  ) from None
     if not weights_only:
         if record.scheduler is not None:
             _load_scheduler(scheduler, record.scheduler, path)

@@ -7,8 +7,11 @@ With rate 1 every validation is rejected; the machine leaves a run's first step 
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+
+import torch
 
 from patch_megatron.training.safe_load import read_common
 from repo_tools import IN_PROCESS_READING, REPO_ROOT, child_environment, free_port
@@ -107,10 +110,23 @@ def test_a_reproducible_fault_is_saved_for_a_rerun_on_another_gpu(tmp_path):
     assert re.search(r"saved by the rerun state machine to rerun iteration 2 on 1 processes, "
                      r"and this run has 2: resume it on 1 processes, or pass --rerun-mode "
                      r"disabled", elsewhere.stderr)
-    # With the machine disabled, the checkpoint resumes as any other.
-    plain = run("--rerun-mode", "disabled", "--load", save)
-    assert plain.returncode == 0, plain.stderr[-2000:]
-    assert len(steps(plain.stdout)) == 4
+    # A damaged entry is named, not a traceback (the manifest removed, so that the record is read).
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(save, damaged)
+    os.remove(os.path.join(damaged, "iter_0000001", "checksums.json"))
+    common_file = os.path.join(damaged, "iter_0000001", "common.pt")
+    common = read_common(os.path.dirname(common_file))
+    common["rerun_state_machine"]["state"] = "RERUNNING_AGAIN"
+    torch.save(common, common_file)
+    refused = run("--load", damaged)
+    assert refused.returncode == 3 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert "its rerun state machine entry" in refused.stderr and "is not one this project " \
+        "writes (the checkpoint is damaged); pass --rerun-mode disabled" in refused.stderr
+    # With the machine disabled, the checkpoint resumes as any other, damaged entry or not.
+    for load in (save, damaged):
+        plain = run("--rerun-mode", "disabled", "--load", load)
+        assert plain.returncode == 0, plain.stderr[-2000:]
+        assert len(steps(plain.stdout)) == 4
 
 
 def test_a_spiky_loss_is_rerun_and_the_run_goes_on(model_parallel_world_of_one):
@@ -140,4 +156,47 @@ def test_a_spiky_loss_is_rerun_and_the_run_goes_on(model_parallel_world_of_one):
         assert runs == [1] * 102 + [2]
         assert read == list(range(102)) + [102, 102]  # the rerun replays the step's micro-batch
     finally:  # the machine is one per process: the next test gets the default one
+        rerun.initialize(parse_args(FLAGS + ["--rerun-mode", "disabled"]))
+
+
+def test_a_rerun_on_another_gpu_tells_a_persistent_fault(model_parallel_world_of_one, caplog):
+    # Megatron-LM's gpt3_mcore_reruns_persistent_{1,2}, in this process: the saved state goes
+    # through torch.save/load(weights_only=True) and is resumed as if on another node.
+    import io
+
+    import torch
+
+    from patch_megatron.training import rerun
+    from patch_megatron.training.arguments import parse_args
+
+    args = parse_args(FLAGS + ["--error-injection-rate", "1",
+                               "--error-injection-type", "persistent_error"])
+    loss = torch.tensor(2.5)
+
+    def step(machine, batches):
+        while machine.should_run_forward_backward(batches):
+            next(batches)
+            rerun.validate_loss(loss, rerun.LossChecks.of(args))
+        return machine.should_checkpoint_and_exit()
+
+    rerun.initialize(args)
+    try:
+        machine, batches = rerun.machine(), rerun.replayable(iter(range(100)))
+        assert step(machine, batches) == (False, False, 0)  # the first step is not validated
+        assert step(machine, batches) == (True, True, 16)  # reproduced: resume elsewhere
+        saved = io.BytesIO()
+        torch.save({"common": rerun.common_state(), "rank": rerun.rank_state()}, saved)
+        saved.seek(0)
+        state = torch.load(saved, weights_only=True)
+        assert state["rank"]["failed_validation_call"] == [
+            "found NaN in local forward loss calculation", 0, 1]
+
+        rerun.initialize(args)  # the resumed job, on another node
+        state["rank"]["suspicious_node"] = "another-node"
+        assert rerun.load(state["common"], state["rank"])
+        with caplog.at_level("WARNING", logger="megatron.core.rerun_state_machine"):
+            assert step(rerun.machine(), rerun.replayable(iter(range(100)))) == (False, True, 17)
+        assert "Possible persistent error!" in caplog.text
+        assert "rescheduled on the same GPU" not in caplog.text
+    finally:
         rerun.initialize(parse_args(FLAGS + ["--rerun-mode", "disabled"]))
