@@ -28,6 +28,8 @@ setup(
         # preprocess_data.py --split-sentences: NLTK's Punkt, pickle-free from 3.9.1 (3.9.0
         # fails on import without its WordNet data).
         "split-sentences": ["nltk>=3.9.1"],
-        "test": ["pytest>=7.4", "nltk>=3.9.1"],
+        # --tokenizer-type TikTokenizer (megatron-core's wrapper of it).
+        "tiktoken": ["tiktoken>=0.7"],
+        "test": ["pytest>=7.4", "nltk>=3.9.1", "tiktoken>=0.7"],
     },
 )

@@ -41,3 +41,41 @@ def child_environment(**extra):
 # themselves are tested where they matter: tests/training/test_loop.py compares 2 workers with
 # 0, and the kill and signal tests in tests/test_pretrain_patch_gpt.py keep the default.
 IN_PROCESS_READING = ("--num-workers", "0")
+
+
+def write_tiktoken_vocabulary(path, text: str, merges: int = 300) -> int:
+    """A TikTokenizer vocabulary .json (megatron-core's format: the 256 bytes, then BPE merges
+    learnt here on ``text``'s words); returns its number of entries."""
+    import base64
+    import collections
+    import json
+    import re
+
+    words = collections.Counter(w.encode() for w in re.findall(r" ?\w+| ?[^\w\s]+|\s+", text))
+    pieces = {word: [bytes([b]) for b in word] for word in words}
+    tokens = [bytes([b]) for b in range(256)]
+    for _ in range(merges):
+        pairs = collections.Counter()
+        for word, count in words.items():
+            parts = pieces[word]
+            for a, b in zip(parts, parts[1:]):
+                pairs[a, b] += count
+        if not pairs:
+            break
+        (a, b), _ = pairs.most_common(1)[0]
+        tokens.append(a + b)
+        for word, parts in pieces.items():
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == (a, b):
+                    merged.append(a + b)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            pieces[word] = merged
+    entries = [{"rank": i, "token_bytes": base64.b64encode(t).decode(),
+                "token_str": t.decode("utf-8", errors="replace")} for i, t in enumerate(tokens)]
+    with open(path, "w") as f:
+        json.dump(entries, f)
+    return len(entries)

@@ -83,7 +83,8 @@ def main(argv=None) -> int:
         json_keys=args.json_keys, append_eod=args.append_eod,
         workers=args.workers, log_interval=args.log_interval,
         skip_bad_lines=args.skip_bad_lines, split_sentences=args.split_sentences,
-        lang=args.lang, keep_newlines=args.keep_newlines)
+        lang=args.lang, keep_newlines=args.keep_newlines, tiktoken_pattern=args.tiktoken_pattern,
+        tiktoken_num_special_tokens=args.tiktoken_num_special_tokens)
     try:
         summary = preprocess(config)
     except BadRecordError as err:

@@ -34,6 +34,10 @@ def vocab_size_from_args(args: dict) -> int | None:
         return int(args["vocab_size"])
     if tokenizer_type == "NullTokenizer" and args.get("vocab_size"):
         return int(args["vocab_size"]) + 1  # NullTokenizer's EOD id is vocab_size
+    if tokenizer_type == "TikTokenizer":  # megatron-core's size: --vocab-size, else its default
+        from patch_megatron.data.tokenizers import TIKTOKEN_VOCAB_SIZE
+
+        return int(args.get("vocab_size") or TIKTOKEN_VOCAB_SIZE)
     model = args.get("tokenizer_model")
     if model and os.path.isfile(model) and tokenizer_type != "HuggingFaceTokenizer":
         return tokenizer_vocab_size(model)

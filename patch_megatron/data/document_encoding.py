@@ -34,6 +34,8 @@ class EncoderSettings:
     lang: str = "english"
     keep_newlines: bool = False
     nltk_data: Optional[str] = None  # the launching process's NLTK_DATA
+    tiktoken_pattern: Optional[str] = None  # TikTokenizer
+    tiktoken_num_special_tokens: int = 1000
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,8 @@ class DocumentEncoder:
         self.settings = settings
         self.tokenizer = build_tokenizer(settings.tokenizer_type, settings.tokenizer_model,
                                          settings.vocab_size, settings.vocab_file,
-                                         settings.merge_file)
+                                         settings.merge_file, settings.tiktoken_pattern,
+                                         settings.tiktoken_num_special_tokens)
         self.eod = self.tokenizer.eod
         self._batch_encode = _sentencepiece_batch_encoder(self.tokenizer)
         self._split = None

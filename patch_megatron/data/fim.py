@@ -52,8 +52,9 @@ class FIMConfig:
 def token_id(tokenizer, flag: str, token: str) -> int:
     """The id of ``token`` (a flag's value) in ``tokenizer``'s vocabulary.
 
-    As in Megatron-LM, a token the vocabulary lacks becomes the tokenizer's unknown token (GPT-2
-    BPE's is ``<|endoftext|>``), with a warning; one without an unknown token is refused.
+    As with Megatron-LM's GPT-2, SentencePiece and Hugging Face tokenizers, a token the
+    vocabulary lacks becomes the tokenizer's unknown token (GPT-2 BPE's is ``<|endoftext|>``),
+    here with a warning; a tokenizer without an unknown token is refused.
     """
     vocab = tokenizer.vocab  # megatron-core's: a list indexed by id; GPT-2 BPE's: a dict
     if isinstance(vocab, dict):
@@ -71,7 +72,7 @@ def token_id(tokenizer, flag: str, token: str) -> int:
                          "tokenizer has no unknown token to stand for it: name a token it holds")
     warnings.warn(f"{flag} {token!r} is not in the tokenizer's vocabulary: as in Megatron-LM it "
                   f"becomes the unknown token (id {unknown}); add the FIM tokens to the "
-                  "tokenizer to train distinct sentinels")
+                  "tokenizer to train distinct sentinels")  # (its TikTokenizer fails instead)
     return int(unknown)
 
 

@@ -58,6 +58,8 @@ class PreprocessConfig:
     split_sentences: bool = False  # --split-sentences (NLTK's Punkt model of --lang)
     lang: str = "english"
     keep_newlines: bool = False
+    tiktoken_pattern: Optional[str] = None  # TikTokenizer
+    tiktoken_num_special_tokens: int = 1000
 
 
 @dataclass
@@ -100,12 +102,14 @@ def preprocess(config: PreprocessConfig, progress_stream=None) -> PreprocessSumm
     if any(fmt == "txt" for fmt in formats.values()) and len(config.json_keys) != 1:
         raise ValueError("plain .txt inputs hold one field: pass a single --json-keys name.")
     tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model,
-                                config.vocab_size, config.vocab_file, config.merge_file)
+                                config.vocab_size, config.vocab_file, config.merge_file,
+                                config.tiktoken_pattern, config.tiktoken_num_special_tokens)
     settings = EncoderSettings(
         config.tokenizer_type, config.tokenizer_model, config.vocab_size,
         tuple(config.json_keys), config.append_eod,
         DType.optimal_dtype(tokenizer.vocab_size), config.vocab_file, config.merge_file,
-        config.split_sentences, config.lang, config.keep_newlines, os.environ.get("NLTK_DATA"))
+        config.split_sentences, config.lang, config.keep_newlines, os.environ.get("NLTK_DATA"),
+        config.tiktoken_pattern, config.tiktoken_num_special_tokens)
     if config.split_sentences:  # NLTK and its model, checked here once rather than per worker
         load_splitter(config.lang, config.keep_newlines, settings.nltk_data)
     summary = PreprocessSummary(tokens={key: 0 for key in config.json_keys})

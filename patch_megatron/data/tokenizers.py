@@ -12,6 +12,9 @@ Megatron-LM's ``build_tokenizer`` builds them, so ids match Megatron-LM's tools:
   through ``transformers.AutoTokenizer``; ``eod`` = its EOS token.
 * ``NullTokenizer``: text is space-separated integer ids; needs ``vocab_size``;
   ``eod`` = ``vocab_size`` and the vocabulary holds ``vocab_size + 1`` ids.
+* ``TikTokenizer``: a tiktoken vocabulary .json as megatron-core reads it (ids
+  shifted by ``--tiktoken-num-special-tokens``, its ``</s>`` the EOD), cut to
+  ``--vocab-size`` (2^17 when not given); needs the ``tiktoken`` package.
 * ``GPT2BPETokenizer``: GPT-2's byte-level BPE from ``--vocab-file`` (vocab.json)
   and ``--merge-file`` (merges.txt); ``eod`` = ``<|endoftext|>``. megatron-core's
   builder for this type asks the Hugging Face hub for gpt2's configuration
@@ -21,13 +24,15 @@ Megatron-LM's ``build_tokenizer`` builds them, so ids match Megatron-LM's tools:
 """
 
 import argparse
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 SENTENCEPIECE_TYPES = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer")
 SUPPORTED_TYPES = SENTENCEPIECE_TYPES + ("HuggingFaceTokenizer", "NullTokenizer",
-                                         "GPT2BPETokenizer")
+                                         "GPT2BPETokenizer", "TikTokenizer")
+TIKTOKEN_VOCAB_SIZE = 2 ** 17  # megatron-core's TikTokenizer size when --vocab-size is not given
 
 
 @dataclass(frozen=True)
@@ -47,14 +52,24 @@ def add_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                        help="SentencePiece .model file, or tokenizer.json / its directory "
                             "for HuggingFaceTokenizer.")
     group.add_argument("--vocab-size", type=int, default=None,
-                       help="NullTokenizer only: number of ids before the EOD id.")
+                       help="NullTokenizer: ids before the EOD id; TikTokenizer: its size "
+                            "(default 2^17).")
     add_bpe_file_args(group)
+    add_tiktoken_args(group)
     return parser
 
 
 def add_bpe_file_args(group) -> None:
     group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: its vocab.json")
     group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: its merges.txt")
+
+
+def add_tiktoken_args(group) -> None:
+    group.add_argument("--tiktoken-pattern", default=None, choices=["v1", "v2"],
+                       help="TikTokenizer: the pre-tokenisation regex (megatron-core's v2 when "
+                            "not given)")
+    group.add_argument("--tiktoken-num-special-tokens", type=int, default=1000,
+                       help="TikTokenizer: ids before the vocabulary's first entry")
 
 
 class GPT2BPETokenizer:
@@ -93,7 +108,8 @@ class GPT2BPETokenizer:
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
                     vocab_size: Optional[int] = None, vocab_file: Optional[str] = None,
-                    merge_file: Optional[str] = None) -> Any:
+                    merge_file: Optional[str] = None, tiktoken_pattern: Optional[str] = None,
+                    tiktoken_num_special_tokens: int = 1000) -> Any:
     """Return a megatron-core tokenizer (``.tokenize``, ``.detokenize``, ``.vocab_size``, ``.eod``).
 
     Raises ValueError with the fix when the flags do not describe a usable tokenizer.
@@ -117,6 +133,8 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise ValueError(f"--vocab-file {vocab_file!r} / --merge-file {merge_file!r} cannot "
                              f"be loaded as GPT-2 BPE files ({first_line})") from None
+    elif tokenizer_type == "TikTokenizer":
+        _check_tiktoken_file(tokenizer_model, vocab_size, tiktoken_num_special_tokens)
     else:
         if not tokenizer_model or not os.path.isfile(tokenizer_model):
             raise ValueError(f"{tokenizer_type} needs --tokenizer-model pointing at a SentencePiece "
@@ -129,13 +147,14 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,
         vocab_file=None, merge_file=None, tokenizer_metadata=None,
         tokenizer_special_tokens=None, tokenizer_sentencepiece_legacy=False,
         tokenizer_hf_use_fast=False, tokenizer_hf_include_special_tokens=False,
-        trust_remote_code=False, tiktoken_pattern=None, tiktoken_num_special_tokens=1000,
+        trust_remote_code=False, tiktoken_pattern=tiktoken_pattern,
+        tiktoken_num_special_tokens=tiktoken_num_special_tokens,
     )
     from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer as _build
 
     try:
         return _build(megatron_args)
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as error:
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AssertionError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(f"--tokenizer-model {tokenizer_model!r} cannot be loaded as a "
                          f"{tokenizer_type} ({first_line}); pass a tokenizer file (or folder) of "
@@ -151,7 +170,35 @@ def build_tokenizer_from_args(args: argparse.Namespace) -> Any:
     """:func:`build_tokenizer` from parsed ``add_tokenizer_args`` flags."""
     return build_tokenizer(args.tokenizer_type, args.tokenizer_model,
                            getattr(args, "vocab_size", None), getattr(args, "vocab_file", None),
-                           getattr(args, "merge_file", None))
+                           getattr(args, "merge_file", None),
+                           getattr(args, "tiktoken_pattern", None),
+                           getattr(args, "tiktoken_num_special_tokens", 1000))
+
+
+def _check_tiktoken_file(path: Optional[str], vocab_size: Optional[int],
+                         num_special_tokens: int) -> None:
+    """What megatron-core's TikTokenizer asserts, as errors that name the flag to change."""
+    if not path or not os.path.isfile(path) or not path.endswith(".json"):
+        raise ValueError("TikTokenizer needs --tokenizer-model pointing at its vocabulary .json "
+                         "(a list of {rank, token_bytes, token_str} entries, as megatron-core "
+                         f"reads it); got {path!r}")
+    if importlib.util.find_spec("tiktoken") is None:
+        raise ValueError("TikTokenizer needs the 'tiktoken' package: pip install tiktoken")
+    import json
+
+    try:
+        with open(path) as f:
+            entries = len(json.load(f))
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"--tokenizer-model {path}: not a TikTokenizer vocabulary .json "
+                         f"({error})") from None
+    size = TIKTOKEN_VOCAB_SIZE if vocab_size is None else vocab_size
+    if not 0 < num_special_tokens < size or size - num_special_tokens > entries:
+        raise ValueError(
+            f"TikTokenizer: --vocab-size {size} leaves {size - num_special_tokens} ids after the "
+            f"{num_special_tokens} special ones (--tiktoken-num-special-tokens), and {path} "
+            f"holds {entries} entries: pass --vocab-size {entries + num_special_tokens} (or "
+            "fewer) to use them all")
 
 
 def _check_sentencepiece_model(tokenizer_type: str, path: str) -> None:

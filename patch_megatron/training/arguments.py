@@ -49,7 +49,7 @@ import os
 import warnings
 from dataclasses import dataclass
 
-from patch_megatron.data.tokenizers import SUPPORTED_TYPES, add_bpe_file_args
+from patch_megatron.data.tokenizers import SUPPORTED_TYPES, add_bpe_file_args, add_tiktoken_args
 from patch_megatron.model.shape import ModelShape, padded_vocab_size
 from patch_megatron.training import megatron_lm_flags
 from patch_megatron.stage import Stage
@@ -331,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-type", default=None, choices=SUPPORTED_TYPES)
     g.add_argument("--tokenizer-model", default=None)
     add_bpe_file_args(g)
+    add_tiktoken_args(g)
     g.add_argument("--vocab-size", type=int, default=None,
-                   help="vocabulary size for --mock-data or NullTokenizer")
+                   help="vocabulary size for --mock-data, NullTokenizer or TikTokenizer")
     g.add_argument("--data-cache-path", default=None)
     g.add_argument("--num-workers", type=int, default=2,
                    help="processes reading samples for each dataset (0: the training process "

@@ -50,8 +50,6 @@ NO_OP = {
                                            "(Megatron-LM's default): it resumes at any "
                                            "data-parallel size, and a resume at another TP/PP is "
                                            "refused with the fix",
-    "--tiktoken-pattern": "only TikTokenizer reads it, and --tokenizer-type does not offer "
-                          "TikTokenizer here (use HuggingFaceTokenizer)",
     "--auto-detect-ckpt-format": "checkpoints here are torch_dist, which the loader reads",
     "--no-use-tokenizer-model-from-checkpoint-args": "the tokenizer always comes from the flags",
     "--no-create-attention-mask-in-dataloader": "the causal mask is the kernel's; no mask tensor "
@@ -113,6 +111,10 @@ REFUSED = {
     "--no-check-for-nan-in-loss-and-grad": "NaN/Inf losses, gradients and learning rates are "
                                            "always checked here; --nan-action skip drops such "
                                            "steps instead of stopping",
+    "--tokenizer-special-tokens": "extra special tokens are " + _NOT_YET + "; the tokenizer's "
+                                  "own are used (add them to the tokenizer's files instead)",
+    "--tiktoken-special-tokens": "extra special tokens are " + _NOT_YET + " (Megatron-LM's "
+                                 "deprecated spelling of --tokenizer-special-tokens)",
     "--eod-mask-loss": "masking the loss at end-of-document tokens is " + _NOT_YET,
     "--reset-position-ids": "per-document positions are " + _NOT_YET,
     "--reset-attention-mask": "per-document attention masks are " + _NOT_YET,

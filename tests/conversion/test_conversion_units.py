@@ -8,7 +8,7 @@ from patch_megatron.conversion.errors import ConversionError
 from patch_megatron.conversion.llama_layout import from_hf, fuse_qkv, split_qkv, to_hf
 from patch_megatron.conversion.model_description import ModelDescription
 from patch_megatron.conversion.safetensors_io import parse_size, plan_shards
-from patch_megatron.conversion.vocab import repad, trim
+from patch_megatron.conversion.vocab import repad, trim, vocab_size_from_args
 
 
 def _description(heads=4, groups=2, tied=False):
@@ -75,6 +75,16 @@ def test_vocab_rows_trim_and_repad():
     torch.testing.assert_close(grown["output_layer.weight"][200], out[100:].mean(0))
     assert (grown["embedding.word_embeddings.weight"][128:] == 0).all()
     assert torch.equal(repad(weights, 100, 100)["embedding.word_embeddings.weight"], emb[:100])
+
+
+def test_the_vocabulary_a_run_used_from_its_recorded_flags():
+    # What each tokenizer's size is in Megatron-LM: NullTokenizer adds its EOD id; TikTokenizer is
+    # --vocab-size, 2^17 without it (its vocabulary file is not read).
+    assert vocab_size_from_args({"tokenizer_type": "NullTokenizer", "vocab_size": 99}) == 100
+    assert vocab_size_from_args({"tokenizer_type": "TikTokenizer", "vocab_size": 1556,
+                                 "tokenizer_model": "vocab.json"}) == 1556
+    assert vocab_size_from_args({"tokenizer_type": "TikTokenizer"}) == 2 ** 17
+    assert vocab_size_from_args({"mock_data": True, "vocab_size": 64}) == 64
 
 
 def test_shard_sizes():

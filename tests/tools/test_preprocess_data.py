@@ -272,6 +272,28 @@ def test_gpt2_bpe_vocab_and_merge_files(tmp_path, tool_loader, capsys):
     assert numpy.fromfile(tmp_path / "g_text_document.bin", dtype=numpy.uint16).tolist() == expected
 
 
+def test_tiktokenizer_vocabulary_with_its_flags(tmp_path, tool_loader, capsys):
+    import inspect
+
+    from patch_megatron.data.tokenizers import build_tokenizer
+    from repo_tools import write_tiktoken_vocabulary
+
+    vocabulary = str(tmp_path / "tiktoken.json")
+    entries = write_tiktoken_vocabulary(vocabulary, inspect.getsource(json))
+    flags = ["--tokenizer-type", "TikTokenizer", "--tokenizer-model", vocabulary,
+             "--vocab-size", entries + 64, "--tiktoken-num-special-tokens", 64,
+             "--tiktoken-pattern", "v1"]
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in TEXTS])
+    code, _, err = run(tool_loader, capsys, "--input", source, "--output-prefix", tmp_path / "t",
+                       "--workers", 2, "--append-eod", *flags)
+    assert code == 0, err
+    tokenizer = build_tokenizer("TikTokenizer", vocabulary, vocab_size=entries + 64,
+                                tiktoken_pattern="v1", tiktoken_num_special_tokens=64)
+    expected = [i for t in TEXTS for i in tokenizer.tokenize(t) + [tokenizer.eod]]
+    written = numpy.fromfile(tmp_path / "t_text_document.bin", dtype=numpy.uint16).tolist()
+    assert written == expected and tokenizer.eod == 2 and min(set(written) - {2}) >= 64
+
+
 def test_megatron_lm_partition_flags_keep_the_output(tmp_path, tool_loader, capsys):
     source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in ("1 2 3", "4 5", "6")])
     common = ["--input", source, "--tokenizer-type", "NullTokenizer", "--vocab-size", 10,
