@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from patch_megatron.training.safe_load import read_common
@@ -48,14 +49,20 @@ def rerun_entry(save, iteration):
     return read_common(os.path.join(save, f"iter_{iteration:07d}")).get("rerun_state_machine")
 
 
-def test_a_rerun_repeats_the_step_exactly():
+@pytest.mark.parametrize("layout", [[], ["--pipeline-model-parallel-size", "2",
+                                         "--use-distributed-optimizer", "--overlap-grad-reduce"]],
+                         ids=["one process", "PP=2+distributed optimizer"])
+def test_a_rerun_repeats_the_step_exactly(layout):
     # Not fatal (--nan-action skip makes the NaN/Inf validations so): each step from the second
     # on is rejected, rerun on the same micro-batches with the same RNG states, and goes on.
-    plain = run("--rerun-mode", "disabled")
+    # Across pipeline stages, the first one rereads the tokens and the last one the labels.
+    nproc = 2 if layout else 1
+    plain = run("--rerun-mode", "disabled", *layout, nproc=nproc)
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert "Result validation enabled" not in plain.stderr
-    rerun = run("--nan-action", "skip", "--error-injection-rate", "1")
+    rerun = run("--nan-action", "skip", "--error-injection-rate", "1", *layout, nproc=nproc)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+    # (Injected where a loss is validated: on the last stage.)
     assert rerun.stderr.count("Injecting error type Transient error") == 4
     assert rerun.stderr.count("Continuing normal execution because failed validation was not "
                               "fatal") == 4
