@@ -235,7 +235,9 @@ def prepare_tokenizer(tokenizer_model: str) -> ExportedTokenizer:
         model = read_sentencepiece_model(tokenizer_model)
     except (OSError, ValueError, IndexError, UnicodeDecodeError) as error:
         raise ConversionError(f"--tokenizer-model {tokenizer_model} is not a readable SentencePiece "
-                              f"model ({error}); give the .model file train_tokenizer.py wrote") from None
+                              f"model ({error}); give the .model file train_tokenizer.py wrote "
+                              "(only SentencePiece tokenizers are exported: for another one, "
+                              "leave --tokenizer-model out and export the weights alone)") from None
     try:
         import tokenizers  # noqa: F401  (transformers' own dependency)
     except ImportError:
