@@ -182,13 +182,21 @@ def test_a_run_trains_on_fim_samples(builtin_data_prefix, sentencepiece_model, t
              "--micro-batch-size 2 --global-batch-size 4 --train-iters 3 --lr 3e-4 --cpu "
              "--patch-size 4 --patch-data-fraction 0.667 --split 90,10,0 --eval-iters 1 --log-interval 1 "
              "--tokenizer-type GPTSentencePieceTokenizer --fim-data --fim-rate 0.9").split()
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "pretrain_patch_gpt.py"), *flags,
-         *IN_PROCESS_READING, "--data-path", builtin_data_prefix, "--tokenizer-model",
-         sentencepiece_model, "--data-cache-path", str(tmp_path / "cache")],
-        capture_output=True, text=True, env=child_environment(PYTHONWARNINGS="default"),
-        timeout=240, cwd=REPO_ROOT)
+    def train(readers):
+        return subprocess.run(
+            [sys.executable, os.path.join(REPO_ROOT, "pretrain_patch_gpt.py"), *flags,
+             *readers, "--data-path", builtin_data_prefix, "--tokenizer-model",
+             sentencepiece_model, "--data-cache-path", str(tmp_path / "cache")],
+            capture_output=True, text=True, env=child_environment(PYTHONWARNINGS="default"),
+            timeout=240, cwd=REPO_ROOT)
+
+    result = train(IN_PROCESS_READING)
     assert result.returncode == 0, result.stderr[-3000:]
     for flag in ("--fim-prefix-token '<fim_prefix>'", "--fim-eod-token '<|endoftext|>'"):
         assert f"{flag} is not in the tokenizer's vocabulary" in result.stderr
-    assert re.search(r"iteration\s+3/\s+3 .* patch loss: \d", result.stdout)
+    losses = re.findall(r"patch loss: (\S+)", result.stdout)
+    assert len(losses) == 3
+    # Two reader processes read the very same FIM samples (each sample's own generator).
+    readers = train(["--num-workers", "2"])
+    assert readers.returncode == 0, readers.stderr[-3000:]
+    assert re.findall(r"patch loss: (\S+)", readers.stdout) == losses
