@@ -19,10 +19,10 @@ GPTFIMDataset.
 Two differences, on purpose. Every EOD token stays (Megatron-LM's drops the
 one that ends an empty segment, as in two EODs in a row). And Megatron-LM
 draws from one generator in the order samples are read, so what a sample
-becomes depends on the reader processes and on where a run resumed. Here each sample's draws come from its own generator,
-seeded by the run's seed, the dataset and the sample's index: the same sample
-is always rearranged the same way, so a resumed run reads what the
-uninterrupted one would have read.
+becomes depends on the reader processes and on where a run resumed. Here
+each sample's draws come from its own generator, seeded by the run's seed,
+the dataset and the sample's index: the same sample is always rearranged the
+same way, so a resumed run reads what the uninterrupted one would have read.
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ def grad_checks(args) -> dict:
     functional tests record such skipped steps at the start of their runs, not reruns).
     """
     nan_checks = args.rerun_mode != "disabled" and args.nan_action == "stop" and not args.fp16
-    return {"check_for_nan_in_grad": nan_checks, "check_for_large_grads": args.check_for_large_grads}
+    return {"check_for_nan_in_grad": nan_checks,
+            "check_for_large_grads": args.check_for_large_grads}
 
 
 def initialize(args) -> None:

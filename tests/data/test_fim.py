@@ -180,7 +180,8 @@ def test_a_run_trains_on_fim_samples(builtin_data_prefix, sentencepiece_model, t
     # tokens, which the run names (they become its unknown piece, as in Megatron-LM).
     flags = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 16 "
              "--micro-batch-size 2 --global-batch-size 4 --train-iters 3 --lr 3e-4 --cpu "
-             "--patch-size 4 --patch-data-fraction 0.667 --split 90,10,0 --eval-iters 1 --log-interval 1 "
+             "--patch-size 4 --patch-data-fraction 0.667 --split 90,10,0 --eval-iters 1 "
+             "--log-interval 1 "
              "--tokenizer-type GPTSentencePieceTokenizer --fim-data --fim-rate 0.9").split()
     def train(readers):
         return subprocess.run(
