@@ -89,3 +89,24 @@ def test_optimizer_and_schedule_match_megatron_lm(built, name):
     # weight decay off for biases and norms, --decoupled-lr for the embedding and output layer
     assert param_groups(optimizer) == expected["param_groups"]
     assert args.stage.global_batch_size == expected["global_batch_size"]
+
+
+@pytest.mark.parametrize("name", sorted(COMMAND_LINES))
+def test_ddp_validates_gradients_as_megatron_lm(built, name):
+    # Megatron-LM's DDP config: check_for_nan_in_grad = --check-for-nan-in-loss-and-grad (on by
+    # default), check_for_large_grads = --check-for-large-grads; except that here an fp16 run's
+    # overflowing gradients are left to its loss scaler (patch_megatron/training/rerun.py).
+    args, ddp = built[name][0], built[name][1]
+    assert ddp.ddp_config.check_for_nan_in_grad == (not args.fp16)
+    assert ddp.ddp_config.check_for_large_grads is False
+
+
+def test_check_for_large_grads_reaches_megatron_cores_ddp():
+    from patch_megatron.training import build
+    from patch_megatron.training.arguments import check_world_size, parse_args
+
+    initialize_world_of_one(1234)
+    args = parse_args(argv_of(sorted(COMMAND_LINES)[0]) + ["--cpu", "--check-for-large-grads"])
+    check_world_size(args, 1)
+    ddp = build.build_ddp_model(args, build.model_config(args, args.vocab_size + 1))[0]
+    assert ddp.ddp_config.check_for_large_grads is True
