@@ -228,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
         "reproducible one, as in Megatron-LM.")
     g.add_argument("--rerun-mode", default="validate_results",
                    choices=["disabled", "validate_results", "report_stats"],
-                   help="validate_results: rerun a step whose result is rejected; report_stats: "
-                        "rerun every step and log how far the reruns' results differ")
+                   help="validate_results: rerun a step whose result is rejected; disabled: "
+                        "no validation (the loop's own NaN/Inf checks stop the run); report_stats "
+                        "is refused (megatron-core 0.16.1 cannot report its statistics)")
     g.add_argument("--error-injection-rate", type=int, default=0,
                    help="inject a rejected result once every this many validations (0: never)")
     g.add_argument("--error-injection-type", default="transient_error",
